@@ -1,0 +1,229 @@
+"""Benchmark: FHIR Bundles of 20 Observations, 16 concurrent clients, 30 s, on each profile.
+
+Reports resources/s and p50/p99 request latency for the gateway on the embedded and the production
+profile, beside the raw baselines measured in the same run: Kubo ``block/put`` (one 1 KiB block
+per call, 16 concurrent callers) and JetStream publish (R3 stream, file storage, server
+``sync_interval: always``, 16 concurrent publishers). Writes the table into docs/benchmarks.md.
+
+Run:  .venv/bin/python bench/bench_ingest.py [--seconds 30] [--clients 16]
+(starts its own services with tests/services/harness.py unless GATEWAY_SERVICES_ENV is set).
+The load generator runs on the same 2-core machine as the gateway and the services, so the
+figures are lower bounds; compare ratios against the baselines, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import write_section  # noqa: E402
+from gateway.demo import free_port  # noqa: E402
+from tests.services.harness import services_from_env_or_start  # noqa: E402
+
+
+def observation_bundle(n: int, client: int, seq: int) -> dict[str, Any]:
+    """A transaction Bundle of ``n`` Observations of one patient (linked by identifier)."""
+    subject = {"identifier": {"system": "urn:oid:2.16.156.10011.1.19", "value": f"B-{client}-{seq % 50}"}}
+    entries = []
+    for i in range(n):
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "resource": {
+                    "resourceType": "Observation", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+                    "subject": subject,
+                    "effectiveDateTime": "2026-11-20T08:30:00+08:00",
+                    "valueQuantity": {"value": 10 + i / 10, "unit": "g/dL",
+                                      "system": "http://unitsofmeasure.org", "code": "g/dL"},
+                },
+                "request": {"method": "POST", "url": "Observation"},
+            }
+        )
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def load(base: str, seconds: float, clients: int, per_bundle: int) -> dict[str, float]:
+    """Post Bundles from ``clients`` concurrent clients for ``seconds``; return the figures."""
+    latencies: list[float] = []
+    errors = 0
+    resources = 0
+    deadline = time.monotonic() + seconds
+
+    async def client(n: int) -> None:
+        nonlocal errors, resources
+        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            seq = 0
+            while time.monotonic() < deadline:
+                body = json.dumps(observation_bundle(per_bundle, n, seq)).encode()
+                seq += 1
+                t0 = time.perf_counter()
+                r = await c.post("/fhir", content=body,
+                                 headers={"content-type": "application/fhir+json"})
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code == 200:
+                    resources += per_bundle
+                else:
+                    errors += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.monotonic() - start
+    return {
+        "resources_per_s": resources / elapsed,
+        "bundles": len(latencies),
+        "p50_ms": pct(latencies, 0.5) * 1000,
+        "p99_ms": pct(latencies, 0.99) * 1000,
+        "errors": errors,
+    }
+
+
+def start_gateway(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``gateway serve`` and wait until it answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--http-port", str(port)],
+        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/fhir/metadata", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"gateway did not start: {log.read_text()[-2000:]}")
+
+
+async def kubo_baseline(url: str, seconds: float, clients: int) -> float:
+    """Blocks/s of raw Kubo block/put, one 1 KiB block per call."""
+    count = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal count
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            while time.monotonic() < deadline:
+                files = {"file": ("b", os.urandom(1024), "application/octet-stream")}
+                r = await c.post("/api/v0/block/put",
+                                 params={"cid-codec": "raw", "mhtype": "sha2-256", "pin": "true"},
+                                 files=files)
+                r.raise_for_status()
+                count += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return count / (time.monotonic() - start)
+
+
+async def jetstream_baseline(servers: list[str], seconds: float, clients: int) -> float:
+    """Messages/s of raw JetStream publish (1 KiB) to an R3 file stream."""
+    import nats
+    from nats.js.api import StorageType, StreamConfig
+
+    nc = await nats.connect(servers=servers)
+    js = nc.jetstream()
+    name = f"BENCH{uuid.uuid4().hex[:8].upper()}"
+    await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.x"], num_replicas=3,
+                                     storage=StorageType.FILE))
+    count = 0
+    deadline = time.monotonic() + seconds
+    payload = os.urandom(1024)
+
+    async def worker() -> None:
+        nonlocal count
+        while time.monotonic() < deadline:
+            await js.publish(f"{name}.x", payload)
+            count += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    rate = count / (time.monotonic() - start)
+    await js.delete_stream(name)
+    await nc.close()
+    return rate
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--per-bundle", type=int, default=20)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    rows = []
+    with services_from_env_or_start() as services, tempfile.TemporaryDirectory() as tmp:
+        kubo = await kubo_baseline(services.kubo_url, min(args.seconds, 10), args.clients)
+        js = await jetstream_baseline(services.nats_urls, min(args.seconds, 10), args.clients)
+        for profile in ("embedded", "production"):
+            env = dict(os.environ)
+            env.update(
+                GATEWAY_PROFILE=profile, GATEWAY_DATA_DIR=f"{tmp}/{profile}",
+                GATEWAY_MLLP_ENABLED="false", GATEWAY_LOG_LEVEL="WARNING",
+                GATEWAY_KUBO_URL=services.kubo_url, GATEWAY_NATS_URLS=",".join(services.nats_urls),
+                GATEWAY_REDIS_URL=services.redis_url,
+                GATEWAY_NATS_STREAM=f"BENCH{uuid.uuid4().hex[:8].upper()}",
+                GATEWAY_INSTITUTION=f"bench-{profile}",
+            )
+            port = free_port()
+            proc = start_gateway(env, port, Path(tmp) / f"{profile}.log")
+            try:
+                result = await load(f"http://127.0.0.1:{port}", args.seconds, args.clients,
+                                    args.per_bundle)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+            rows.append((profile, result))
+            print(profile, result, flush=True)
+    lines = [
+        f"Bundles of {args.per_bundle} Observations, {args.clients} concurrent clients, "
+        f"{args.seconds:.0f} s per profile; load generator on the same 2-core machine.",
+        "",
+        "| profile | resources/s | bundles | p50 latency | p99 latency | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for profile, r in rows:
+        lines.append(f"| {profile} | {r['resources_per_s']:.0f} | {r['bundles']:.0f} | "
+                     f"{r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {r['errors']:.0f} |")
+    lines += [
+        "",
+        "Raw baselines in the same run (16 concurrent callers, 1 KiB payloads):",
+        "",
+        "| baseline | operations/s |",
+        "| --- | ---: |",
+        f"| Kubo `block/put` (one block per call, pinned) | {kubo:.0f} |",
+        f"| JetStream publish (R3, file storage, sync always) | {js:.0f} |",
+        "",
+        f"Production profile: {rows[1][1]['resources_per_s'] / kubo:.2f}x the records/s of "
+        "one-block-per-call Kubo puts (batching at work).",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section(ROOT / "docs" / "benchmarks.md", "ingest", text,
+                      command=".venv/bin/python bench/bench_ingest.py")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,155 @@
+"""The HTTP application: ``create_app(settings, backends=None) -> FastAPI``.
+
+All errors become a FHIR ``OperationOutcome`` in one place (:func:`outcome_for`), with the status
+the error calls for; messages name elements, records and CIDs but never patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.api import fhir as fhir_api
+from gateway.api import ledger as ledger_api
+from gateway.api import ops as ops_api
+from gateway.api.common import PayloadTooLargeError, fhir_response
+from gateway.backends.protocols import Backends
+from gateway.config import Settings
+from gateway.errors import (
+    BackendError,
+    GatewayError,
+    IntegrityError,
+    InvalidInputError,
+    KeyDestroyedError,
+    NotFoundError,
+)
+from gateway.fhir import operation_outcome
+from gateway.runtime import Gateway
+from ledger.errors import LedgerError
+
+log = logging.getLogger("gateway.http")
+
+_INPUT_STATUS = {
+    "processing": 422,
+    "too-costly": 413,
+    "not-supported-media-type": 415,
+}
+
+
+def outcome_for(exc: Exception) -> tuple[int, dict[str, object]]:
+    """Map an exception to (HTTP status, OperationOutcome). The one place that decides."""
+    if isinstance(exc, PayloadTooLargeError):
+        return 413, operation_outcome("error", "too-costly", str(exc))
+    if isinstance(exc, InvalidInputError):
+        status = _INPUT_STATUS.get(exc.code, 400)
+        code = "not-supported" if exc.code == "not-supported-media-type" else exc.code
+        return status, operation_outcome("error", code, str(exc), location=exc.location)
+    if isinstance(exc, NotFoundError):
+        return 404, operation_outcome("error", "not-found", str(exc))
+    if isinstance(exc, KeyDestroyedError):
+        return 410, operation_outcome("error", "deleted", "the record's key has been destroyed")
+    if isinstance(exc, IntegrityError):
+        return 500, operation_outcome("fatal", "exception", f"integrity check failed: {exc}")
+    if isinstance(exc, BackendError | LedgerError):
+        return 503, operation_outcome(
+            "error", "transient", f"storage temporarily unavailable ({type(exc).__name__})"
+        )
+    if isinstance(exc, GatewayError):
+        return 500, operation_outcome("error", "exception", str(exc))
+    return 500, operation_outcome("fatal", "exception", "internal error")
+
+
+def create_app(settings: Settings, *, backends: Backends | None = None) -> FastAPI:
+    """Build the gateway app; the lifespan starts and stops the :class:`Gateway`."""
+    gw = Gateway(settings, backends=backends)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        for hook in app.state.start_hooks:
+            await hook()
+        try:
+            yield
+        finally:
+            for hook in app.state.stop_hooks:
+                await hook()
+            await gw.stop()
+
+    app = FastAPI(
+        title="Alliance gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    app.state.gateway = gw
+    app.state.start_hooks = []
+    app.state.stop_hooks = []
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        status, outcome = outcome_for(exc)
+        level = logging.ERROR if status >= 500 else logging.INFO
+        log.log(
+            level,
+            "request failed",
+            extra={
+                "request_id": getattr(request.state, "request_id", None),
+                "status": status,
+                "error": type(exc).__name__,
+                "path": request.url.path,
+            },
+            exc_info=exc if status == 500 else None,
+        )
+        headers = {"Retry-After": "5"} if status == 503 else None
+        return fhir_response(outcome, status=status, headers=headers)
+
+    async def handle_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return fhir_response(
+            operation_outcome("error", "invalid", str(first.get("msg")), location=where),
+            status=400,
+        )
+
+    async def handle_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = "not-found" if exc.status_code == 404 else "not-supported"
+        return fhir_response(
+            operation_outcome("error", code, str(exc.detail)), status=exc.status_code
+        )
+
+    app.add_exception_handler(Exception, handle)
+    app.add_exception_handler(GatewayError, handle)
+    app.add_exception_handler(LedgerError, handle)
+    app.add_exception_handler(RequestValidationError, handle_validation)
+    app.add_exception_handler(StarletteHTTPException, handle_http)
+
+    @app.middleware("http")
+    async def observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        elapsed = time.perf_counter() - start
+        gw.metrics.requests.labels(request.method, route, str(response.status_code)).inc()
+        gw.metrics.latency.labels(route).observe(elapsed)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    app.include_router(ops_api.build_router(gw))
+    app.include_router(fhir_api.build_router(gw))
+    app.include_router(ledger_api.build_router(gw))
+    return app

@@ -1,0 +1,201 @@
+"""``gateway verify``'s engine: a full audit of the ledger, independent of the running gateway.
+
+What is checked, in order (docs/ledger-format.md, "Verifying, step by step"):
+
+1. every log message is read back (the log adapter checks its own framing, e.g. FileLog's
+   per-record CRC, and names the file and byte offset of a damaged record);
+2. every batch is decoded, its writer-signed checkpoint parsed strictly and **both** signatures
+   (Ed25519 and ML-DSA-65) of the writer and of every cosigner verified against the trust file;
+3. the Merkle tree is re-derived leaf by leaf; each checkpoint's size, root, origin, batch id
+   and ``prev`` link to the previous checkpoint must match what the log gives;
+4. every leaf is decoded and validated (canonical RFC 8785 form, known kind, whitelisted
+   fields of the right shapes);
+5. the trust file in use must be anchored by a ``key`` leaf of action ``trust``;
+6. the node's stored tree files are checked (CRC of every entry, every node re-hashed from its
+   children) and compared with the re-derived tree;
+7. with ``blobs=True``, every stored ciphertext is re-hashed against its ``record`` leaf.
+
+Findings name the log message, leaf index or range, CID, or file and byte offset. The audit
+never raises for a finding; it returns an :class:`AuditReport`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from gateway.backends.protocols import Backends
+from gateway.crypto import sha256_hex
+from gateway.errors import BackendError, BlobNotFoundError, LogConflictError
+from gateway.views import RecordAnchor
+from ledger.checkpoint import Signer, TrustedKeys
+from ledger.errors import LeafFormatError, LedgerError
+from ledger.leaves import decode_leaf
+from ledger.sequencer import Ledger
+from ledger.tiles import TreeStore
+
+MAX_LEAF_PROBLEMS = 20
+
+
+@dataclass
+class AuditReport:
+    """What the audit found; ``ok`` when nothing."""
+
+    leaves: int = 0
+    batches: int = 0
+    log_messages: int = 0
+    root: bytes = b""
+    records_checked: int = 0
+    signatures_checked: int = 0
+    trust_anchored: bool = False
+    saved_checkpoint_size: int | None = None
+    problems: list[str] = field(default_factory=list)
+    tree: TreeStore | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the audit found nothing wrong."""
+        return not self.problems
+
+
+async def audit(
+    backends: Backends,
+    *,
+    trusted: TrustedKeys,
+    origin: str,
+    signer: Signer,
+    stored_tree: TreeStore | None = None,
+    blobs: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> AuditReport:
+    """Audit the ledger in ``backends.log`` (and its blobs). Never raises for a finding."""
+    report = AuditReport()
+    anchors: list[RecordAnchor] = []
+    leaf_problems = 0
+    ledger = Ledger(
+        log=backends.log,
+        tree=TreeStore.memory(),
+        signer=signer,
+        trusted=trusted,
+        origin=origin,
+        conflict_error=LogConflictError,
+    )
+    try:
+        total = await backends.log.last_seq()
+    except BackendError as exc:
+        report.problems.append(f"log unreadable: {exc}")
+        return report
+    report.log_messages = total
+
+    def on_batch(first: int, leaves: Sequence[bytes], seq: int) -> None:
+        nonlocal leaf_problems
+        report.batches += 1
+        if ledger.latest is not None:
+            report.signatures_checked += len(ledger.latest.signatures)
+        for offset, raw in enumerate(leaves):
+            try:
+                leaf = decode_leaf(raw)
+            except LeafFormatError as exc:
+                leaf_problems += 1
+                if leaf_problems <= MAX_LEAF_PROBLEMS:
+                    report.problems.append(f"log message {seq}, leaf {first + offset}: {exc}")
+                continue
+            if blobs and leaf["kind"] == "record":
+                anchors.append(
+                    RecordAnchor(
+                        record=str(leaf["record"]),
+                        version=int(leaf["version"]),
+                        cid=str(leaf["cid"]),
+                        sha256=str(leaf["sha256"]),
+                        patient=str(leaf["patient"]),
+                        resource_type=str(leaf["type"]),
+                        source=str(leaf["source"]),
+                        time=str(leaf["time"]),
+                        leaf_index=first + offset,
+                    )
+                )
+        if progress is not None:
+            progress(seq, total)
+
+    ledger.add_listener(on_batch)
+    try:
+        await ledger.catch_up()
+    except (LedgerError, BackendError) as exc:
+        report.problems.append(str(exc) + _file_position(backends, ledger.applied_seq + 1))
+    if progress is not None:
+        progress(total, total)
+    if leaf_problems > MAX_LEAF_PROBLEMS:
+        report.problems.append(f"... and {leaf_problems - MAX_LEAF_PROBLEMS} more bad leaves")
+    report.leaves = ledger.size
+    report.tree = ledger.tree
+    report.root = ledger.tree.root(ledger.size) if ledger.size else b""
+    report.trust_anchored = trusted.digest().hex() in ledger.trust_anchors
+    if ledger.size and not report.trust_anchored and report.ok:
+        report.problems.append(
+            f"the trust file in use (SHA-256 {trusted.digest().hex()}) is not anchored by any "
+            "key leaf of action 'trust'"
+        )
+    if stored_tree is not None:
+        _check_stored(report, stored_tree, ledger)
+    if blobs:
+        await _check_blobs(report, backends, anchors)
+    return report
+
+
+def _file_position(backends: Backends, seq: int) -> str:
+    """`` (<file> at byte offset N)`` for log message ``seq`` of a file-backed log, else ''."""
+    records = getattr(backends.log, "records", None)
+    path = getattr(backends.log, "path", None)
+    if records is None or path is None:
+        return ""
+    try:
+        infos = records()
+        info = infos[seq - 1] if 0 < seq <= len(infos) else None
+    except (OSError, BackendError, IndexError, TypeError):
+        return ""
+    if info is None:
+        return ""
+    return f" ({path} at byte offset {info.offset})"
+
+
+def _check_stored(report: AuditReport, stored: TreeStore, ledger: Ledger) -> None:
+    try:
+        stored.check()
+    except LedgerError as exc:
+        report.problems.append(f"stored tree: {exc}")
+        return
+    n = min(stored.size, ledger.size)
+    if n and stored.root(n) != ledger.tree.root(n):
+        # Name the first differing leaf hash (file and offset of level 0).
+        lo, hi = 0, n
+        while lo < hi:  # first size whose root differs
+            mid = (lo + hi) // 2
+            if mid and stored.root(mid) != ledger.tree.root(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        bad = max(lo - 1, 0)
+        report.problems.append(
+            f"stored tree: leaf {bad} (level-00.bin at byte offset {32 * bad}) does not match "
+            "the tree derived from the log"
+        )
+
+
+async def _check_blobs(
+    report: AuditReport, backends: Backends, anchors: Sequence[RecordAnchor]
+) -> None:
+    for anchor in anchors:
+        report.records_checked += 1
+        where = f"record {anchor.record} v{anchor.version} (leaf {anchor.leaf_index})"
+        try:
+            data = await backends.blobs.get(anchor.cid)
+        except BlobNotFoundError:
+            report.problems.append(f"{where}: ciphertext {anchor.cid} missing")
+            continue
+        except BackendError as exc:
+            report.problems.append(f"blob store: {exc}")
+            break
+        if sha256_hex(data) != anchor.sha256:
+            report.problems.append(
+                f"{where}: ciphertext {anchor.cid} does not match its anchored SHA-256"
+            )

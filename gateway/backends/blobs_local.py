@@ -1,0 +1,88 @@
+"""Embedded blob store: a local content-addressed directory with Kubo's CIDs.
+
+Each block is a file named by its CID under a two-character shard directory, written to a
+temporary file, fsynced, renamed into place and its directory fsynced, so a stored block
+survives a crash. Raises BackendError (backend "local-blocks"), BlobNotFoundError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.backends.cid import cid_v1_raw, parse_cid
+from gateway.errors import BackendError, BlobNotFoundError, InvalidInputError
+
+NAME = "local-blocks"
+
+
+class LocalBlobStore:
+    """Content-addressed blocks in a directory."""
+
+    name = NAME
+
+    def __init__(self, *, directory: Path) -> None:
+        self.directory = directory
+
+    def path_of(self, cid: str) -> Path:
+        """Where the block with this CID is (or would be) stored."""
+        return self.directory / cid[-2:] / cid
+
+    def _put_sync(self, blocks: Sequence[bytes]) -> list[str]:
+        cids = []
+        dirs: set[Path] = set()
+        for data in blocks:
+            cid = cid_v1_raw(data)
+            path = self.path_of(cid)
+            cids.append(cid)
+            if path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{cid}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dirs.add(path.parent)
+        for d in dirs:
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return cids
+
+    async def put_many(self, blocks: Sequence[bytes]) -> list[str]:
+        """Store blocks durably; return their CIDs. Raises BackendError."""
+        try:
+            return await asyncio.to_thread(self._put_sync, list(blocks))
+        except OSError as exc:
+            raise BackendError(f"cannot write block: {exc}", backend=NAME) from exc
+
+    async def get(self, cid: str) -> bytes:
+        """The block's bytes. Raises BlobNotFoundError, BackendError."""
+        try:
+            parse_cid(cid)
+        except InvalidInputError as exc:
+            raise BlobNotFoundError(cid, backend=NAME) from exc
+        try:
+            return await asyncio.to_thread(self.path_of(cid).read_bytes)
+        except FileNotFoundError as exc:
+            raise BlobNotFoundError(cid, backend=NAME) from exc
+        except OSError as exc:
+            raise BackendError(f"cannot read block {cid}: {exc}", backend=NAME) from exc
+
+    async def ping(self) -> None:
+        """Raise BackendError unless the directory is writable."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendError(f"cannot create {self.directory}: {exc}", backend=NAME) from exc
+        if not os.access(self.directory, os.W_OK):
+            raise BackendError(f"{self.directory} is not writable", backend=NAME)
+
+    async def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,189 @@
+"""Embedded key store: KEKs and wrapped data keys in a JSON-lines file, loaded into memory.
+
+KEKs (random 256-bit, one per patient pseudonym) are stored wrapped by the master key with
+AES-256-GCM (associated data: the KEK id). Appends are fsynced once per batch. Destroying a KEK
+(crypto-shredding) rewrites the file without it (temp file, fsync, atomic rename), so no copy of
+the wrapped KEK is left behind. Raises BackendError (backend "file-keys"), KeyDestroyedError,
+KeyNotFoundError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from gateway.backends.protocols import WrappedKey
+from gateway.errors import BackendError, KeyDestroyedError, KeyNotFoundError
+
+NAME = "file-keys"
+
+
+def wrap_kek(master: bytes, kek_id: str, kek: bytes) -> bytes:
+    """Wrap a KEK with the master key (nonce || ciphertext)."""
+    nonce = os.urandom(12)
+    return nonce + AESGCM(master).encrypt(nonce, kek, kek_id.encode())
+
+
+def unwrap_kek(master: bytes, kek_id: str, wrapped: bytes, *, backend: str) -> bytes:
+    """Unwrap a KEK. Raises BackendError when the master key does not open it."""
+    try:
+        return AESGCM(master).decrypt(wrapped[:12], wrapped[12:], kek_id.encode())
+    except InvalidTag as exc:
+        raise BackendError(f"KEK {kek_id} does not open with the master key", backend=backend) from exc
+
+
+class FileKeyStore:
+    """KEKs and wrapped data keys in one append-only file."""
+
+    name = NAME
+
+    def __init__(self, *, path: Path, master_key: bytes) -> None:
+        self.path = path
+        self._master = master_key
+        self._kek_of: dict[str, str] = {}  # pseudonym -> kek id
+        self._wrapped_kek: dict[str, bytes] = {}  # kek id -> wrapped KEK
+        self._destroyed: dict[str, str] = {}  # kek id -> pseudonym
+        self._data_keys: dict[str, WrappedKey] = {}
+        self._loaded = False
+        self._lock = asyncio.Lock()
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.endswith(b"\n"):
+                        break  # torn last line: never acknowledged
+                    try:
+                        self._apply(json.loads(line))
+                    except (ValueError, KeyError) as exc:
+                        raise BackendError(
+                            f"{self.path} line {lineno} is damaged", backend=NAME
+                        ) from exc
+        self._loaded = True
+
+    def _apply(self, rec: dict[str, Any]) -> None:
+        t = rec["t"]
+        if t == "kek":
+            self._kek_of[rec["owner"]] = rec["id"]
+            self._wrapped_kek[rec["id"]] = base64.b64decode(rec["w"])
+        elif t == "dk":
+            self._data_keys[rec["rec"]] = WrappedKey(rec["rec"], rec["kek"], base64.b64decode(rec["w"]))
+        elif t == "destroyed":
+            self._destroyed[rec["id"]] = rec["owner"]
+            self._wrapped_kek.pop(rec["id"], None)
+
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _rewrite(self) -> None:
+        lines: list[dict[str, Any]] = []
+        for owner, kid in self._kek_of.items():
+            if kid in self._destroyed:
+                lines.append({"t": "destroyed", "id": kid, "owner": owner})
+            else:
+                lines.append({"t": "kek", "id": kid, "owner": owner,
+                              "w": base64.b64encode(self._wrapped_kek[kid]).decode()})
+        for wk in self._data_keys.values():
+            lines.append({"t": "dk", "rec": wk.record_id, "kek": wk.kek_id,
+                          "w": base64.b64encode(wk.wrapped).decode()})
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"".join(json.dumps(x, separators=(",", ":")).encode() + b"\n"
+                                  for x in lines))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except OSError as exc:
+            raise BackendError(f"key store {self.path}: {exc}", backend=NAME) from exc
+
+    async def kek_for(self, pseudonym: str) -> tuple[str, bytes]:
+        """(kek id, KEK) of the patient, created durably on first use. Raises KeyDestroyedError."""
+        async with self._lock:
+            await self._run(self._load)
+            kid = self._kek_of.get(pseudonym)
+            if kid is None:
+                kid = secrets.token_hex(16)
+                kek = secrets.token_bytes(32)
+                wrapped = wrap_kek(self._master, kid, kek)
+                await self._run(self._append, [{"t": "kek", "id": kid, "owner": pseudonym,
+                                                "w": base64.b64encode(wrapped).decode()}])
+                self._kek_of[pseudonym] = kid
+                self._wrapped_kek[kid] = wrapped
+                return kid, kek
+        return kid, await self.kek_by_id(kid)
+
+    async def kek_by_id(self, kek_id: str) -> bytes:
+        """The KEK. Raises KeyDestroyedError, KeyNotFoundError."""
+        await self._run(self._load)
+        if kek_id in self._destroyed:
+            raise KeyDestroyedError(kek_id)
+        wrapped = self._wrapped_kek.get(kek_id)
+        if wrapped is None:
+            raise KeyNotFoundError(kek_id)
+        return unwrap_kek(self._master, kek_id, wrapped, backend=NAME)
+
+    async def put_wrapped_keys(self, keys: Sequence[WrappedKey]) -> None:
+        """Store wrapped data keys durably (one fsync for the batch)."""
+        async with self._lock:
+            await self._run(self._load)
+            await self._run(self._append, [
+                {"t": "dk", "rec": k.record_id, "kek": k.kek_id,
+                 "w": base64.b64encode(k.wrapped).decode()} for k in keys])
+            for k in keys:
+                self._data_keys[k.record_id] = k
+
+    async def get_wrapped_key(self, record_id: str) -> WrappedKey:
+        """Raises KeyNotFoundError."""
+        await self._run(self._load)
+        wk = self._data_keys.get(record_id)
+        if wk is None:
+            raise KeyNotFoundError(record_id)
+        return wk
+
+    async def destroy_kek(self, pseudonym: str) -> str:
+        """Crypto-shred the patient's KEK; the file is rewritten without it. Returns its id."""
+        async with self._lock:
+            await self._run(self._load)
+            kid = self._kek_of.get(pseudonym)
+            if kid is None:
+                raise KeyNotFoundError(f"patient key of {pseudonym[:12]}")
+            self._destroyed[kid] = pseudonym
+            self._wrapped_kek.pop(kid, None)
+            await self._run(self._rewrite)
+            return kid
+
+    async def ping(self) -> None:
+        """Raise BackendError unless the file can be loaded."""
+        await self._run(self._load)
+
+    async def close(self) -> None:
+        """Nothing held open."""

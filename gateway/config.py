@@ -1,0 +1,123 @@
+"""Gateway settings: one pydantic-settings class, every field also a ``GATEWAY_*`` variable.
+
+Settings are built once by the CLI (command-line options > environment > ``--config`` file >
+defaults) and handed to :func:`gateway.app.create_app`; nothing reads them from a module global.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway.errors import ConfigurationError
+
+Profile = Literal["embedded", "production"]
+
+
+class Settings(BaseSettings):
+    """Everything a gateway needs to run. Raises pydantic.ValidationError on bad values."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="forbid")
+
+    profile: Profile = "embedded"
+    data_dir: Path = Path("./data")
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    mllp_port: int = 2575
+    mllp_enabled: bool = True
+
+    # Identity of this institution in the alliance.
+    institution: str = "demo-hospital"
+    ledger_origin: str = "alliance.example/ledger"
+    # The alliance's master patient identifier system (e.g. resident health card number).
+    master_id_system: str = "urn:oid:2.16.156.10011.1.19"
+    default_tz: str = "Asia/Shanghai"
+    # Public keys of the alliance's institutions (JSON); default: data_dir/trust.json with our own.
+    trust_file: Path | None = None
+
+    # Secrets. When unset, the embedded profile creates them under data_dir on first start.
+    pseudonym_key: SecretStr | None = None
+    master_key: SecretStr | None = None
+
+    # Production services.
+    kubo_url: str = "http://127.0.0.1:15001"
+    nats_urls: str = "nats://127.0.0.1:14222,nats://127.0.0.1:14223,nats://127.0.0.1:14224"
+    nats_stream: str = "ALLIANCE_LEDGER"
+    nats_replicas: int = 3
+    redis_url: str = "redis://127.0.0.1:16379/0"
+
+    # Limits and batching.
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_bundle_entries: int = 1000
+    max_mllp_message_bytes: int = 4 * 1024 * 1024
+    mllp_idle_timeout: float = 300.0
+    batch_max_leaves: int = 500
+    batch_max_delay_ms: float = 5.0
+    backend_timeout: float = 10.0
+
+    # Witnesses (docs/ledger-format.md, "Witness protocol"): a checkpoint is final once
+    # ``witness_quorum`` institutions other than its writer cosigned it (0: a lone gateway).
+    witness_quorum: int = 0
+    # Comma-separated base URLs of peer gateways whose witnesses this gateway asks to cosign.
+    witness_peers: str = ""
+    witness_timeout: float = 2.0
+    witness_interval_ms: float = 200.0
+    # Anchor the trust file with a ``key`` leaf of action ``trust`` at start when not yet anchored.
+    anchor_trust: bool = True
+
+    log_level: str = "INFO"
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The NATS URLs as a list."""
+        return [u.strip() for u in self.nats_urls.split(",") if u.strip()]
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from a TOML/JSON file, the environment and explicit overrides.
+
+    Precedence: ``overrides`` (command-line options) > ``GATEWAY_*`` environment > file > defaults.
+    Raises ConfigurationError when the file cannot be read or parsed.
+    """
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            text = config_file.read_text(encoding="utf-8")
+            file_values = json.loads(text) if config_file.suffix == ".json" else tomllib.loads(text)
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read config file {config_file}: {exc}") from exc
+    env_set = Settings()  # environment and defaults
+    merged: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        env_key = f"GATEWAY_{name.upper()}"
+        if name in overrides and overrides[name] is not None:
+            merged[name] = overrides[name]
+        elif _env_has(env_key):
+            merged[name] = getattr(env_set, name)
+        elif name in file_values:
+            merged[name] = file_values[name]
+    unknown = set(file_values) - set(Settings.model_fields)
+    if unknown:
+        raise ConfigurationError(f"unknown settings in {config_file}: {sorted(unknown)}")
+    return Settings(**merged)
+
+
+def _env_has(key: str) -> bool:
+    import os
+
+    return key in os.environ
+
+
+def default_settings_for_tests(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for an embedded gateway in ``data_dir`` (used by tests and the demo)."""
+    values: dict[str, Any] = {"profile": "embedded", "data_dir": data_dir}
+    values.update(overrides)
+    return Settings(**values)
+
+
+__all__ = ["Profile", "Settings", "default_settings_for_tests", "load_settings"]

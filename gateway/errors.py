@@ -1,0 +1,89 @@
+"""The gateway's exception tree.
+
+Every error the gateway raises on purpose derives from :class:`GatewayError`. Errors carry the
+context an operator needs (a record id, a CID, a leaf index, a message control id) but never
+patient data: the message of an error may be logged and may be sent to another institution.
+Third-party exceptions are translated at the adapter boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Root of every error raised on purpose by the gateway."""
+
+
+class ConfigurationError(GatewayError):
+    """The settings are inconsistent or a required file is missing."""
+
+
+class BackendError(GatewayError):
+    """A backend (blob store, log, state store, key store) failed or is unreachable.
+
+    ``backend`` names which one, so that readiness checks and error reports can say it.
+    """
+
+    def __init__(self, message: str, *, backend: str) -> None:
+        super().__init__(f"{backend}: {message}")
+        self.backend = backend
+
+
+class BlobNotFoundError(BackendError):
+    """The blob store has no block with this CID."""
+
+    def __init__(self, cid: str, *, backend: str) -> None:
+        super().__init__(f"block {cid} not found", backend=backend)
+        self.cid = cid
+
+
+class LogConflictError(BackendError):
+    """A conditional append lost the race: the log's last sequence is not the expected one."""
+
+    def __init__(self, expected: int, actual: int | None, *, backend: str) -> None:
+        super().__init__(
+            f"conditional append expected last sequence {expected}, log has {actual}",
+            backend=backend,
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class KeyDestroyedError(GatewayError):
+    """The key-encryption key was destroyed (crypto-shredding): the record cannot be decrypted."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"key-encryption key {key_id} has been destroyed")
+        self.key_id = key_id
+
+
+class KeyNotFoundError(GatewayError):
+    """The key store has no key for this id."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"no key {key_id} in the key store")
+        self.key_id = key_id
+
+
+class IntegrityError(GatewayError):
+    """Stored data does not match its anchor on the ledger (tampering or corruption).
+
+    Names the record and the CID, never the data itself.
+    """
+
+    def __init__(self, message: str, *, record: str | None = None, cid: str | None = None) -> None:
+        super().__init__(message)
+        self.record = record
+        self.cid = cid
+
+
+class InvalidInputError(GatewayError):
+    """Input from a sender is invalid. ``location`` names the element (FHIRPath-like)."""
+
+    def __init__(self, message: str, *, location: str | None = None, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.location = location
+        self.code = code
+
+
+class NotFoundError(GatewayError):
+    """The requested resource does not exist on this gateway."""

@@ -1,0 +1,250 @@
+"""Assembly of a running gateway: secrets, backends for the profile, ledger, views, pipeline.
+
+:class:`Gateway` is what the HTTP app, the MLLP listener, ``gateway demo`` and ``gateway verify``
+share. Backends may be injected (tests); otherwise :func:`build_backends` picks them for the
+profile. Raises ConfigurationError for missing secrets, BackendError when a service is down.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import os
+import secrets as pysecrets
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.api.common import AccessPolicy, AllowAll
+from gateway.backends.protocols import Backends
+from gateway.config import Settings
+from gateway.errors import ConfigurationError, LogConflictError
+from gateway.observability import Metrics
+from gateway.pipeline import RecordPipeline
+from gateway.views import RecordIndex
+from gateway.witness_service import WitnessService, parse_peers
+from ledger.batch import decode_batch
+from ledger.checkpoint import Signer, TrustedKeys
+from ledger.sequencer import Ledger
+from ledger.tiles import TreeStore
+
+log = logging.getLogger("gateway.runtime")
+
+
+def _secret_file(path: Path) -> bytes:
+    """Read a 32-byte secret from ``path``, creating it (mode 0600) on first use."""
+    if path.exists():
+        data = bytes.fromhex(path.read_text().strip())
+        if len(data) != 32:
+            raise ConfigurationError(f"{path} must hold 32 bytes in hex")
+        return data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = pysecrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value.hex() + "\n")
+    return value
+
+
+def load_secrets(settings: Settings) -> tuple[bytes, bytes]:
+    """(pseudonym key, master key) from settings, else from files under ``data_dir/secrets``.
+
+    Raises ConfigurationError when a configured value is not 32 bytes of hex.
+    """
+    out = []
+    for name, configured in (
+        ("pseudonym", settings.pseudonym_key),
+        ("master", settings.master_key),
+    ):
+        if configured is not None:
+            try:
+                value = bytes.fromhex(configured.get_secret_value())
+            except ValueError as exc:
+                raise ConfigurationError(f"{name}_key must be hex") from exc
+            if len(value) != 32:
+                raise ConfigurationError(f"{name}_key must be 32 bytes")
+            out.append(value)
+        else:
+            out.append(_secret_file(settings.data_dir / "secrets" / f"{name}.key"))
+    return out[0], out[1]
+
+
+def build_backends(settings: Settings, *, master_key: bytes) -> Backends:
+    """The adapters of the settings' profile (not yet connected)."""
+    d = settings.data_dir
+    if settings.profile == "embedded":
+        from gateway.backends.blobs_local import LocalBlobStore
+        from gateway.backends.keys_file import FileKeyStore
+        from gateway.backends.log_file import FileLog
+        from gateway.backends.state_memory import MemoryStateStore
+
+        return Backends(
+            blobs=LocalBlobStore(directory=d / "blocks"),
+            log=FileLog(path=d / "ledger" / "log.bin"),
+            state=MemoryStateStore(),
+            keys=FileKeyStore(path=d / "keys" / "keystore.jsonl", master_key=master_key),
+        )
+    from gateway.backends.blobs_kubo import KuboBlobStore
+    from gateway.backends.keys_redis import RedisKeyStore
+    from gateway.backends.log_jetstream import JetStreamLog
+    from gateway.backends.state_redis import RedisStateStore
+
+    prefix = f"gw:{settings.institution}:"
+    return Backends(
+        blobs=KuboBlobStore(base_url=settings.kubo_url, timeout=settings.backend_timeout),
+        log=JetStreamLog(
+            servers=settings.nats_servers,
+            stream=settings.nats_stream,
+            replicas=settings.nats_replicas,
+            timeout=settings.backend_timeout,
+        ),
+        state=RedisStateStore(url=settings.redis_url, prefix=prefix),
+        keys=RedisKeyStore(url=settings.redis_url, prefix=prefix, master_key=master_key),
+    )
+
+
+def load_signer(settings: Settings) -> Signer:
+    """This institution's checkpoint signer, created under ``data_dir/keys`` on first start."""
+    path = settings.data_dir / "keys" / "signer.json"
+    if path.exists():
+        return Signer.load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    signer = Signer.generate(settings.institution)
+    signer.save(path)
+    return signer
+
+
+def load_trust(settings: Settings, signer: Signer) -> TrustedKeys:
+    """The alliance's trusted institution keys; this institution's own key is always in it."""
+    path = settings.trust_file or settings.data_dir / "trust.json"
+    trusted = TrustedKeys.load(path) if path.exists() else TrustedKeys()
+    if signer.name not in trusted:
+        trusted.add(signer.name, signer.public_keys())
+        if settings.trust_file is None:
+            trusted.save(path)
+    return trusted
+
+
+def dictionary_version() -> str:
+    """Version of the unified dictionary in use (a hash of its files), or 'none'."""
+    try:
+        from mappings.terminology import Terminology
+
+        return Terminology.load_default().version
+    except (ImportError, AttributeError, OSError):
+        h = hashlib.sha256()
+        root = Path(__file__).resolve().parent.parent / "mappings" / "dictionary"
+        for p in sorted(root.glob("*.json")) if root.exists() else []:
+            h.update(p.read_bytes())
+        return h.hexdigest()[:16]
+
+
+class Gateway:
+    """One institution's running gateway."""
+
+    def __init__(self, settings: Settings, *, backends: Backends | None = None) -> None:
+        self.settings = settings
+        self.pseudonym_key, master_key = load_secrets(settings)
+        self.backends = backends or build_backends(settings, master_key=master_key)
+        self.metrics = Metrics()
+        self.signer = load_signer(settings)
+        self.trusted = load_trust(settings, self.signer)
+        self.index = RecordIndex()
+        tree_dir = settings.data_dir / "ledger" / f"tree-{settings.profile}"
+        self.ledger = Ledger(
+            log=self.backends.log,
+            tree=TreeStore.open(tree_dir),
+            signer=self.signer,
+            trusted=self.trusted,
+            origin=settings.ledger_origin,
+            conflict_error=LogConflictError,
+            max_leaves=settings.batch_max_leaves,
+            max_delay=settings.batch_max_delay_ms / 1000.0,
+            on_batch=self.metrics.ledger_batch.observe,
+        )
+        self.ledger.add_listener(self.index.on_batch)
+        self.ledger.add_listener(
+            lambda first, leaves, seq: self.metrics.ledger_size.set(first + len(leaves))
+        )
+        self.pipeline = RecordPipeline(
+            backends=self.backends,
+            ledger=self.ledger,
+            index=self.index,
+            pseudonym_key=self.pseudonym_key,
+            institution=settings.institution,
+            dictionary_version=dictionary_version(),
+            on_blob_batch=self.metrics.blob_batch.observe,
+        )
+        self._batch_first: list[int] = []  # first leaf index of each applied batch
+        self._batch_seq: dict[int, int] = {}  # log sequence -> first leaf index
+        self.ledger.add_listener(self._note_batch)
+        self.witness = WitnessService(
+            ledger=self.ledger,
+            signer=self.signer,
+            trusted=self.trusted,
+            state_path=settings.data_dir / "ledger" / "witness-state.json",
+            final_path=settings.data_dir / "ledger" / f"final-checkpoint-{settings.profile}.json",
+            quorum=settings.witness_quorum,
+            peers=parse_peers(settings.witness_peers),
+            timeout=settings.witness_timeout,
+            interval=settings.witness_interval_ms / 1000.0,
+        )
+        self.policy: AccessPolicy = AllowAll()
+        self.started = False
+
+    def _note_batch(self, first: int, leaves: Sequence[bytes], seq: int) -> None:
+        self._batch_first.append(first)
+        self._batch_seq[seq] = first
+
+    async def leaves_range(self, start: int, end: int) -> list[bytes]:
+        """The stored bytes of leaves ``start`` to ``end - 1``, read back from the log.
+
+        Raises BackendError when the log cannot be read.
+        """
+        i = bisect.bisect_right(self._batch_first, start) - 1
+        first_seq = next(s for s, f in self._batch_seq.items() if f == self._batch_first[i])
+        out: list[bytes] = []
+        async for entry in self.backends.log.read(first_seq):
+            first = self._batch_seq.get(entry.seq)
+            if first is None:
+                continue  # a skipped duplicate batch
+            for offset, leaf in enumerate(decode_batch(entry.data, seq=entry.seq).leaves):
+                if start <= first + offset < end:
+                    out.append(leaf)
+            if len(out) >= end - start:
+                break
+        return out
+
+    async def start(self) -> None:
+        """Connect the backends, replay the ledger, start the writers.
+
+        Raises BackendError when a backend is unreachable, LedgerError if the log does not verify.
+        """
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        for b in (self.backends.blobs, self.backends.log, self.backends.state, self.backends.keys):
+            await b.ping()
+        await self.ledger.start()
+        if settings.anchor_trust:
+            await self.ledger.ensure_trust_anchored(self.trusted, source=settings.institution)
+        await self.witness.start()
+        self.pipeline.start()
+        self.started = True
+        log.info(
+            "gateway started",
+            extra={
+                "profile": settings.profile,
+                "institution": settings.institution,
+                "ledger_size": self.ledger.size,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Stop writers and close the backends."""
+        if self.started:
+            await self.pipeline.stop()
+            await self.witness.stop()
+            await self.ledger.stop()
+        self.ledger.tree.close()
+        await self.backends.close()
+        self.started = False

@@ -1,0 +1,164 @@
+"""The body of ``gateway verify``: run the audit and print a report.
+
+Returns the exit code: 0 when everything checks out, 1 with a report naming what is wrong.
+Raises GatewayError (exit 2) when the backends cannot be opened at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from gateway.audit import AuditReport, audit
+from gateway.config import Settings
+from gateway.runtime import build_backends, load_secrets, load_signer, load_trust
+from ledger.checkpoint import SignedCheckpoint, TrustedKeys
+from ledger.errors import CheckpointError, LedgerError
+from ledger.tiles import TreeStore
+from ledger.verify import verify_checkpoint, verify_consistency
+
+
+def _progress(stream: TextIO) -> Callable[[int, int], None]:
+    """A progress bar on ``stream``: redrawn in place on a terminal, otherwise one line per
+    tenth of the log (so that CI logs show progress without flooding)."""
+    tty = stream.isatty()
+    last = [0.0, -1.0]
+
+    def show(done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        width = 30
+        filled = int(width * frac)
+        bar = f"  log [{'#' * filled}{'.' * (width - filled)}] {done}/{total} messages"
+        if tty:
+            now = time.monotonic()
+            if now - last[0] < 0.1 and done != total:
+                return
+            last[0] = now
+            stream.write("\r" + bar + ("\n" if done == total else ""))
+        else:
+            step = int(frac * 10) / 10
+            if step <= last[1]:
+                return
+            last[1] = step
+            stream.write(bar + "\n")
+        stream.flush()
+
+    return show
+
+
+def load_saved_checkpoint(path: Path) -> SignedCheckpoint:
+    """A checkpoint saved by an auditor: the signed checkpoint's canonical JSON, its base64, or
+    the JSON answer of ``GET /ledger/checkpoint`` (its ``checkpoint`` field).
+
+    Raises OSError when unreadable, LedgerError when it is none of these.
+    """
+    raw = path.read_bytes().strip()
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("checkpoint"), str):
+        raw = obj["checkpoint"].encode()
+    elif isinstance(obj, dict):
+        return SignedCheckpoint.from_bytes(raw)
+    try:
+        decoded = base64.b64decode(raw, validate=True)
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is neither a signed checkpoint nor its base64") from exc
+    return SignedCheckpoint.from_bytes(decoded)
+
+
+async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path | None) -> int:
+    """Audit the ledger of ``settings``; print the report; return the exit code."""
+    _pkey, master_key = load_secrets(settings)
+    backends = build_backends(settings, master_key=master_key)
+    signer = load_signer(settings)
+    trusted = load_trust(settings, signer)
+    tree_dir = settings.data_dir / "ledger" / f"tree-{settings.profile}"
+    stored = TreeStore.open(tree_dir) if tree_dir.exists() else None
+    show = _progress(sys.stderr)
+    started = time.monotonic()
+    try:
+        report: AuditReport = await audit(
+            backends,
+            trusted=trusted,
+            origin=settings.ledger_origin,
+            signer=signer,
+            stored_tree=stored,
+            blobs=blobs,
+            progress=show,
+        )
+        if from_checkpoint is not None:
+            _check_saved(report, from_checkpoint, trusted, settings.ledger_origin)
+    finally:
+        if stored is not None:
+            stored.close()
+        await backends.close()
+    elapsed = time.monotonic() - started
+    print(
+        f"ledger: {report.leaves} leaves in {report.batches} batches "
+        f"({report.log_messages} log messages), root {report.root.hex() or '(empty)'}"
+    )
+    print(
+        f"checkpoints: {report.batches} verified, {report.signatures_checked} signatures "
+        f"(Ed25519 + ML-DSA-65); trust file anchored: {'yes' if report.trust_anchored else 'no'}"
+    )
+    if blobs:
+        print(f"blobs: {report.records_checked} ciphertexts re-hashed")
+    if report.saved_checkpoint_size is not None:
+        print(
+            f"saved checkpoint: tree size {report.saved_checkpoint_size} is a prefix of the "
+            "current tree (consistency proof verified)"
+        )
+    if report.ok:
+        print(f"verify: OK ({elapsed:.1f} s)")
+        return 0
+    print(f"verify: FAILED ({len(report.problems)} problem(s))")
+    for p in report.problems:
+        print(f"  - {p}")
+    return 1
+
+
+def _check_saved(report: AuditReport, path: Path, trusted: TrustedKeys, origin: str) -> None:
+    """Check a saved checkpoint against the re-derived tree (appends problems to ``report``).
+
+    The saved checkpoint's signatures must verify; its tree must be a prefix of the tree the
+    log gives now: a larger size means the log was truncated, another root at its size (checked
+    with an RFC 9162 consistency proof from the saved tree to the current one) means history
+    was rewritten.
+    """
+    try:
+        saved = load_saved_checkpoint(path)
+        cp = verify_checkpoint(saved, trusted)
+    except (OSError, ValueError, LedgerError) as exc:
+        report.problems.append(f"saved checkpoint {path}: {exc}")
+        return
+    if cp.origin != origin:
+        report.problems.append(
+            f"saved checkpoint {path} is of log {cp.origin!r}, not of {origin!r}"
+        )
+        return
+    if cp.size > report.leaves:
+        report.problems.append(
+            f"saved checkpoint {path} has tree size {cp.size} but the log now gives only "
+            f"{report.leaves} leaves: history was truncated (or the log is unreadable past "
+            f"leaf {report.leaves})"
+        )
+        return
+    if report.tree is None or cp.size == 0:
+        return
+    proof = report.tree.consistency_proof(cp.size, report.leaves)
+    try:
+        verify_consistency(cp.size, report.leaves, proof, cp.root, report.tree.root())
+    except LedgerError:
+        report.problems.append(
+            f"saved checkpoint {path} (tree size {cp.size}, root {cp.root.hex()}) is not "
+            f"consistent with the log's tree of size {report.leaves}: history was rewritten"
+        )
+        return
+    report.saved_checkpoint_size = cp.size

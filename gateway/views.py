@@ -1,0 +1,82 @@
+"""Views derived from the ledger: which records exist, where their ciphertext is, whose they are.
+
+Every gateway rebuilds these by replaying the log (see :class:`ledger.sequencer.Ledger`), so they
+need no storage of their own and agree across nodes. They hold only what the ledger holds:
+opaque record ids, pseudonyms, CIDs and hashes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ledger.leaves import decode_leaf
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAnchor:
+    """One anchored version of a record."""
+
+    record: str
+    version: int
+    cid: str
+    sha256: str
+    patient: str
+    resource_type: str
+    source: str
+    time: str
+    leaf_index: int
+
+
+class RecordIndex:
+    """Latest anchored version of every record, and each patient's records."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, RecordAnchor] = {}
+        self._all: list[RecordAnchor] = []
+        self._by_patient: dict[str, set[str]] = defaultdict(set)
+        self.leaf_kinds: dict[str, int] = defaultdict(int)
+
+    def on_batch(self, first_index: int, leaves: Sequence[bytes], seq: int) -> None:
+        """Ledger listener: index the record leaves of an applied batch."""
+        for offset, raw in enumerate(leaves):
+            leaf = decode_leaf(raw)
+            kind = str(leaf["kind"])
+            self.leaf_kinds[kind] += 1
+            if kind != "record":
+                continue
+            anchor = RecordAnchor(
+                record=str(leaf["record"]),
+                version=int(leaf["version"]),
+                cid=str(leaf["cid"]),
+                sha256=str(leaf["sha256"]),
+                patient=str(leaf["patient"]),
+                resource_type=str(leaf["type"]),
+                source=str(leaf["source"]),
+                time=str(leaf["time"]),
+                leaf_index=first_index + offset,
+            )
+            self._all.append(anchor)
+            current = self._latest.get(anchor.record)
+            # Log order decides: a later leaf is the newer version.
+            if current is None or anchor.leaf_index > current.leaf_index:
+                self._latest[anchor.record] = anchor
+            if anchor.patient:
+                self._by_patient[anchor.patient].add(anchor.record)
+
+    def latest(self, record: str) -> RecordAnchor | None:
+        """The latest anchored version of a record, or None."""
+        return self._latest.get(record)
+
+    def records_of(self, patient: str) -> list[RecordAnchor]:
+        """Every record of a patient (latest versions), in ledger order."""
+        anchors = [self._latest[r] for r in self._by_patient.get(patient, ())]
+        return sorted(anchors, key=lambda a: a.leaf_index)
+
+    def all_versions(self) -> list[RecordAnchor]:
+        """Every anchored version of every record, in ledger order."""
+        return list(self._all)
+
+    def __len__(self) -> int:
+        return len(self._latest)

@@ -1,0 +1,87 @@
+"""Log batches: the unit appended to the replicated log (pure encoding, no I/O).
+
+A batch is one log message carrying the leaves a writer appends together and the writer's
+signed checkpoint of the tree after them::
+
+    {"v": 1, "writer": "<institution>", "batch": "<hex id>",
+     "leaves": ["<base64 leaf>", ...], "checkpoint": "<base64 signed checkpoint>"}
+
+encoded as RFC 8785 canonical JSON. ``batch`` is the message id used for the log's
+de-duplication (``Nats-Msg-Id``): SHA-256 over the writer and the leaf hashes, so a retried
+batch carries the same id. Readers apply batches in log order, re-derive the tree and check that
+the checkpoint names exactly that tree; a batch whose id was already applied is skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import rfc8785
+
+from ledger.errors import LedgerError
+
+BATCH_VERSION = 1
+
+
+class BatchFormatError(LedgerError):
+    """A log message is not a well-formed batch. Carries the log sequence when known."""
+
+    def __init__(self, message: str, *, seq: int | None = None) -> None:
+        where = f"log message {seq}: " if seq is not None else ""
+        super().__init__(where + message)
+        self.seq = seq
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A decoded batch."""
+
+    writer: str
+    batch_id: str
+    leaves: tuple[bytes, ...]
+    checkpoint: bytes  # a signed checkpoint, as ledger.checkpoint.SignedCheckpoint.to_bytes()
+
+
+def batch_id(writer: str, leaf_hashes: Sequence[bytes]) -> str:
+    """The batch's de-duplication id: hex SHA-256 of the writer and its leaf hashes."""
+    h = hashlib.sha256(writer.encode() + b"\x00")
+    for lh in leaf_hashes:
+        h.update(lh)
+    return h.hexdigest()
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """Canonical bytes of a batch."""
+    return rfc8785.dumps(
+        {
+            "v": BATCH_VERSION,
+            "writer": batch.writer,
+            "batch": batch.batch_id,
+            "leaves": [base64.b64encode(leaf).decode("ascii") for leaf in batch.leaves],
+            "checkpoint": base64.b64encode(batch.checkpoint).decode("ascii"),
+        }
+    )
+
+
+def decode_batch(data: bytes, *, seq: int | None = None) -> Batch:
+    """Parse a log message. Raises BatchFormatError naming ``seq``."""
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise BatchFormatError("not JSON", seq=seq) from exc
+    if not isinstance(obj, dict) or obj.get("v") != BATCH_VERSION:
+        raise BatchFormatError("not a version 1 batch", seq=seq)
+    try:
+        writer = obj["writer"]
+        bid = obj["batch"]
+        leaves = tuple(base64.b64decode(x, validate=True) for x in obj["leaves"])
+        checkpoint = base64.b64decode(obj["checkpoint"], validate=True)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BatchFormatError(f"bad field: {exc}", seq=seq) from exc
+    if not isinstance(writer, str) or not isinstance(bid, str) or not leaves:
+        raise BatchFormatError("writer, batch id or leaves missing", seq=seq)
+    return Batch(writer=writer, batch_id=bid, leaves=leaves, checkpoint=checkpoint)

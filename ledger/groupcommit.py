@@ -1,0 +1,112 @@
+"""Group commit: one backend call for the items of many concurrent callers.
+
+:class:`GroupCommitter` queues the items of concurrent callers and hands them to a batch
+function together (at most ``max_items`` items, waiting at most ``max_delay`` seconds for more
+while a call is already in flight there is nothing to wait for: the next batch forms meanwhile).
+Each caller gets back the results of its own items, or the exception of the batch call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Waiting(Generic[T, R]):
+    items: list[T]
+    future: asyncio.Future[list[R]]
+
+
+class GroupCommitter(Generic[T, R]):
+    """Batches concurrent submissions into calls of ``fn``; ``fn`` returns one result per item."""
+
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        name: str,
+        max_items: int = 256,
+        max_delay: float = 0.002,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._fn = fn
+        self.name = name
+        self._max_items = max_items
+        self._max_delay = max_delay
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Waiting[T, R]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the batching task (inside a running loop)."""
+        self._task = asyncio.create_task(self._run(), name=f"group-commit-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop the task; queued submissions fail with RuntimeError."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._queue.empty():
+            w = self._queue.get_nowait()
+            if not w.future.done():
+                w.future.set_exception(RuntimeError(f"{self.name} stopped"))
+
+    async def submit(self, items: Sequence[T]) -> list[R]:
+        """Queue items and wait for their results. Raises whatever the batch call raised."""
+        if not items:
+            return []
+        if self._task is None or self._task.done():
+            raise RuntimeError(f"{self.name} group commit is not running")
+        fut: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Waiting(list(items), fut))
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = [await self._queue.get()]
+            count = len(group[0].items)
+            deadline = loop.time() + self._max_delay
+            while count < self._max_items:
+                if self._queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        w = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                else:
+                    w = self._queue.get_nowait()
+                group.append(w)
+                count += len(w.items)
+            items = [item for w in group for item in w.items]
+            try:
+                results = list(await self._fn(items))
+                if len(results) != len(items):
+                    raise RuntimeError(f"{self.name}: batch returned {len(results)} results")
+            except asyncio.CancelledError:
+                for w in group:
+                    if not w.future.done():
+                        w.future.set_exception(RuntimeError(f"{self.name} stopped"))
+                raise
+            except Exception as exc:
+                for w in group:
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+                continue
+            if self._on_batch is not None:
+                self._on_batch(len(items))
+            pos = 0
+            for w in group:
+                if not w.future.done():
+                    w.future.set_result(results[pos : pos + len(w.items)])
+                pos += len(w.items)

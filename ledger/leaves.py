@@ -1,0 +1,254 @@
+"""Leaf kinds of the ledger and their canonical encoding (RFC 8785 JSON). Pure.
+
+A leaf is the RFC 8785 canonical JSON of an object with ``"v": 1``, ``"kind"`` and the fields of
+its kind (see :data:`LEAF_FIELDS` and ``docs/ledger-format.md``). Fields are whitelisted per
+kind: unknown fields are rejected, and every string field has a restricted shape (opaque tokens,
+lowercase hex digests, pseudonyms, RFC 3339 UTC times, short enumerations), so that no name,
+identifier, birth date or free text of a patient can be put on the ledger by mistake.
+
+Raises :class:`ledger.errors.LeafFormatError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import rfc8785
+
+from ledger.errors import LeafFormatError
+
+LEAF_VERSION = 1
+MAX_LEAF_BYTES = 64 * 1024
+MAX_LIST = 1000
+
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CID = re.compile(r"b[a-z2-7]{10,200}")
+_RTYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One field of a leaf kind: a checker returning an error text or None, and if required."""
+
+    check: Callable[[Any], str | None]
+    required: bool = True
+    doc: str = ""
+
+
+def _token(v: Any) -> str | None:
+    if isinstance(v, str) and _TOKEN.fullmatch(v):
+        return None
+    return "must be an opaque token (1-128 of A-Z a-z 0-9 . _ : / + -, starting alphanumeric)"
+
+
+def _hex64(v: Any) -> str | None:
+    return None if isinstance(v, str) and _HEX64.fullmatch(v) else "must be 64 lowercase hex"
+
+
+def _cid(v: Any) -> str | None:
+    return None if isinstance(v, str) and _CID.fullmatch(v) else "must be a base32 CIDv1"
+
+
+def _rtype(v: Any) -> str | None:
+    return None if isinstance(v, str) and _RTYPE.fullmatch(v) else "must be a FHIR resource type"
+
+
+def _time(v: Any) -> str | None:
+    if isinstance(v, str) and _TIME.fullmatch(v):
+        try:
+            datetime.fromisoformat(v[:19])
+        except ValueError:
+            return "is not a valid date-time"
+        return None
+    return "must be an RFC 3339 UTC time (YYYY-MM-DDThh:mm:ss[.fraction]Z)"
+
+
+def _positive(v: Any) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**53
+    return None if ok else "must be an integer >= 1"
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _enum(*values: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in values else f"must be one of {', '.join(values)}"
+
+    return check
+
+
+def _tokens(v: Any) -> str | None:
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_LIST:
+        return f"must be a list of 1-{MAX_LIST} opaque tokens"
+    for item in v:
+        if _token(item) is not None:
+            return "must be a list of opaque tokens"
+    return None
+
+
+def _nullable_token(v: Any) -> str | None:
+    return None if v is None else _token(v)
+
+
+PURPOSES = ("TREAT", "ETREAT", "HPAYMT", "HRESCH", "PUBHLTH")
+
+LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
+    "record": {
+        "record": FieldSpec(_token, doc="opaque record id"),
+        "version": FieldSpec(_positive, doc="record version, from 1"),
+        "cid": FieldSpec(_cid, doc="CIDv1 (raw, sha2-256, base32) of the ciphertext"),
+        "sha256": FieldSpec(_hex64, doc="SHA-256 of the ciphertext, hex"),
+        "patient": FieldSpec(_hex64, doc="patient pseudonym, hex"),
+        "type": FieldSpec(_rtype, doc="FHIR resource type"),
+        "source": FieldSpec(_token, doc="source institution id"),
+        "dictionary": FieldSpec(_token, doc="unified dictionary version"),
+        "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
+    },
+    "consent": {
+        "consent": FieldSpec(_token, doc="opaque consent id"),
+        "version": FieldSpec(_positive, doc="consent version, from 1"),
+        "action": FieldSpec(_enum("grant", "revoke"), doc="grant or revoke"),
+        "sha256": FieldSpec(_hex64, doc="SHA-256 of the canonical Consent resource, hex"),
+        "patient": FieldSpec(_hex64, doc="patient pseudonym, hex"),
+        "source": FieldSpec(_token, doc="institution that recorded it"),
+        "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
+    },
+    "access": {
+        "actor": FieldSpec(_token, doc="opaque id of who asked (practitioner or system)"),
+        "institution": FieldSpec(_token, doc="institution of the actor"),
+        "patient": FieldSpec(_hex64, doc="patient pseudonym, hex"),
+        "records": FieldSpec(_tokens, required=False, doc="record ids read (or query)"),
+        "query": FieldSpec(_hex64, required=False, doc="SHA-256 of the canonical query, hex"),
+        "purpose": FieldSpec(_enum(*PURPOSES), doc="v3 ActReason purpose of use"),
+        "decision": FieldSpec(_enum("permit", "deny"), doc="permit or deny"),
+        "consent": FieldSpec(_nullable_token, required=False, doc="consent id relied on"),
+        "emergency": FieldSpec(_bool, required=False, doc="emergency (break-glass) access"),
+        "reason": FieldSpec(_hex64, required=False, doc="SHA-256 of the stated reason, hex"),
+        "source": FieldSpec(_token, doc="institution (gateway) that decided"),
+        "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
+    },
+    "key": {
+        "action": FieldSpec(_enum("erasure", "rotation", "trust"), doc="what happened"),
+        "key_id": FieldSpec(_token, required=False, doc="key concerned (erasure, rotation)"),
+        "new_key_id": FieldSpec(_token, required=False, doc="replacement key (rotation)"),
+        "patient": FieldSpec(_hex64, required=False, doc="patient pseudonym (erasure)"),
+        "sha256": FieldSpec(_hex64, required=False, doc="SHA-256 of the trust file (trust)"),
+        "source": FieldSpec(_token, doc="institution"),
+        "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
+    },
+    "dictionary": {
+        "version": FieldSpec(_token, doc="dictionary version"),
+        "sha256": FieldSpec(_hex64, doc="SHA-256 of the dictionary bundle, hex"),
+        "source": FieldSpec(_token, doc="institution that published it"),
+        "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
+    },
+}
+
+_KEY_ACTION_REQUIRES = {
+    "erasure": ("key_id", "patient"),
+    "rotation": ("key_id", "new_key_id"),
+    "trust": ("sha256",),
+}
+
+KINDS = tuple(LEAF_FIELDS)
+
+
+def _validate(kind: Any, fields: Mapping[str, Any]) -> None:
+    if kind not in LEAF_FIELDS:
+        raise LeafFormatError(f"unknown leaf kind {kind!r}", kind=None)
+    spec = LEAF_FIELDS[kind]
+    for name in fields:
+        if name not in spec:
+            raise LeafFormatError(f"{kind} leaf: unknown field {name!r}", kind=kind, field=name)
+    for name, fs in spec.items():
+        if name not in fields:
+            if fs.required:
+                raise LeafFormatError(f"{kind} leaf: missing field {name!r}", kind=kind, field=name)
+            continue
+        problem = fs.check(fields[name])
+        if problem:
+            raise LeafFormatError(f"{kind} leaf: field {name!r} {problem}", kind=kind, field=name)
+    if kind == "access" and "records" not in fields and "query" not in fields:
+        raise LeafFormatError("access leaf: needs records or query", kind=kind, field="records")
+    if kind == "access" and fields.get("emergency") and "reason" not in fields:
+        raise LeafFormatError("access leaf: emergency needs a reason", kind=kind, field="reason")
+    if kind == "key":
+        action = fields["action"]
+        for name in _KEY_ACTION_REQUIRES[action]:
+            if name not in fields:
+                raise LeafFormatError(
+                    f"key leaf: action {action!r} needs {name!r}", kind=kind, field=name
+                )
+        allowed = {"action", "source", "time", *_KEY_ACTION_REQUIRES[action]}
+        for name in fields:
+            if name not in allowed:
+                raise LeafFormatError(
+                    f"key leaf: field {name!r} does not belong to action {action!r}",
+                    kind=kind,
+                    field=name,
+                )
+
+
+def encode_leaf(kind: str, fields: Mapping[str, Any]) -> bytes:
+    """Canonical bytes of a leaf of ``kind`` with ``fields`` (without ``v`` and ``kind``).
+
+    Raises LeafFormatError for an unknown kind, a missing, unknown or ill-typed field.
+    """
+    if "v" in fields or "kind" in fields:
+        raise LeafFormatError("fields must not contain 'v' or 'kind'", kind=kind)
+    _validate(kind, fields)
+    data = rfc8785.dumps({"v": LEAF_VERSION, "kind": kind, **fields})
+    if len(data) > MAX_LEAF_BYTES:
+        raise LeafFormatError(f"{kind} leaf is larger than {MAX_LEAF_BYTES} bytes", kind=kind)
+    return data
+
+
+def decode_leaf(data: bytes) -> dict[str, Any]:
+    """Parse and validate leaf bytes; return the object (with ``v`` and ``kind``).
+
+    The bytes must be exactly the canonical encoding. Fast path: once the fields have passed
+    their shape checks, every string is printable ASCII without quotes or backslashes, every
+    key is an ASCII field name and every number an integer, so sorted-key compact JSON (orjson)
+    and RFC 8785 produce the same bytes; the slower RFC 8785 encoder is consulted only when the
+    fast comparison fails. Raises LeafFormatError.
+    """
+    if len(data) > MAX_LEAF_BYTES:
+        raise LeafFormatError(f"leaf is larger than {MAX_LEAF_BYTES} bytes")
+    try:
+        obj = orjson.loads(data)
+    except (orjson.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LeafFormatError("leaf is not valid JSON") from err
+    if not isinstance(obj, dict):
+        raise LeafFormatError("leaf is not a JSON object")
+    if obj.get("v") != LEAF_VERSION or isinstance(obj.get("v"), bool):
+        raise LeafFormatError(f"unsupported leaf version {obj.get('v')!r}")
+    kind = obj.get("kind")
+    fields = {k: v for k, v in obj.items() if k not in ("v", "kind")}
+    _validate(kind, fields)
+    if not isinstance(kind, str) or not _ASCII_KIND.fullmatch(kind):
+        raise LeafFormatError(f"unknown leaf kind {kind!r}")
+    if orjson.dumps(obj, option=orjson.OPT_SORT_KEYS) != data and rfc8785.dumps(obj) != data:
+        raise LeafFormatError(f"{kind} leaf is not in canonical form", kind=str(kind))
+    return dict(obj)
+
+
+_ASCII_KIND = re.compile(r"[a-z]{1,32}")
+
+
+def is_trust_leaf(data: bytes) -> bool:
+    """Whether leaf bytes are (by their canonical prefix) a ``key`` leaf of action ``trust``.
+
+    Canonical JSON sorts keys, so such a leaf starts with ``{"action":"trust"`` and no other kind
+    has an ``action`` of ``trust``. A cheap pre-filter: confirm with :func:`decode_leaf`.
+    Raises nothing.
+    """
+    return data.startswith(b'{"action":"trust",')

@@ -1,0 +1,436 @@
+"""Group commit of leaves onto the replicated log, and the tree every node derives from it.
+
+:class:`Ledger` is the only writer of a node's copy of the tree. Callers hand it leaves with
+:meth:`Ledger.append`; a single writer task groups the leaves of concurrent callers (at most
+``max_leaves`` leaves, waiting at most ``max_delay`` seconds for more), extends the tree
+tentatively, signs a checkpoint of the result and appends the batch to the log conditionally on
+the log's last sequence (so exactly one writer wins each position) with a message id derived from
+the leaves (so a retried batch is never appended twice). When another writer got there first, the
+ledger reads what it missed, verifies and applies it, and tries again on top.
+
+Callers are answered only after the log acknowledged the batch, i.e. once it is durable.
+
+Raises :class:`ledger.errors.LedgerError` subclasses; backend failures surface as the
+``gateway.errors.BackendError`` the log adapter raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ledger.batch import Batch, batch_id, decode_batch, encode_batch
+from ledger.checkpoint import Checkpoint, SignedCheckpoint, Signer, TrustedKeys
+from ledger.errors import (
+    CheckpointError,
+    CheckpointSignatureError,
+    LeafFormatError,
+    LedgerError,
+    VerificationError,
+)
+from ledger.groupcommit import GroupCommitter
+from ledger.leaves import decode_leaf, encode_leaf, is_trust_leaf
+from ledger.merkle import leaf_hash
+from ledger.tiles import TreeStore
+from ledger.verify import verify_checkpoint
+
+log = logging.getLogger("ledger.sequencer")
+
+ZERO_HASH = bytes(32)
+
+
+class LogLike(Protocol):
+    """The part of ``gateway.backends.protocols.LogBackend`` the ledger uses."""
+
+    name: str
+
+    async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int: ...
+
+    async def last_seq(self) -> int: ...
+
+    def read(self, start_seq: int = 1) -> Any: ...
+
+
+class LedgerUnavailableError(LedgerError):
+    """The log could not take the batch; nothing in it was acknowledged."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an appended leaf landed: its index and the signed checkpoint of the batch."""
+
+    index: int
+    tree_size: int
+    root: bytes
+    checkpoint: SignedCheckpoint
+
+
+LeafListener = Callable[[int, Sequence[bytes], int], None]
+"""Called with (first leaf index, leaves, log sequence) for every batch applied, in order."""
+
+
+@dataclass
+class LedgerStats:
+    """Counters exposed as metrics."""
+
+    batches_written: int = 0
+    leaves_written: int = 0
+    conflicts: int = 0
+
+
+class Ledger:
+    """A node's view of the shared ledger, and its writer."""
+
+    def __init__(
+        self,
+        *,
+        log: LogLike,
+        tree: TreeStore,
+        signer: Signer,
+        trusted: TrustedKeys,
+        origin: str,
+        conflict_error: type[Exception],
+        max_leaves: int = 500,
+        max_delay: float = 0.005,
+        retries: int = 5,
+        unavailable_window: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._log = log
+        self.tree = tree
+        self._signer = signer
+        self.trusted = trusted
+        self.origin = origin
+        self._conflict_error = conflict_error
+        self._retries = retries
+        self._unavailable_window = unavailable_window
+        self._clock = clock
+        self._committer: GroupCommitter[bytes, AppendResult] = GroupCommitter(
+            self._write_group,
+            name="ledger",
+            max_items=max_leaves,
+            max_delay=max_delay,
+            on_batch=on_batch,
+        )
+        self._follower: asyncio.Task[None] | None = None
+        self._listeners: list[LeafListener] = []
+        self._io_lock = asyncio.Lock()
+        self._seen_batches: set[str] = set()
+        self.applied_seq = 0
+        self.size = 0
+        self.latest: SignedCheckpoint | None = None
+        # Latest checkpoint known to be final (cosigned by a quorum); kept by the witness service.
+        self.final: SignedCheckpoint | None = None
+        # Hex SHA-256 of every trust file anchored by a ``key`` leaf of action ``trust``.
+        self.trust_anchors: set[str] = set()
+        # Tree size after each applied batch -> its log sequence (to fetch that checkpoint).
+        self._size_seq: dict[int, int] = {}
+        self.stats = LedgerStats()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def add_listener(self, listener: LeafListener) -> None:
+        """Register a view to be told of every applied batch (before :meth:`start`)."""
+        self._listeners.append(listener)
+
+    async def start(self, *, follow_interval: float | None = 1.0) -> None:
+        """Replay the log into the tree and views, then start the writer (and follower) tasks.
+
+        Raises LedgerError if the log does not verify, BackendError if it cannot be read.
+        """
+        await self.catch_up()
+        self._committer.start()
+        if follow_interval:
+            self._follower = asyncio.create_task(
+                self._follow_loop(follow_interval), name="ledger-follower"
+            )
+
+    async def stop(self) -> None:
+        """Stop the tasks; pending appends fail with LedgerUnavailableError."""
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+        await self._committer.stop()
+        self.tree.flush()
+
+    # ---- reading the log ------------------------------------------------------------------
+
+    async def catch_up(self) -> int:
+        """Apply every log message after the last applied one; return how many were applied.
+
+        Raises LedgerError when a batch does not verify, BackendError when the log fails.
+        """
+        async with self._io_lock:
+            return await self._catch_up_locked()
+
+    async def _catch_up_locked(self) -> int:
+        n = 0
+        async for entry in self._log.read(self.applied_seq + 1):
+            self._apply(entry.seq, entry.data)
+            n += 1
+        if n:
+            self.tree.flush()
+        return n
+
+    def _apply(self, seq: int, data: bytes) -> None:
+        batch = decode_batch(data, seq=seq)
+        if batch.batch_id in self._seen_batches:
+            log.warning("skipping re-appended batch", extra={"seq": seq, "batch": batch.batch_id})
+            self.applied_seq = seq
+            return
+        first = self.size
+        where = f"log message {seq} (leaves {first}..{first + len(batch.leaves) - 1})"
+        try:
+            signed = SignedCheckpoint.from_bytes(batch.checkpoint)
+            cp = verify_checkpoint(signed, self.trusted)
+        except CheckpointSignatureError as exc:
+            err = CheckpointSignatureError(f"{where}: checkpoint {exc}")
+            err.key_name, err.alg = exc.key_name, exc.alg
+            raise err from exc
+        except VerificationError as exc:
+            raise CheckpointError(f"{where}: checkpoint {exc}") from exc
+        hashes = [leaf_hash(leaf) for leaf in batch.leaves]
+        self._extend_tree(hashes)
+        expected_prev = self.latest.body_hash() if self.latest is not None else ZERO_HASH
+        problems = []
+        if cp.origin != self.origin:
+            problems.append(f"origin {cp.origin!r} is not {self.origin!r}")
+        if cp.size != first + len(hashes):
+            problems.append(f"size {cp.size} but the log gives {first + len(hashes)}")
+        elif cp.root != self.tree.root(cp.size):
+            problems.append("root does not match the tree derived from the log")
+        if cp.prev != expected_prev:
+            problems.append("previous-checkpoint hash does not link to the chain")
+        if batch_id(batch.writer, hashes) != batch.batch_id:
+            problems.append("batch id does not match its leaves")
+        if batch.writer != signed.writer:
+            problems.append(f"batch names writer {batch.writer!r}, checkpoint {signed.writer!r}")
+        if problems:
+            self.tree.truncate(first)
+            raise CheckpointError(f"{where}: " + "; ".join(problems))
+        self._commit(seq, batch, signed, first)
+
+    def _extend_tree(self, hashes: Sequence[bytes]) -> None:
+        # The stored tree may already hold these leaves (reopened file-backed store).
+        first = self.size
+        stored = self.tree.size
+        if stored > first:
+            overlap = min(stored - first, len(hashes))
+            for i in range(overlap):
+                if self.tree.leaf_hash(first + i) != hashes[i]:
+                    # The local copy diverges from the log: the log wins.
+                    self.tree.truncate(first + i)
+                    break
+            else:
+                if overlap == len(hashes):
+                    return
+            hashes = hashes[self.tree.size - first :]
+        self.tree.append(hashes)
+
+    def _commit(self, seq: int, batch: Batch, signed: SignedCheckpoint, first: int) -> None:
+        self.applied_seq = seq
+        self.size = first + len(batch.leaves)
+        self.latest = signed
+        self._seen_batches.add(batch.batch_id)
+        self._size_seq[self.size] = seq
+        for leaf in batch.leaves:
+            if is_trust_leaf(leaf):
+                try:
+                    fields = decode_leaf(leaf)
+                except LeafFormatError:
+                    continue
+                if fields.get("kind") == "key":
+                    self.trust_anchors.add(str(fields["sha256"]))
+        for listener in self._listeners:
+            listener(first, batch.leaves, seq)
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    async def append(self, leaves: Sequence[bytes]) -> list[AppendResult]:
+        """Append leaves; return once they are durable in the log.
+
+        Raises LedgerUnavailableError (or the backend's error) when they could not be appended.
+        """
+        if not leaves:
+            return []
+        try:
+            return await self._committer.submit(leaves)
+        except RuntimeError as exc:
+            raise LedgerUnavailableError(str(exc)) from exc
+
+    async def _write_group(self, leaves: list[bytes]) -> list[AppendResult]:
+        """Append one group of leaves as one batch (the group commit's batch function)."""
+        hashes = [leaf_hash(leaf) for leaf in leaves]
+        bid = batch_id(self._signer.name, hashes)
+        last_exc: Exception | None = None
+        async with self._io_lock:
+            for _attempt in range(self._retries):
+                if bid in self._seen_batches:
+                    # An earlier attempt was appended after all (seen while catching up).
+                    return self._results_for(hashes)
+                first = self.size
+                self.tree.append(hashes)
+                size = first + len(hashes)
+                root = self.tree.root(size)
+                prev = self.latest.body_hash() if self.latest is not None else ZERO_HASH
+                cp = Checkpoint(
+                    origin=self.origin,
+                    size=size,
+                    root=root,
+                    prev=prev,
+                    time=int(self._clock() * 1000),
+                )
+                signed = self._signer.sign(cp)
+                batch = Batch(
+                    writer=self._signer.name,
+                    batch_id=bid,
+                    leaves=tuple(leaves),
+                    checkpoint=signed.to_bytes(),
+                )
+                try:
+                    seq = await self._append_retrying(encode_batch(batch), bid)
+                except self._conflict_error as exc:
+                    self.tree.truncate(first)
+                    self.stats.conflicts += 1
+                    last_exc = exc
+                    await self._catch_up_locked()
+                    continue
+                except BaseException:
+                    self.tree.truncate(first)
+                    raise
+                if seq != self.applied_seq + 1:
+                    # A duplicate of an earlier attempt that landed elsewhere in the log.
+                    self.tree.truncate(first)
+                    await self._catch_up_locked()
+                    if bid in self._seen_batches:
+                        return self._results_for(hashes)
+                    continue
+                self._commit(seq, batch, signed, first)
+                self.tree.flush()
+                self.stats.batches_written += 1
+                self.stats.leaves_written += len(leaves)
+                return [
+                    AppendResult(index=first + i, tree_size=size, root=root, checkpoint=signed)
+                    for i in range(len(leaves))
+                ]
+        raise LedgerUnavailableError(
+            f"batch {bid[:16]} lost the race {self._retries} times"
+        ) from last_exc
+
+    async def _append_retrying(self, data: bytes, bid: str) -> int:
+        """Append one batch; while the log is unavailable (e.g. electing a new stream leader),
+        retry the *same* message (same expected sequence, same message id, so a copy that did
+        land is recognised, never appended twice) for up to ``unavailable_window`` seconds.
+
+        Raises the conflict error at once, LedgerUnavailableError when the window runs out.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._unavailable_window
+        delay = 0.05
+        while True:
+            try:
+                return await self._log.append(data, expected_last_seq=self.applied_seq, msg_id=bid)
+            except self._conflict_error:
+                raise
+            except Exception as exc:
+                if loop.time() + delay > deadline:
+                    raise LedgerUnavailableError(
+                        f"the log ({self._log.name}) did not accept batch {bid[:16]} within "
+                        f"{self._unavailable_window:g} s: {exc}; nothing in it was acknowledged"
+                    ) from exc
+                log.warning(
+                    "log unavailable, retrying batch",
+                    extra={"batch": bid[:16], "error": str(exc)},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _results_for(self, hashes: Sequence[bytes]) -> list[AppendResult]:
+        assert self.latest is not None
+        out = []
+        for h in hashes:
+            idx = self.tree.index_of(h)
+            if idx is None or idx >= self.size:
+                raise LedgerError("re-appended batch not found in the tree")
+            out.append(
+                AppendResult(
+                    index=idx,
+                    tree_size=self.size,
+                    root=self.tree.root(self.size),
+                    checkpoint=self.latest,
+                )
+            )
+        return out
+
+    async def _follow_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self._log.last_seq() > self.applied_seq:
+                    await self.catch_up()
+            except Exception:
+                log.exception("ledger follower could not catch up")
+
+    # ---- proofs ----------------------------------------------------------------------------
+
+    def inclusion_proof(self, index: int, tree_size: int | None = None) -> list[bytes]:
+        """RFC 9162 inclusion proof of leaf ``index`` in the tree of ``tree_size`` (default: now).
+
+        Raises LedgerError when the index or size is out of range.
+        """
+        size = self.size if tree_size is None else tree_size
+        if not 0 <= index < size <= self.size:
+            raise LedgerError(f"no leaf {index} in a tree of size {size} (ledger size {self.size})")
+        return self.tree.inclusion_proof(index, size)
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        """RFC 9162 consistency proof between two committed sizes. Raises LedgerError."""
+        if not 0 < first <= second <= self.size:
+            raise LedgerError(f"no consistency proof from {first} to {second} (size {self.size})")
+        return self.tree.consistency_proof(first, second)
+
+    # ---- checkpoints and trust -------------------------------------------------------------
+
+    def batch_sizes(self) -> list[int]:
+        """Tree sizes at which a batch (and so a writer-signed checkpoint) ends. Raises nothing."""
+        return list(self._size_seq)
+
+    async def checkpoint_at(self, size: int) -> SignedCheckpoint | None:
+        """The writer-signed checkpoint of the batch ending at tree ``size``, read back from the
+        log, or None when no batch ends there. Raises BackendError when the log fails."""
+        seq = self._size_seq.get(size)
+        if seq is None:
+            return None
+        if self.latest is not None and self.latest.checkpoint.size == size:
+            return self.latest
+        async for entry in self._log.read(seq):
+            return SignedCheckpoint.from_bytes(decode_batch(entry.data, seq=entry.seq).checkpoint)
+        return None
+
+    async def ensure_trust_anchored(self, trusted: TrustedKeys, *, source: str) -> int | None:
+        """Append a ``key`` leaf of action ``trust`` carrying ``trusted.digest()`` unless a leaf
+        already anchors that digest; return the new leaf's index, or None when already anchored.
+
+        Raises LedgerUnavailableError (or the log's BackendError) when the append fails.
+        """
+        digest = trusted.digest().hex()
+        if digest in self.trust_anchors:
+            return None
+        leaf = encode_leaf(
+            "key",
+            {
+                "action": "trust",
+                "sha256": digest,
+                "source": source,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock())),
+            },
+        )
+        (result,) = await self.append([leaf])
+        return result.index

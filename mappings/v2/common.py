@@ -1,0 +1,502 @@
+"""Shared pieces of the HL7 v2 -> FHIR converters: options, result, the per-message
+context (stable ids, locations on errors, code translation) and the segments every family
+uses (MSH -> Organization, PID -> Patient, PV1 -> Encounter, NTE -> Annotation).
+
+Raises :class:`mappings.errors.MessageContentError` for missing patient identifiers (101),
+malformed values (102) and, under the ``strict_codes`` policy, unmapped local codes (103);
+every error carries the segment, occurrence and field where it was found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from mappings.errors import MappingError, MessageContentError
+from mappings.terminology import Terminology
+from mappings.v2 import datatypes as dt
+from mappings.v2.parse import ParsedMessage, Rep, Segment, comp
+
+__all__ = [
+    "Context",
+    "ConversionOptions",
+    "ConversionResult",
+    "JsonDict",
+    "stable_id",
+]
+
+JsonDict = dict[str, Any]
+T = TypeVar("T")
+
+V2_TABLE = "http://terminology.hl7.org/CodeSystem/v2-{}"
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+
+_CLASS: dict[str, tuple[str, str]] = {
+    "E": ("EMER", "emergency"),
+    "I": ("IMP", "inpatient encounter"),
+    "B": ("IMP", "inpatient encounter"),
+    "O": ("AMB", "ambulatory"),
+    "R": ("AMB", "ambulatory"),
+    "P": ("PRENC", "pre-admission"),
+}
+
+
+@dataclass(frozen=True)
+class ConversionOptions:
+    """What a conversion needs besides the message (no settings globals).
+
+    ``default_tz``: IANA zone applied to times sent without a UTC offset.
+    ``master_id_system``: system URI (or assigning-authority namespace) of the alliance's
+    master patient identifier. ``institution``: this gateway's institution (part of every
+    resource id, and the facility of DICOM input). ``imaging_endpoint_base``: DICOMweb base
+    URL for ImagingStudy endpoints. ``authority_systems``: assigning authority namespace or
+    universal id -> system URI. ``strict_codes``: reject local clinical codes the dictionary
+    cannot map (103) instead of keeping them as sent. ``id_secret``: when set, resource ids
+    are HMAC-SHA256 instead of SHA-256 of their source identifiers.
+    """
+
+    default_tz: str = "Asia/Shanghai"
+    master_id_system: str | None = None
+    institution: str = "local"
+    imaging_endpoint_base: str | None = None
+    terminology: Terminology = field(default_factory=Terminology.empty)
+    authority_systems: Mapping[str, str] = field(default_factory=dict)
+    strict_codes: bool = False
+    id_secret: bytes | None = None
+
+
+@dataclass
+class ConversionResult:
+    """Resources produced from one message, plus what the pipeline needs to pseudonymise."""
+
+    resources: list[JsonDict]
+    patient_identifiers: list[tuple[str, str]]
+    master_identifier: tuple[str, str] | None
+    message_type: str
+
+
+def stable_id(options: ConversionOptions, resource_type: str, *parts: str) -> str:
+    """A FHIR id (32 hex digits) derived from the institution and source identifiers."""
+    data = "\x1f".join((options.institution, resource_type, *parts)).encode()
+    if options.id_secret is not None:
+        return hmac.new(options.id_secret, data, hashlib.sha256).hexdigest()[:32]
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def patient_key(
+    identifiers: list[JsonDict], master: tuple[str, str] | None
+) -> tuple[str, str] | None:
+    """The identifier a Patient id derives from: first MR, else first, else the master."""
+    for ident in identifiers:
+        codes = [c.get("code") for c in ident.get("type", {}).get("coding", [])]
+        if "MR" in codes:
+            return ident["system"], ident["value"]
+    if identifiers:
+        return identifiers[0]["system"], identifiers[0]["value"]
+    return master
+
+
+class Context:
+    """State of one conversion: message, options, produced resources and references."""
+
+    def __init__(self, msg: ParsedMessage, options: ConversionOptions) -> None:
+        self.msg = msg
+        self.options = options
+        self.tz = options.default_tz
+        self.term = options.terminology
+        self.systems = options.authority_systems
+        self.facility = msg.sending_facility_id or msg.msh.text(3)
+        if not self.facility:
+            raise MessageContentError(
+                "sending facility (MSH-4) is empty", segment="MSH", segment_index=1, field=4
+            )
+        self.resources: list[JsonDict] = []
+        self.patient_ref: str | None = None
+        self.encounter_ref: str | None = None
+        self.organization_ref: str | None = None
+        self.patient_identifiers: list[tuple[str, str]] = []
+        self.master: tuple[str, str] | None = None
+
+    # ------------------------------------------------------------ helpers
+
+    def id(self, resource_type: str, *parts: str) -> str:
+        """Stable id of a resource of this facility."""
+        return stable_id(self.options, resource_type, self.facility, *parts)
+
+    def add(self, resource: JsonDict) -> str:
+        """Append a resource (replacing one with the same id); return its reference."""
+        ref = f"{resource['resourceType']}/{resource['id']}"
+        for i, existing in enumerate(self.resources):
+            if existing["resourceType"] == resource["resourceType"] and (
+                existing["id"] == resource["id"]
+            ):
+                self.resources[i] = resource
+                return ref
+        self.resources.append(resource)
+        return ref
+
+    @staticmethod
+    def at(seg: Segment, n: int, fn: Callable[[], T]) -> T:
+        """Run ``fn``, locating any MappingError it raises at ``seg``-``n``."""
+        try:
+            return fn()
+        except MappingError as exc:
+            raise exc.locate(seg.name, seg.index, n) from exc.__cause__
+
+    def require(self, seg: Segment, n: int, what: str) -> str:
+        """The text of a required field; MessageContentError (101) when absent."""
+        value = seg.text(n)
+        if not value:
+            raise MessageContentError(
+                f"required field {what} is missing",
+                segment=seg.name,
+                segment_index=seg.index,
+                field=n,
+            )
+        return value
+
+    def datetime(self, seg: Segment, n: int, component: int = 1) -> str | None:
+        """Field ``n`` (DTM/TS, component) -> FHIR dateTime, or ``None`` when absent."""
+        value = seg.text(n, component)
+        if not value:
+            return None
+        return self.at(seg, n, lambda: dt.to_datetime(value, default_tz=self.tz))
+
+    def instant(self, seg: Segment, n: int, component: int = 1) -> str | None:
+        """Field ``n`` -> FHIR instant, or ``None`` when absent or without a time."""
+        value = seg.text(n, component)
+        if not value:
+            return None
+        return self.at(seg, n, lambda: dt.to_instant(value, default_tz=self.tz))
+
+    def date(self, seg: Segment, n: int) -> str | None:
+        """Field ``n`` -> FHIR date, or ``None`` when absent."""
+        value = seg.text(n)
+        if not value:
+            return None
+        return self.at(seg, n, lambda: dt.to_date(value))
+
+    def concept(
+        self, seg: Segment, n: int, rep: Rep | None = None, *, clinical: bool = False
+    ) -> JsonDict | None:
+        """CWE/CE field -> CodeableConcept with the original coding first, then the
+        dictionary's standard codings; ``clinical`` codes obey the ``strict_codes`` policy.
+
+        Raises MessageContentError (103) under ``strict_codes`` for an unmapped local code.
+        """
+        if rep is None:
+            rep = seg.rep(n)
+        if rep is None:
+            return None
+        codings = dt.cwe_codings(rep, facility=self.facility, aliases=self.term.aliases)
+        out: JsonDict = {}
+        if codings:
+            extra: list[JsonDict] = []
+            for coding in codings:
+                for mapped in self.term.translate(coding["system"], coding["code"]):
+                    if mapped not in codings and mapped not in extra:
+                        extra.append(mapped)
+                if "display" not in coding:
+                    display = self.term.display(coding["system"], coding["code"])
+                    if display:
+                        coding["display"] = display
+            if clinical and self.options.strict_codes and not extra:
+                standard = set(dt.CODING_SYSTEMS.values())
+                if not any(c["system"] in standard for c in codings):
+                    raise MessageContentError(
+                        "local code has no mapping in the unified dictionary",
+                        hl7_code="103",
+                        segment=seg.name,
+                        segment_index=seg.index,
+                        field=n,
+                    )
+            out["coding"] = codings + extra
+        text = comp(rep, 9) or comp(rep, 2)
+        if text:
+            out["text"] = text
+        return out or None
+
+    def table_concept(self, seg: Segment, n: int, table: str) -> JsonDict | None:
+        """An IS/ID field of an HL7 table -> CodeableConcept in that v2 table's system."""
+        code = seg.text(n)
+        if not code:
+            return None
+        return {"coding": [{"system": V2_TABLE.format(table), "code": code}]}
+
+    def practitioner(self, seg: Segment, n: int) -> JsonDict | None:
+        """XCN field -> logical Reference (identifier + display)."""
+        return dt.xcn_reference(seg.rep(n), facility=self.facility, systems=self.systems)
+
+    def notes(self, segments: list[Segment]) -> list[JsonDict]:
+        """NTE segments -> Annotations (NTE-3 repetitions joined by line breaks)."""
+        out = []
+        for nte in segments:
+            text = "\n".join(comp(r, 1) for r in nte.reps(3))
+            if text:
+                out.append({"text": text})
+        return out
+
+    # ------------------------------------------------------------ common segments
+
+    def organization(self) -> str:
+        """MSH-4 -> Organization of the sending facility; returns its reference."""
+        msh = self.msg.msh
+        oid = msh.text(4, 2)
+        ident: JsonDict = (
+            {"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{oid}"}
+            if oid and msh.text(4, 3).upper() in ("ISO", "")
+            else {"system": "urn:alliance:facility", "value": self.facility}
+        )
+        org: JsonDict = {
+            "resourceType": "Organization",
+            "id": self.id("Organization"),
+            "identifier": [ident],
+            "active": True,
+            "name": msh.text(4, 1) or self.facility,
+        }
+        self.organization_ref = self.add(org)
+        return self.organization_ref
+
+    def patient(self, pid: Segment | None) -> str:
+        """PID -> Patient (all identifiers, names, telecom, address ...); returns its reference.
+
+        Raises MessageContentError: no PID or no patient identifier (101), bad values (102).
+        """
+        if pid is None:
+            raise MessageContentError("PID segment is missing", segment="PID")
+        identifiers: list[JsonDict] = []
+        for n in (3, 2, 4):
+            for rep in pid.reps(n):
+                ident = self.at(
+                    pid,
+                    n,
+                    lambda rep=rep: dt.identifier(  # type: ignore[misc]
+                        rep, facility=self.facility, systems=self.systems
+                    ),
+                )
+                if ident is not None and ident not in identifiers:
+                    identifiers.append(ident)
+        if not identifiers:
+            raise MessageContentError(
+                "no patient identifier in PID-3",
+                segment="PID",
+                segment_index=pid.index,
+                field=3,
+            )
+        master_system = self.options.master_id_system
+        for ident in identifiers:
+            pair = (ident["system"], ident["value"])
+            self.patient_identifiers.append(pair)
+            if (
+                master_system
+                and self.master is None
+                and (
+                    ident["system"] == master_system
+                    or ident.get("assigner", {}).get("display") == master_system
+                )
+            ):
+                self.master = pair
+                ident["use"] = "official"
+        key = patient_key(identifiers, self.master)
+        assert key is not None
+        patient: JsonDict = {
+            "resourceType": "Patient",
+            "id": stable_id(self.options, "Patient", *key),
+            "identifier": identifiers,
+        }
+        names = [h for n in (5, 9) for r in pid.reps(n) if (h := dt.human_name(r))]
+        if names:
+            patient["name"] = names
+        telecom = [c for n in (13, 14) for r in pid.reps(n) if (c := dt.contact_point(r))]
+        if telecom:
+            patient["telecom"] = telecom
+        gender = pid.text(8).upper()
+        if gender:
+            patient["gender"] = {"M": "male", "F": "female", "O": "other", "A": "other"}.get(
+                gender, "unknown"
+            )
+        birth = self.date(pid, 7)
+        if birth:
+            patient["birthDate"] = birth
+            if len(pid.text(7)) > 8:
+                birth_time = self.datetime(pid, 7)
+                patient["_birthDate"] = {
+                    "extension": [
+                        {
+                            "url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime",
+                            "valueDateTime": birth_time,
+                        }
+                    ]
+                }
+        death = self.datetime(pid, 29)
+        if death:
+            patient["deceasedDateTime"] = death
+        elif pid.text(30).upper() in ("Y", "N"):
+            patient["deceasedBoolean"] = pid.text(30).upper() == "Y"
+        addresses = [a for r in pid.reps(11) if (a := dt.address(r))]
+        if addresses:
+            patient["address"] = addresses
+        marital = self.table_concept(pid, 16, "0002")
+        if marital:
+            patient["maritalStatus"] = marital
+        language = self.concept(pid, 15)
+        if language:
+            patient["communication"] = [{"language": language}]
+        contacts = self._contacts()
+        if contacts:
+            patient["contact"] = contacts
+        if self.organization_ref:
+            patient["managingOrganization"] = {"reference": self.organization_ref}
+        self.patient_ref = self.add(patient)
+        return self.patient_ref
+
+    def _contacts(self) -> list[JsonDict]:
+        out: list[JsonDict] = []
+        for nk1 in self.msg.all("NK1"):
+            contact: JsonDict = {}
+            relationship = self.concept(nk1, 3)
+            if relationship:
+                contact["relationship"] = [relationship]
+            name = next((h for r in nk1.reps(2) if (h := dt.human_name(r))), None)
+            if name:
+                contact["name"] = name
+            telecom = [c for n in (5, 6) for r in nk1.reps(n) if (c := dt.contact_point(r))]
+            if telecom:
+                contact["telecom"] = telecom
+            addr = next((a for r in nk1.reps(4) if (a := dt.address(r))), None)
+            if addr:
+                contact["address"] = addr
+            if contact:
+                out.append(contact)
+        return out
+
+    def encounter(self, pv1: Segment | None, *, status: str | None = None) -> str | None:
+        """PV1 -> Encounter (none for a missing PV1 or patient class ``N``); its reference.
+
+        ``status`` overrides the status derived from admit/discharge times.
+        """
+        if pv1 is None or pv1.text(2).upper() == "N":
+            return None
+        assert self.patient_ref is not None
+        visit = pv1.rep(19)
+        visit_id = (
+            self.at(
+                pv1,
+                19,
+                lambda: dt.identifier(
+                    visit, facility=self.facility, systems=self.systems, kind="visit"
+                ),
+            )
+            if visit
+            else None
+        )
+        admit = self.datetime(pv1, 44)
+        discharge = self.datetime(pv1, 45)
+        if visit_id is not None:
+            eid = self.id("Encounter", visit_id["system"], visit_id["value"])
+        elif admit:
+            eid = self.id("Encounter", self.patient_ref, pv1.text(44))
+        else:
+            eid = self.id("Encounter", self.patient_ref, "control", self.msg.control_id)
+        code, display = _CLASS.get(pv1.text(2).upper(), ("", ""))
+        klass: JsonDict = (
+            {"system": ACT_CODE, "code": code, "display": display}
+            if code
+            else {
+                "system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor",
+                "code": "UNK",
+                "display": "unknown",
+            }
+        )
+        if status is None:
+            status = "finished" if discharge else ("in-progress" if admit else "unknown")
+        enc: JsonDict = {"resourceType": "Encounter", "id": eid}
+        if visit_id is not None:
+            enc["identifier"] = [visit_id]
+        enc["status"] = status
+        enc["class"] = klass
+        service = self.table_concept(pv1, 10, "0069")
+        if service:
+            enc["serviceType"] = service
+        enc["subject"] = {"reference": self.patient_ref}
+        participants = []
+        for n, code_ in ((7, "ATND"), (8, "REF"), (9, "CON"), (17, "ADM")):
+            for rep in pv1.reps(n):
+                individual = dt.xcn_reference(rep, facility=self.facility, systems=self.systems)
+                if individual:
+                    participants.append(
+                        {
+                            "type": [
+                                {
+                                    "coding": [
+                                        {
+                                            "system": "http://terminology.hl7.org/CodeSystem/"
+                                            "v3-ParticipationType",
+                                            "code": code_,
+                                        }
+                                    ]
+                                }
+                            ],
+                            "individual": individual,
+                        }
+                    )
+        if participants:
+            enc["participant"] = participants
+        if admit or discharge:
+            period: JsonDict = {}
+            if admit:
+                period["start"] = admit
+            if discharge:
+                period["end"] = discharge
+            enc["period"] = period
+        hospitalization: JsonDict = {}
+        admit_source = self.table_concept(pv1, 14, "0023")
+        if admit_source:
+            hospitalization["admitSource"] = admit_source
+        disposition = self.table_concept(pv1, 36, "0112")
+        if disposition:
+            hospitalization["dischargeDisposition"] = disposition
+        if hospitalization:
+            enc["hospitalization"] = hospitalization
+        location = pv1.rep(3)
+        if location:
+            parts = [comp(location, i) for i in (4, 1, 2, 3)]
+            display = " / ".join(p for p in parts if p)
+            if display:
+                enc["location"] = [{"location": {"display": display}}]
+        if self.organization_ref:
+            enc["serviceProvider"] = {"reference": self.organization_ref}
+        self.encounter_ref = self.add(enc)
+        return self.encounter_ref
+
+    def subject(self, resource: JsonDict, *, encounter_key: str = "encounter") -> None:
+        """Set ``subject`` (and the encounter reference, if any) on a resource."""
+        assert self.patient_ref is not None
+        resource["subject"] = {"reference": self.patient_ref}
+        if self.encounter_ref and encounter_key:
+            resource[encounter_key] = {"reference": self.encounter_ref}
+
+    def result(self) -> ConversionResult:
+        """The ConversionResult of this context."""
+        return ConversionResult(
+            resources=self.resources,
+            patient_identifiers=self.patient_identifiers,
+            master_identifier=self.master,
+            message_type=self.msg.message_type,
+        )
+
+
+def group_after(
+    msg: ParsedMessage, anchor: Segment, names: set[str], stop: set[str]
+) -> list[Segment]:
+    """Segments named ``names`` following ``anchor`` until one named in ``stop``."""
+    out = []
+    for seg in msg.segments[anchor.position :]:
+        if seg.name in stop:
+            break
+        if seg.name in names:
+            out.append(seg)
+    return out

@@ -1,0 +1,136 @@
+"""Leaf kinds: canonical encoding, field whitelist and shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from ledger.errors import LeafFormatError
+from ledger.leaves import KINDS, decode_leaf, encode_leaf
+
+HEX = "ab" * 32
+T = "2026-11-28T19:41:38Z"
+
+GOOD: dict[str, dict[str, Any]] = {
+    "record": {
+        "record": "3f2a9c",
+        "version": 1,
+        "cid": "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
+        "sha256": HEX,
+        "patient": HEX,
+        "type": "Observation",
+        "source": "hosp-a",
+        "dictionary": "2026.1",
+        "time": T,
+    },
+    "consent": {
+        "consent": "c-1",
+        "version": 2,
+        "action": "revoke",
+        "sha256": HEX,
+        "patient": HEX,
+        "source": "hosp-a",
+        "time": T,
+    },
+    "access": {
+        "actor": "hosp-b/practitioner/77",
+        "institution": "hosp-b",
+        "patient": HEX,
+        "records": ["3f2a9c", "8d1e"],
+        "purpose": "ETREAT",
+        "decision": "permit",
+        "consent": None,
+        "emergency": True,
+        "reason": HEX,
+        "source": "hosp-a",
+        "time": "2026-11-28T19:41:38.123Z",
+    },
+    "key": {"action": "erasure", "key_id": "kek-9", "patient": HEX, "source": "a", "time": T},
+    "dictionary": {"version": "2026.2", "sha256": HEX, "source": "hosp-a", "time": T},
+}
+
+
+def test_all_kinds_covered() -> None:
+    assert set(GOOD) == set(KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(GOOD))
+def test_roundtrip_canonical(kind: str) -> None:
+    data = encode_leaf(kind, GOOD[kind])
+    obj = decode_leaf(data)
+    assert obj == {"v": 1, "kind": kind, **GOOD[kind]}
+    # RFC 8785: sorted keys, no whitespace
+    keys = list(json.loads(data))
+    assert keys == sorted(keys)
+    assert b" " not in data and b"\n" not in data
+
+
+def test_non_canonical_rejected() -> None:
+    data = encode_leaf("record", GOOD["record"])
+    pretty = json.dumps(json.loads(data), indent=2).encode()
+    with pytest.raises(LeafFormatError, match="canonical"):
+        decode_leaf(pretty)
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "field"),
+    [
+        ("record", {"name": "Jane Doe"}, "name"),
+        ("record", {"patient": "Jane Doe"}, "patient"),
+        ("record", {"patient": "AB" * 32}, "patient"),
+        ("record", {"birthDate": "1980-01-01"}, "birthDate"),
+        ("record", {"version": 0}, "version"),
+        ("record", {"version": True}, "version"),
+        ("record", {"version": "1"}, "version"),
+        ("record", {"time": "2026-11-28 19:41:38"}, "time"),
+        ("record", {"time": "2026-13-28T19:41:38Z"}, "time"),
+        ("record", {"time": "2026-11-28T19:41:38+01:00"}, "time"),
+        ("record", {"record": "has space"}, "record"),
+        ("record", {"type": "observation"}, "type"),
+        ("record", {"cid": "Qm123"}, "cid"),
+        ("access", {"purpose": "MARKETING"}, "purpose"),
+        ("access", {"decision": "maybe"}, "decision"),
+        ("access", {"records": []}, "records"),
+        ("access", {"reason": "patient unconscious"}, "reason"),
+        ("key", {"new_key_id": "k2"}, "new_key_id"),
+    ],
+)
+def test_bad_fields_rejected(kind: str, change: dict[str, Any], field: str) -> None:
+    fields = {**GOOD[kind], **change}
+    with pytest.raises(LeafFormatError) as exc:
+        encode_leaf(kind, fields)
+    assert exc.value.field == field
+    assert exc.value.kind == kind
+
+
+def test_missing_and_conditional_fields() -> None:
+    rec = dict(GOOD["record"])
+    del rec["cid"]
+    with pytest.raises(LeafFormatError, match="missing field 'cid'"):
+        encode_leaf("record", rec)
+    acc = {k: v for k, v in GOOD["access"].items() if k != "records"}
+    with pytest.raises(LeafFormatError, match="records or query"):
+        encode_leaf("access", acc)
+    acc2 = {k: v for k, v in GOOD["access"].items() if k != "reason"}
+    with pytest.raises(LeafFormatError, match="reason"):
+        encode_leaf("access", acc2)
+    with pytest.raises(LeafFormatError, match="needs 'new_key_id'"):
+        encode_leaf("key", {"action": "rotation", "key_id": "k", "source": "a", "time": T})
+    assert (
+        decode_leaf(
+            encode_leaf("key", {"action": "trust", "sha256": HEX, "source": "a", "time": T})
+        )["action"]
+        == "trust"
+    )
+
+
+def test_unknown_kind_and_bad_bytes() -> None:
+    with pytest.raises(LeafFormatError):
+        encode_leaf("patient", {})
+    with pytest.raises(LeafFormatError):
+        encode_leaf("record", {**GOOD["record"], "kind": "consent"})
+    for raw in (b"", b"[]", b"{}", b'{"v":2,"kind":"record"}', b"\xff\xfe"):
+        with pytest.raises(LeafFormatError):
+            decode_leaf(raw)

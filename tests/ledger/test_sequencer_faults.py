@@ -1,0 +1,75 @@
+"""The ledger's writer under log failures: lost acknowledgements, outages, give-up.
+
+Uses the in-memory log of test_sequencer (LogBackend semantics) with injected failures; the
+same scenarios against a real 3-node JetStream cluster are in tests/services/test_ledger_faults.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import BackendError
+from ledger.sequencer import LedgerUnavailableError
+from tests.ledger.test_sequencer import MemoryLog, make
+
+
+class FlakyLog(MemoryLog):
+    """Fails the next ``fail`` appends; with ``land`` the failed append is stored anyway (an
+    acknowledgement lost on the way back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = 0
+        self.land = False
+        self.calls = 0
+
+    async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
+        self.calls += 1
+        if self.fail:
+            self.fail -= 1
+            if self.land:
+                await super().append(data, expected_last_seq=expected_last_seq, msg_id=msg_id)
+            raise BackendError("leader lost", backend="flaky")
+        return await super().append(data, expected_last_seq=expected_last_seq, msg_id=msg_id)
+
+
+async def test_outage_shorter_than_the_window_is_absorbed() -> None:
+    log = FlakyLog()
+    ledger = make(log, unavailable_window=5.0)
+    await ledger.start(follow_interval=None)
+    log.fail = 3
+    (res,) = await ledger.append([b"a"])
+    assert res.index == 0 and len(log.messages) == 1 and log.calls == 4
+    await ledger.stop()
+
+
+async def test_lost_acknowledgement_does_not_duplicate_the_batch() -> None:
+    log = FlakyLog()
+    ledger = make(log, unavailable_window=5.0)
+    await ledger.start(follow_interval=None)
+    log.fail, log.land = 1, True
+    (res,) = await ledger.append([b"once"])
+    assert res.index == 0
+    assert len(log.messages) == 1, "the retried batch was appended twice"
+    (nxt,) = await ledger.append([b"next"])
+    assert nxt.index == 1 and ledger.size == 2
+    replay = make(log)
+    await replay.catch_up()
+    assert replay.size == 2 and replay.tree.root() == ledger.tree.root()
+    await ledger.stop()
+
+
+async def test_long_outage_fails_clearly_and_nothing_is_half_applied() -> None:
+    log = FlakyLog()
+    ledger = make(log, unavailable_window=0.3)
+    await ledger.start(follow_interval=None)
+    await ledger.append([b"before"])
+    log.fail = 10**6
+    with pytest.raises(LedgerUnavailableError, match="did not accept batch") as info:
+        await ledger.append([b"lost"])
+    assert "nothing in it was acknowledged" in str(info.value)
+    assert ledger.size == 1 and ledger.tree.size == 1
+    log.fail = 0
+    (res,) = await ledger.append([b"after"])
+    assert res.index == 1 and ledger.size == 2
+    await ledger.stop()
