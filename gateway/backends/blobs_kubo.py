@@ -1,0 +1,91 @@
+"""Production blob store: Kubo (IPFS) over its RPC API, called directly with httpx.
+
+``put_many`` sends every block of a batch in ONE multipart ``block/put`` call
+(``cid-codec=raw&mhtype=sha2-256&pin=true``): each block becomes its own CIDv1 and its own pin.
+Kubo answers one JSON object per block; every returned CID is checked against the CID computed
+locally, so a block stored under another hash is never acknowledged. Reads use ``block/get``
+with ``offline=true`` so a missing block fails at once instead of searching the network.
+Raises BackendError (backend "kubo"), BlobNotFoundError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import httpx
+
+from gateway.backends.cid import cid_v1_raw
+from gateway.errors import BackendError, BlobNotFoundError
+
+NAME = "kubo"
+
+
+class KuboBlobStore:
+    """Blocks in a Kubo node."""
+
+    name = NAME
+
+    def __init__(
+        self, *, base_url: str, timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=f"{self.base_url}/api/v0", timeout=timeout, transport=transport,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+        )
+
+    async def _post(self, path: str, **kwargs: object) -> httpx.Response:
+        try:
+            response = await self._client.post(path, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{path}: {type(exc).__name__}: {exc}", backend=NAME) from exc
+        return response
+
+    async def put_many(self, blocks: Sequence[bytes]) -> list[str]:
+        """Store and pin all blocks in one call; return their CIDs. Raises BackendError."""
+        if not blocks:
+            return []
+        expected = [cid_v1_raw(b) for b in blocks]
+        files = [("file", (f"b{i}", b, "application/octet-stream")) for i, b in enumerate(blocks)]
+        r = await self._post(
+            "/block/put", params={"cid-codec": "raw", "mhtype": "sha2-256", "pin": "true"},
+            files=files,
+        )
+        if r.status_code != 200:
+            raise BackendError(f"block/put answered {r.status_code}: {r.text[:200]}", backend=NAME)
+        try:
+            got = [json.loads(line)["Key"] for line in r.text.splitlines() if line.strip()]
+        except (ValueError, KeyError) as exc:
+            raise BackendError("block/put answered something unexpected", backend=NAME) from exc
+        if got != expected:
+            raise BackendError(
+                f"block/put returned {len(got)} CIDs that do not match the {len(expected)} "
+                "computed locally", backend=NAME,
+            )
+        return expected
+
+    async def get(self, cid: str) -> bytes:
+        """The block's bytes. Raises BlobNotFoundError, BackendError."""
+        r = await self._post("/block/get", params={"arg": cid, "offline": "true"})
+        if r.status_code == 200:
+            return r.content
+        text = r.text
+        if "not found" in text or "could not find" in text or "invalid" in text.lower():
+            raise BlobNotFoundError(cid, backend=NAME)
+        raise BackendError(f"block/get {cid} answered {r.status_code}: {text[:200]}", backend=NAME)
+
+    async def is_pinned(self, cid: str) -> bool:
+        """Whether the block is pinned. Raises BackendError."""
+        r = await self._post("/pin/ls", params={"arg": cid, "type": "recursive"})
+        return r.status_code == 200 and cid in r.text
+
+    async def ping(self) -> None:
+        """Raise BackendError unless Kubo answers ``id``."""
+        r = await self._post("/id")
+        if r.status_code != 200:
+            raise BackendError(f"id answered {r.status_code}", backend=NAME)
+
+    async def close(self) -> None:
+        """Close the HTTP client."""
+        await self._client.aclose()

@@ -1,0 +1,108 @@
+"""Production key store in Redis, shared by every gateway worker of an institution.
+
+KEKs are stored only wrapped by the master key (AES-256-GCM, associated data: KEK id); Redis is
+run with ``appendonly yes`` and ``appendfsync always`` so a reply means the write is on disk.
+Two workers creating a patient's KEK at once agree through ``SET NX`` on the owner key.
+Destroying a KEK deletes its wrapped copy (crypto-shredding) and leaves a tombstone.
+Raises BackendError (backend "redis-keys"), KeyDestroyedError, KeyNotFoundError.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.backends.keys_file import unwrap_kek, wrap_kek
+from gateway.backends.protocols import WrappedKey
+from gateway.errors import BackendError, KeyDestroyedError, KeyNotFoundError
+
+NAME = "redis-keys"
+
+
+class RedisKeyStore:
+    """KEKs and wrapped data keys in Redis."""
+
+    name = NAME
+
+    def __init__(self, *, url: str, prefix: str, master_key: bytes, timeout: float = 5.0) -> None:
+        self.prefix = prefix + "keys:"
+        self._master = master_key
+        self._r: aioredis.Redis = aioredis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+
+    async def _call(self, what: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"{what}: {type(exc).__name__}: {exc}", backend=NAME) from exc
+
+    async def kek_for(self, pseudonym: str) -> tuple[str, bytes]:
+        """(kek id, KEK) of the patient, created durably on first use."""
+        owner_key = f"{self.prefix}owner:{pseudonym}"
+        existing = await self._call("get", self._r.get(owner_key))
+        if existing is not None:
+            kid = existing.decode()
+            return kid, await self.kek_by_id(kid)
+        kid = secrets.token_hex(16)
+        kek = secrets.token_bytes(32)
+        await self._call("set", self._r.set(f"{self.prefix}kek:{kid}", wrap_kek(self._master, kid, kek)))
+        if await self._call("setnx", self._r.set(owner_key, kid, nx=True)):
+            return kid, kek
+        await self._call("del", self._r.delete(f"{self.prefix}kek:{kid}"))
+        winner = (await self._call("get", self._r.get(owner_key))).decode()
+        return winner, await self.kek_by_id(winner)
+
+    async def kek_by_id(self, kek_id: str) -> bytes:
+        """The KEK. Raises KeyDestroyedError, KeyNotFoundError."""
+        wrapped, destroyed = await self._call(
+            "mget", self._r.mget(f"{self.prefix}kek:{kek_id}", f"{self.prefix}destroyed:{kek_id}")
+        )
+        if destroyed is not None:
+            raise KeyDestroyedError(kek_id)
+        if wrapped is None:
+            raise KeyNotFoundError(kek_id)
+        return unwrap_kek(self._master, kek_id, bytes(wrapped), backend=NAME)
+
+    async def put_wrapped_keys(self, keys: Sequence[WrappedKey]) -> None:
+        """Store wrapped data keys in one MSET."""
+        if not keys:
+            return
+        mapping = {
+            f"{self.prefix}dk:{k.record_id}": json.dumps({"kek": k.kek_id, "w": k.wrapped.hex()})
+            for k in keys
+        }
+        await self._call("mset", self._r.mset(mapping))
+
+    async def get_wrapped_key(self, record_id: str) -> WrappedKey:
+        """Raises KeyNotFoundError."""
+        raw = await self._call("get", self._r.get(f"{self.prefix}dk:{record_id}"))
+        if raw is None:
+            raise KeyNotFoundError(record_id)
+        obj = json.loads(raw)
+        return WrappedKey(record_id, obj["kek"], bytes.fromhex(obj["w"]))
+
+    async def destroy_kek(self, pseudonym: str) -> str:
+        """Crypto-shred the patient's KEK; returns its id."""
+        kid_raw = await self._call("get", self._r.get(f"{self.prefix}owner:{pseudonym}"))
+        if kid_raw is None:
+            raise KeyNotFoundError(f"patient key of {pseudonym[:12]}")
+        kid = kid_raw.decode()
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(f"{self.prefix}destroyed:{kid}", b"1")
+        pipe.delete(f"{self.prefix}kek:{kid}")
+        await self._call("destroy", pipe.execute())
+        return str(kid)
+
+    async def ping(self) -> None:
+        """PING."""
+        await self._call("ping", self._r.ping())
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self._r.aclose()

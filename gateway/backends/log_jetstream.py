@@ -1,0 +1,204 @@
+"""Production log: a NATS JetStream stream, replicated by Raft across the cluster.
+
+The stream is file-backed with ``num_replicas`` (3) replicas, ``deny_delete`` and ``deny_purge``;
+the servers run with ``jetstream { sync_interval: always }`` so a publish acknowledgement means
+the message is fsynced on a quorum. Appends carry ``Nats-Expected-Last-Sequence`` (exactly one
+writer wins each position) and ``Nats-Msg-Id`` (a retried append inside the duplicate window
+returns the original sequence). A publish that times out (a leader election, a lost
+connection) is retried with the same message id until ``timeout`` has passed, which is safe
+because of that de-duplication. Raises LogConflictError, BackendError (backend "jetstream").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import ConnectionClosedError, NoServersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+
+from gateway.backends.protocols import LogEntry
+from gateway.errors import BackendError, LogConflictError
+
+NAME = "jetstream"
+WRONG_LAST_SEQUENCE = 10071
+DUPLICATE_WINDOW_S = 120.0
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+_TRANSIENT = (NatsTimeoutError, NoStreamResponseError, ServiceUnavailableError, ConnectionClosedError,
+              asyncio.TimeoutError)
+
+
+class JetStreamLog:
+    """The ledger's log as a JetStream stream."""
+
+    name = NAME
+
+    def __init__(
+        self, *, servers: list[str], stream: str = "ALLIANCE_LEDGER", replicas: int = 3,
+        timeout: float = 10.0,
+    ) -> None:
+        self.servers = servers
+        self.stream = stream
+        self.subject = f"alliance.ledger.{stream.lower()}"
+        self.replicas = replicas
+        self.timeout = timeout
+        self._nc: NATS | None = None
+        self._ready = False
+        self._connect_lock = asyncio.Lock()
+
+    async def _js(self) -> nats.js.JetStreamContext:
+        async with self._connect_lock:
+            if self._nc is None or self._nc.is_closed:
+                try:
+                    self._nc = await nats.connect(
+                        servers=self.servers, connect_timeout=2, max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.25, allow_reconnect=True, name="alliance-gateway",
+                    )
+                except (NoServersError, OSError, NatsTimeoutError) as exc:
+                    raise BackendError(f"cannot connect to {self.servers}: {exc}",
+                                       backend=NAME) from exc
+            js = self._nc.jetstream(timeout=min(self.timeout, 5.0))
+            if not self._ready:
+                await self._ensure_stream(js)
+                self._ready = True
+            return js
+
+    def config(self) -> StreamConfig:
+        """The stream's configuration."""
+        return StreamConfig(
+            name=self.stream, subjects=[self.subject], storage=StorageType.FILE,
+            num_replicas=self.replicas, deny_delete=True, deny_purge=True,
+            discard=DiscardPolicy.NEW, duplicate_window=DUPLICATE_WINDOW_S,
+            max_msg_size=MAX_MESSAGE_BYTES, allow_direct=True,
+        )
+
+    async def _ensure_stream(self, js: nats.js.JetStreamContext) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                try:
+                    info = await js.stream_info(self.stream)
+                except NotFoundError:
+                    info = await js.add_stream(self.config())
+                cfg = info.config
+                if (cfg.num_replicas or 1) != self.replicas or not cfg.deny_delete or not cfg.deny_purge:
+                    raise BackendError(
+                        f"stream {self.stream} exists with replicas={cfg.num_replicas} "
+                        f"deny_delete={cfg.deny_delete} deny_purge={cfg.deny_purge}",
+                        backend=NAME,
+                    )
+                return
+            except (*_TRANSIENT, APIError) as exc:
+                if isinstance(exc, APIError) and exc.err_code not in (None, 10008, 10074):
+                    raise BackendError(f"stream {self.stream}: {exc}", backend=NAME) from exc
+                if time.monotonic() > deadline:
+                    raise BackendError(f"stream {self.stream} unavailable: {exc!r}",
+                                       backend=NAME) from exc
+                await asyncio.sleep(0.25)
+
+    async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
+        """Conditional, de-duplicated append; durable on a quorum when it returns.
+
+        Raises LogConflictError when another writer took the position, BackendError otherwise.
+        """
+        js = await self._js()
+        headers = {"Nats-Msg-Id": msg_id, "Nats-Expected-Last-Sequence": str(expected_last_seq)}
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                ack = await js.publish(self.subject, data, headers=headers, stream=self.stream,
+                                       timeout=min(2.0, self.timeout))
+                return int(ack.seq)
+            except APIError as exc:
+                if exc.err_code == WRONG_LAST_SEQUENCE:
+                    actual = _actual_seq(exc.description)
+                    raise LogConflictError(expected_last_seq, actual, backend=NAME) from exc
+                if time.monotonic() > deadline or exc.code not in (503,):
+                    raise BackendError(f"publish refused: {exc.description}", backend=NAME) from exc
+            except _TRANSIENT as exc:
+                if time.monotonic() > deadline:
+                    raise BackendError(
+                        f"publish not acknowledged within {self.timeout:.0f} s ({type(exc).__name__})",
+                        backend=NAME,
+                    ) from exc
+            await asyncio.sleep(0.1)
+
+    async def last_seq(self) -> int:
+        """The stream's last sequence. Raises BackendError."""
+        js = await self._js()
+        try:
+            info = await js.stream_info(self.stream)
+        except (*_TRANSIENT, APIError) as exc:
+            raise BackendError(f"stream info: {exc!r}", backend=NAME) from exc
+        return int(info.state.last_seq)
+
+    async def read(self, start_seq: int = 1) -> AsyncIterator[LogEntry]:
+        """Every message from ``start_seq`` to the end at call time, via an ordered consumer.
+
+        Raises BackendError.
+        """
+        last = await self.last_seq()
+        start = max(start_seq, 1)
+        if start > last:
+            return
+        js = await self._js()
+        try:
+            sub = await js.subscribe(
+                self.subject, stream=self.stream, ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                      opt_start_seq=start),
+                pending_msgs_limit=4096,
+            )
+        except (*_TRANSIENT, APIError) as exc:
+            raise BackendError(f"cannot read stream: {exc!r}", backend=NAME) from exc
+        try:
+            seq = start - 1
+            while seq < last:
+                try:
+                    msg = await sub.next_msg(timeout=self.timeout)
+                except NatsTimeoutError as exc:
+                    raise BackendError(f"stream read stalled after sequence {seq}",
+                                       backend=NAME) from exc
+                seq = int(msg.metadata.sequence.stream)
+                yield LogEntry(seq, bytes(msg.data))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def stream_info(self) -> StreamConfig:
+        """The stream's configuration as the server reports it. Raises BackendError."""
+        js = await self._js()
+        try:
+            return (await js.stream_info(self.stream)).config
+        except (*_TRANSIENT, APIError) as exc:
+            raise BackendError(f"stream info: {exc!r}", backend=NAME) from exc
+
+    async def ping(self) -> None:
+        """Raise BackendError unless the stream answers."""
+        await self.last_seq()
+
+    async def close(self) -> None:
+        """Drain and close the connection."""
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        self._nc = None
+
+
+def _actual_seq(description: str | None) -> int | None:
+    try:
+        return int(str(description).rsplit(" ", 1)[-1])
+    except ValueError:
+        return None

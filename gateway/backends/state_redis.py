@@ -1,0 +1,71 @@
+"""Production state store: Redis, shared by every gateway worker of an institution.
+
+Keys are prefixed (``gw:<institution>:``). Raises BackendError (backend "redis").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.errors import BackendError
+
+NAME = "redis"
+
+
+class RedisStateStore:
+    """Hot state in Redis."""
+
+    name = NAME
+
+    def __init__(self, *, url: str, prefix: str = "gw:", timeout: float = 5.0) -> None:
+        self.prefix = prefix
+        self._r: aioredis.Redis = aioredis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+
+    def _k(self, key: str) -> str:
+        return self.prefix + key
+
+    async def _call(self, what: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"{what}: {type(exc).__name__}: {exc}", backend=NAME) from exc
+
+    async def get(self, key: str) -> bytes | None:
+        """The value or None."""
+        value = await self._call("get", self._r.get(self._k(key)))
+        return None if value is None else bytes(value)
+
+    async def set(self, key: str, value: bytes, *, ttl: float | None = None) -> None:
+        """Set unconditionally."""
+        px = int(ttl * 1000) if ttl else None
+        await self._call("set", self._r.set(self._k(key), value, px=px))
+
+    async def set_if_absent(self, key: str, value: bytes, *, ttl: float | None = None) -> bool:
+        """SET NX; True when this call set it."""
+        px = int(ttl * 1000) if ttl else None
+        return bool(await self._call("set", self._r.set(self._k(key), value, px=px, nx=True)))
+
+    async def delete(self, key: str) -> None:
+        """DEL."""
+        await self._call("delete", self._r.delete(self._k(key)))
+
+    async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
+        """INCRBY (the TTL is set when the key is created)."""
+        k = self._k(key)
+        value = int(await self._call("incr", self._r.incrby(k, amount)))
+        if ttl and value == amount:
+            await self._call("expire", self._r.pexpire(k, int(ttl * 1000)))
+        return value
+
+    async def ping(self) -> None:
+        """PING."""
+        await self._call("ping", self._r.ping())
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._r.aclose()

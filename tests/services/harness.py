@@ -1,0 +1,382 @@
+"""Start, watch and stop the real services on loopback: Kubo, a 3-node NATS JetStream cluster, Redis.
+
+Used three ways: by ``scripts/test.sh`` (``python -m tests.services.harness start|stop|status
+--dir DIR``), by the pytest session fixture ``services`` (tests/conftest.py), and by fault tests
+that stop and restart single NATS nodes. Binaries come from ``scripts/install-services.sh``
+(``~/.cache/alliance-gateway/bin``). Ports are fixed, non-default and loopback-only, so nothing
+else on the machine is disturbed; every process started is recorded in a pid file and stopped by
+``stop``. A service that does not come up fails loudly with the tail of its own log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN_DIR = Path(os.environ.get("GATEWAY_TOOLS_DIR", Path.home() / ".cache/alliance-gateway/bin"))
+
+KUBO_API_PORT = 15001
+KUBO_SWARM_PORT = 15002
+NATS_CLIENT_PORTS = (14222, 14223, 14224)
+NATS_CLUSTER_PORTS = (16222, 16223, 16224)
+NATS_MONITOR_PORTS = (18222, 18223, 18224)
+REDIS_PORT = 16379
+NODES = ("n1", "n2", "n3")
+
+
+class ServiceError(RuntimeError):
+    """A service did not start or stop; the message carries the tail of its log."""
+
+
+def _bin(name: str) -> str:
+    candidate = BIN_DIR / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise ServiceError(f"{name} not found: run scripts/install-services.sh first")
+    return found
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _set_sync(spec: dict[str, object]) -> None:
+    """Set ``sync: true`` on every flatfs datastore in a Kubo datastore spec."""
+    if spec.get("type") == "flatfs":
+        spec["sync"] = True
+    for child in spec.get("mounts", []) or []:  # type: ignore[union-attr]
+        if isinstance(child, dict):
+            _set_sync(child.get("child", child))
+
+
+@dataclass
+class Services:
+    """Addresses of the running services and control over their processes."""
+
+    directory: Path
+    kubo_url: str = f"http://127.0.0.1:{KUBO_API_PORT}"
+    nats_urls: list[str] = field(
+        default_factory=lambda: [f"nats://127.0.0.1:{p}" for p in NATS_CLIENT_PORTS]
+    )
+    redis_url: str = f"redis://127.0.0.1:{REDIS_PORT}/0"
+
+    # -- process bookkeeping -----------------------------------------------------------------
+
+    def _pidfile(self, name: str) -> Path:
+        return self.directory / "pids" / f"{name}.pid"
+
+    def _log(self, name: str) -> Path:
+        return self.directory / "logs" / f"{name}.log"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+        self._log(name).parent.mkdir(parents=True, exist_ok=True)
+        self._pidfile(name).parent.mkdir(parents=True, exist_ok=True)
+        with self._log(name).open("ab") as log:
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})}, start_new_session=True,
+            )
+        self._pidfile(name).write_text(str(proc.pid))
+        return proc.pid
+
+    def pid(self, name: str) -> int | None:
+        """The pid of a running service process, or None."""
+        try:
+            pid = int(self._pidfile(name).read_text())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    def _stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        pid = self.pid(name)
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                waited, _ = os.waitpid(pid, os.WNOHANG)
+                if waited == pid:
+                    break
+            except ChildProcessError:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+            time.sleep(0.05)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._pidfile(name).unlink(missing_ok=True)
+
+    # -- Kubo ------------------------------------------------------------------------------
+
+    def start_kubo(self) -> None:
+        """Initialise (once) and start Kubo; wait for its RPC ``id``."""
+        repo = self.directory / "kubo"
+        env = {"IPFS_PATH": str(repo)}
+        ipfs = _bin("ipfs")
+        if not (repo / "config").exists():
+            repo.mkdir(parents=True, exist_ok=True)
+            subprocess.run([ipfs, "init", "--profile=test", "--empty-repo"], env={**os.environ, **env},
+                           check=True, capture_output=True)
+            for key, value in (
+                ("Addresses.API", f"/ip4/127.0.0.1/tcp/{KUBO_API_PORT}"),
+                ("Addresses.Gateway", "[]"),
+                ("Addresses.Swarm", f'["/ip4/127.0.0.1/tcp/{KUBO_SWARM_PORT}"]'),
+                ("Bootstrap", "[]"),
+            ):
+                subprocess.run([ipfs, "config", "--json", key, json.dumps(value) if key ==
+                                "Addresses.API" else value], env={**os.environ, **env},
+                               check=True, capture_output=True)
+            # The test profile turns flatfs fsync off; an acknowledged block must be on disk.
+            config_path = repo / "config"
+            config = json.loads(config_path.read_text())
+            _set_sync(config["Datastore"]["Spec"])
+            config_path.write_text(json.dumps(config, indent=2))
+        self._spawn("kubo", [ipfs, "daemon", "--offline"], env)
+        self._wait("kubo", self._kubo_ready, 60)
+
+    def _kubo_ready(self) -> bool:
+        try:
+            return httpx.post(f"{self.kubo_url}/api/v0/id", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    # -- NATS ------------------------------------------------------------------------------
+
+    def _nats_conf(self, i: int) -> Path:
+        name = NODES[i]
+        store = self.directory / "nats" / name
+        store.mkdir(parents=True, exist_ok=True)
+        routes = ",".join(
+            f"nats-route://127.0.0.1:{p}" for j, p in enumerate(NATS_CLUSTER_PORTS) if j != i
+        )
+        conf = self.directory / "nats" / f"{name}.conf"
+        conf.write_text(
+            f"""server_name: {name}
+listen: 127.0.0.1:{NATS_CLIENT_PORTS[i]}
+http: 127.0.0.1:{NATS_MONITOR_PORTS[i]}
+jetstream {{
+  store_dir: "{store}"
+  sync_interval: always
+  max_memory_store: 256MB
+  max_file_store: 8GB
+}}
+cluster {{
+  name: alliance
+  listen: 127.0.0.1:{NATS_CLUSTER_PORTS[i]}
+  routes: [{routes}]
+}}
+"""
+        )
+        return conf
+
+    def start_node(self, name: str) -> None:
+        """Start one NATS node (n1, n2, n3) and wait until it serves clients."""
+        i = NODES.index(name)
+        self._spawn(f"nats-{name}", [_bin("nats-server"), "-c", str(self._nats_conf(i))])
+        self._wait(f"nats-{name}", lambda: self._nats_healthy(i), 30)
+
+    def stop_node(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Stop one NATS node (SIGKILL to crash it)."""
+        self._stop(f"nats-{name}", sig)
+
+    def _nats_healthy(self, i: int) -> bool:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{NATS_MONITOR_PORTS[i]}/healthz", timeout=2)
+            return r.status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def start_nats(self) -> None:
+        """Start the 3-node cluster; wait for a JetStream meta leader and all 3 peers."""
+        for i, name in enumerate(NODES):
+            self._spawn(f"nats-{name}", [_bin("nats-server"), "-c", str(self._nats_conf(i))])
+        for i, name in enumerate(NODES):
+            self._wait(f"nats-{name}", lambda i=i: self._nats_healthy(i), 60)  # type: ignore[misc]
+        self._wait("nats-n1", self._jetstream_clustered, 60)
+
+    def _jetstream_clustered(self) -> bool:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{NATS_MONITOR_PORTS[0]}/jsz", timeout=2)
+            meta = r.json().get("meta_cluster", {})
+            return bool(meta.get("leader")) and len(meta.get("replicas", [])) == 2
+        except (httpx.TransportError, ValueError):
+            return False
+
+    def stream_leader(self, stream: str) -> str | None:
+        """The node name leading ``stream`` (from the monitoring endpoint), or None."""
+        for i, _ in enumerate(NODES):
+            try:
+                r = httpx.get(f"http://127.0.0.1:{NATS_MONITOR_PORTS[i]}/jsz",
+                              params={"streams": "true"}, timeout=2)
+            except httpx.TransportError:
+                continue
+            for account in r.json().get("account_details", []):
+                for s in account.get("stream_detail", []):
+                    if s.get("name") == stream and s.get("cluster", {}).get("leader"):
+                        return str(s["cluster"]["leader"])
+        return None
+
+    # -- Redis -----------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        """Start Redis (AOF, fsync always) on its own port and directory; wait for PING."""
+        d = self.directory / "redis"
+        d.mkdir(parents=True, exist_ok=True)
+        self._spawn("redis", [
+            _bin("redis-server"), "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
+            "--dir", str(d), "--appendonly", "yes", "--appendfsync", "always",
+            "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+        ])
+        self._wait("redis", self._redis_ready, 30)
+
+    def _redis_ready(self) -> bool:
+        try:
+            out = subprocess.run([_bin("redis-cli"), "-p", str(REDIS_PORT), "PING"],
+                                 capture_output=True, text=True, timeout=2)
+            return out.stdout.strip() == "PONG"
+        except (subprocess.TimeoutExpired, ServiceError):
+            return False
+
+    def stop_redis(self) -> None:
+        """Stop Redis."""
+        self._stop("redis")
+
+    def stop_kubo(self) -> None:
+        """Stop Kubo."""
+        self._stop("kubo")
+
+    # -- all ---------------------------------------------------------------------------------
+
+    def _wait(self, name: str, ready: object, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():  # type: ignore[operator]
+                return
+            if self.pid(name) is None:
+                raise ServiceError(f"{name} exited while starting:\n{_tail(self._log(name))}")
+            time.sleep(0.1)
+        raise ServiceError(f"{name} not healthy after {timeout:.0f} s:\n{_tail(self._log(name))}")
+
+    def start(self) -> None:
+        """Start every service; stop them all again if one fails."""
+        busy = [p for p in (KUBO_API_PORT, REDIS_PORT, *NATS_CLIENT_PORTS) if _port_open(p)]
+        if busy:
+            raise ServiceError(f"ports already in use: {busy} (services already running?)")
+        try:
+            self.start_redis()
+            self.start_nats()
+            self.start_kubo()
+        except BaseException:
+            self.stop()
+            raise
+        self.write_env()
+
+    def stop(self) -> None:
+        """Stop every process this harness started."""
+        self._stop("kubo")
+        for name in NODES:
+            self._stop(f"nats-{name}")
+        self._stop("redis")
+
+    def write_env(self) -> Path:
+        """Write the addresses as an env file for scripts and tests."""
+        path = self.directory / "env"
+        path.write_text(
+            f"GATEWAY_KUBO_URL={self.kubo_url}\n"
+            f"GATEWAY_NATS_URLS={','.join(self.nats_urls)}\n"
+            f"GATEWAY_REDIS_URL={self.redis_url}\n"
+            f"GATEWAY_SERVICES_DIR={self.directory}\n"
+        )
+        return path
+
+    @classmethod
+    def from_env_file(cls, path: Path) -> Services:
+        """Services described by an env file written by :meth:`write_env`."""
+        values = dict(
+            line.split("=", 1) for line in path.read_text().splitlines() if "=" in line
+        )
+        return cls(
+            directory=Path(values["GATEWAY_SERVICES_DIR"]),
+            kubo_url=values["GATEWAY_KUBO_URL"],
+            nats_urls=values["GATEWAY_NATS_URLS"].split(","),
+            redis_url=values["GATEWAY_REDIS_URL"],
+        )
+
+
+@contextlib.contextmanager
+def services_from_env_or_start() -> Iterator[Services]:
+    """The services named by ``GATEWAY_SERVICES_ENV``, or freshly started ones (stopped after)."""
+    env = os.environ.get("GATEWAY_SERVICES_ENV")
+    if env:
+        yield Services.from_env_file(Path(env))
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gateway-services-") as tmp:
+        services = Services(directory=Path(tmp))
+        services.start()
+        try:
+            yield services
+        finally:
+            services.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("action", choices=["start", "stop", "status"])
+    ap.add_argument("--dir", type=Path, default=ROOT / ".services")
+    args = ap.parse_args()
+    services = Services(directory=args.dir.resolve())
+    if args.action == "start":
+        args.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            services.start()
+        except ServiceError as exc:
+            print(f"services: {exc}", file=sys.stderr)
+            return 1
+        print(f"services up; addresses in {services.directory / 'env'}")
+    elif args.action == "stop":
+        services.stop()
+        print("services stopped")
+    else:
+        names = ["kubo", "redis", *(f"nats-{n}" for n in NODES)]
+        for name in names:
+            print(f"{name:10} {'running pid ' + str(services.pid(name)) if services.pid(name) else 'stopped'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
