@@ -147,9 +147,15 @@ async def jetstream_baseline(servers: list[str], seconds: float, clients: int) -
     name = f"BENCH{uuid.uuid4().hex[:8].upper()}"
     await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.x"], num_replicas=3,
                                      storage=StorageType.FILE))
+    payload = os.urandom(1024)
+    for _ in range(100):  # wait until the new stream has elected a leader
+        try:
+            await js.publish(f"{name}.x", payload, timeout=1)
+            break
+        except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
+            await asyncio.sleep(0.1)
     count = 0
     deadline = time.monotonic() + seconds
-    payload = os.urandom(1024)
 
     async def worker() -> None:
         nonlocal count

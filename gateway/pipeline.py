@@ -30,7 +30,7 @@ from gateway.crypto import (
     seal,
     sha256_hex,
 )
-from gateway.errors import IntegrityError, NotFoundError
+from gateway.errors import BlobNotFoundError, IntegrityError, NotFoundError
 from gateway.views import RecordAnchor, RecordIndex
 from ledger.checkpoint import SignedCheckpoint
 from ledger.groupcommit import GroupCommitter
@@ -245,7 +245,15 @@ class RecordPipeline:
 
     async def read_anchor(self, anchor: RecordAnchor) -> dict[str, Any]:
         """Fetch, check and decrypt one anchored record version. Raises as :meth:`read`."""
-        blob = await self._b.blobs.get(anchor.cid)
+        try:
+            blob = await self._b.blobs.get(anchor.cid)
+        except BlobNotFoundError as exc:
+            raise IntegrityError(
+                f"record {anchor.record} version {anchor.version}: ciphertext {anchor.cid} "
+                f"anchored at leaf {anchor.leaf_index} is missing from the blob store",
+                record=anchor.record,
+                cid=anchor.cid,
+            ) from exc
         if sha256_hex(blob) != anchor.sha256:
             raise IntegrityError(
                 f"record {anchor.record} version {anchor.version}: ciphertext {anchor.cid} does "

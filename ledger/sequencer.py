@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -208,7 +209,7 @@ class Ledger:
             problems.append("root does not match the tree derived from the log")
         if cp.prev != expected_prev:
             problems.append("previous-checkpoint hash does not link to the chain")
-        if batch_id(batch.writer, hashes) != batch.batch_id:
+        if batch_id(batch.writer, hashes, batch.nonce) != batch.batch_id:
             problems.append("batch id does not match its leaves")
         if batch.writer != signed.writer:
             problems.append(f"batch names writer {batch.writer!r}, checkpoint {signed.writer!r}")
@@ -268,7 +269,8 @@ class Ledger:
     async def _write_group(self, leaves: list[bytes]) -> list[AppendResult]:
         """Append one group of leaves as one batch (the group commit's batch function)."""
         hashes = [leaf_hash(leaf) for leaf in leaves]
-        bid = batch_id(self._signer.name, hashes)
+        nonce = os.urandom(16)
+        bid = batch_id(self._signer.name, hashes, nonce)
         last_exc: Exception | None = None
         async with self._io_lock:
             for _attempt in range(self._retries):
@@ -293,6 +295,7 @@ class Ledger:
                     batch_id=bid,
                     leaves=tuple(leaves),
                     checkpoint=signed.to_bytes(),
+                    nonce=nonce,
                 )
                 try:
                     seq = await self._append_retrying(encode_batch(batch), bid)

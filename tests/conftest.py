@@ -2,7 +2,8 @@
 
 ``services``: the real Kubo, 3-node NATS JetStream cluster and Redis. In CI (scripts/test.sh) they
 are started before pytest and described by the env file named in ``GATEWAY_SERVICES_ENV``;
-otherwise the fixture starts them itself in a temporary directory (and stops them at the end).
+otherwise, if ``scripts/services.sh start`` left them running, those; otherwise the fixture
+starts them itself in a temporary directory (and stops them at the end).
 If they cannot be had and ``GATEWAY_REQUIRE_SERVICES=1``, the test fails: a skipped test must
 never count as passed in CI.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services.harness import Services, ServiceError
+from tests.services.harness import ROOT, Services, ServiceError
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,13 @@ def services() -> Iterator[Services]:
     if env:
         yield Services.from_env_file(Path(env))
         return
+    local = ROOT / ".services" / "env"
+    if local.exists():
+        candidate = Services.from_env_file(local)
+        if candidate.all_running():
+            # Started by hand with `scripts/services.sh start` (developer machines).
+            yield candidate
+            return
     tmp = tempfile.TemporaryDirectory(prefix="gateway-services-")
     started = Services(directory=Path(tmp.name))
     try:

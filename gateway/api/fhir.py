@@ -151,9 +151,18 @@ def resolve_patient(
     return pseudonym(gw.pseudonym_key, str(system), str(ident["value"]))
 
 
-def entry_response(gw: Gateway, stored: StoredRecord) -> dict[str, Any]:
-    """A Bundle.entry.response for a stored record, with its ledger receipt."""
+def entry_response(
+    gw: Gateway, stored: StoredRecord, encoded: dict[int, bytes] | None = None
+) -> dict[str, Any]:
+    """A Bundle.entry.response for a stored record, with its ledger receipt.
+
+    ``encoded`` caches serialised checkpoints: the records of one batch share one checkpoint.
+    """
     proof = gw.ledger.inclusion_proof(stored.leaf_index, stored.tree_size)
+    cache = {} if encoded is None else encoded
+    checkpoint = cache.get(id(stored.checkpoint))
+    if checkpoint is None:
+        checkpoint = cache[id(stored.checkpoint)] = stored.checkpoint.to_bytes()
     return {
         "status": "201 Created" if stored.created else "200 OK",
         "location": f"{stored.resource_type}/{stored.resource_id}/_history/{stored.version}",
@@ -165,7 +174,7 @@ def entry_response(gw: Gateway, stored: StoredRecord) -> dict[str, Any]:
                 tree_size=stored.tree_size,
                 root=stored.root,
                 proof=proof,
-                checkpoint=stored.checkpoint.to_bytes(),
+                checkpoint=checkpoint,
                 cid=stored.cid,
             )
         ],
@@ -222,9 +231,10 @@ def build_router(gw: Gateway) -> APIRouter:
         )
         by_pos = {pe.position: s for pe, s in zip(good, stored, strict=True)}
         entries = []
+        encoded: dict[int, bytes] = {}
         for pe in prepared.entries:
             if pe.position in by_pos:
-                entries.append({"response": entry_response(gw, by_pos[pe.position])})
+                entries.append({"response": entry_response(gw, by_pos[pe.position], encoded)})
             else:
                 entries.append(_error_entry(pe))
         return fhir_response(

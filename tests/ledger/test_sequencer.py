@@ -134,7 +134,9 @@ async def test_replay_rejects_a_forged_or_altered_batch() -> None:
     from ledger.batch import Batch, decode_batch, encode_batch
 
     b2 = decode_batch(log.messages[1])
-    log.messages[1] = encode_batch(Batch(b2.writer, b2.batch_id, (b"THREE",), b2.checkpoint))
+    log.messages[1] = encode_batch(
+        Batch(b2.writer, b2.batch_id, (b"THREE",), b2.checkpoint, b2.nonce)
+    )
     with pytest.raises(CheckpointError, match="log message 2"):
         await make(log).catch_up()
     # A batch signed by an institution outside the trust file.

@@ -73,3 +73,18 @@ async def test_long_outage_fails_clearly_and_nothing_is_half_applied() -> None:
     (res,) = await ledger.append([b"after"])
     assert res.index == 1 and ledger.size == 2
     await ledger.stop()
+
+
+async def test_identical_leaves_in_a_later_batch_are_not_mistaken_for_a_retry() -> None:
+    """Two byte-identical events (e.g. the same access twice in one second) are two leaves."""
+    log = MemoryLog()
+    ledger = make(log)
+    await ledger.start(follow_interval=None)
+    (first,) = await ledger.append([b"same event"])
+    (second,) = await ledger.append([b"same event"])
+    assert (first.index, second.index) == (0, 1)
+    assert len(log.messages) == 2 and len(log.ids) == 2
+    replay = make(log)
+    await replay.catch_up()
+    assert replay.size == 2
+    await ledger.stop()

@@ -304,6 +304,11 @@ cluster {{
             raise
         self.write_env()
 
+    def all_running(self) -> bool:
+        """Whether every service process recorded here is alive."""
+        names = ["kubo", "redis", *(f"nats-{n}" for n in NODES)]
+        return all(self.pid(n) is not None for n in names)
+
     def stop(self) -> None:
         """Stop every process this harness started."""
         self._stop("kubo")
