@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,19 +37,26 @@ from tests.services.harness import services_from_env_or_start  # noqa: E402
 
 def observation_bundle(n: int, client: int, seq: int) -> dict[str, Any]:
     """A transaction Bundle of ``n`` Observations of one patient (linked by identifier)."""
-    subject = {"identifier": {"system": "urn:oid:2.16.156.10011.1.19", "value": f"B-{client}-{seq % 50}"}}
+    subject = {
+        "identifier": {"system": "urn:oid:2.16.156.10011.1.19", "value": f"B-{client}-{seq % 50}"}
+    }
     entries = []
     for i in range(n):
         entries.append(
             {
                 "fullUrl": f"urn:uuid:{uuid.uuid4()}",
                 "resource": {
-                    "resourceType": "Observation", "status": "final",
+                    "resourceType": "Observation",
+                    "status": "final",
                     "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
                     "subject": subject,
                     "effectiveDateTime": "2026-11-20T08:30:00+08:00",
-                    "valueQuantity": {"value": 10 + i / 10, "unit": "g/dL",
-                                      "system": "http://unitsofmeasure.org", "code": "g/dL"},
+                    "valueQuantity": {
+                        "value": 10 + i / 10,
+                        "unit": "g/dL",
+                        "system": "http://unitsofmeasure.org",
+                        "code": "g/dL",
+                    },
                 },
                 "request": {"method": "POST", "url": "Observation"},
             }
@@ -79,8 +85,9 @@ async def load(base: str, seconds: float, clients: int, per_bundle: int) -> dict
                 body = json.dumps(observation_bundle(per_bundle, n, seq)).encode()
                 seq += 1
                 t0 = time.perf_counter()
-                r = await c.post("/fhir", content=body,
-                                 headers={"content-type": "application/fhir+json"})
+                r = await c.post(
+                    "/fhir", content=body, headers={"content-type": "application/fhir+json"}
+                )
                 latencies.append(time.perf_counter() - t0)
                 if r.status_code == 200:
                     resources += per_bundle
@@ -103,7 +110,9 @@ def start_gateway(env: dict[str, str], port: int, log: Path) -> subprocess.Popen
     """Start ``gateway serve`` and wait until it answers."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--http-port", str(port)],
-        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
     for _ in range(600):
         try:
@@ -126,9 +135,11 @@ async def kubo_baseline(url: str, seconds: float, clients: int) -> float:
         async with httpx.AsyncClient(base_url=url, timeout=30) as c:
             while time.monotonic() < deadline:
                 files = {"file": ("b", os.urandom(1024), "application/octet-stream")}
-                r = await c.post("/api/v0/block/put",
-                                 params={"cid-codec": "raw", "mhtype": "sha2-256", "pin": "true"},
-                                 files=files)
+                r = await c.post(
+                    "/api/v0/block/put",
+                    params={"cid-codec": "raw", "mhtype": "sha2-256", "pin": "true"},
+                    files=files,
+                )
                 r.raise_for_status()
                 count += 1
 
@@ -145,8 +156,9 @@ async def jetstream_baseline(servers: list[str], seconds: float, clients: int) -
     nc = await nats.connect(servers=servers)
     js = nc.jetstream()
     name = f"BENCH{uuid.uuid4().hex[:8].upper()}"
-    await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.x"], num_replicas=3,
-                                     storage=StorageType.FILE))
+    await js.add_stream(
+        StreamConfig(name=name, subjects=[f"{name}.x"], num_replicas=3, storage=StorageType.FILE)
+    )
     payload = os.urandom(1024)
     for _ in range(100):  # wait until the new stream has elected a leader
         try:
@@ -185,9 +197,12 @@ async def main() -> None:
         for profile in ("embedded", "production"):
             env = dict(os.environ)
             env.update(
-                GATEWAY_PROFILE=profile, GATEWAY_DATA_DIR=f"{tmp}/{profile}",
-                GATEWAY_MLLP_ENABLED="false", GATEWAY_LOG_LEVEL="WARNING",
-                GATEWAY_KUBO_URL=services.kubo_url, GATEWAY_NATS_URLS=",".join(services.nats_urls),
+                GATEWAY_PROFILE=profile,
+                GATEWAY_DATA_DIR=f"{tmp}/{profile}",
+                GATEWAY_MLLP_ENABLED="false",
+                GATEWAY_LOG_LEVEL="WARNING",
+                GATEWAY_KUBO_URL=services.kubo_url,
+                GATEWAY_NATS_URLS=",".join(services.nats_urls),
                 GATEWAY_REDIS_URL=services.redis_url,
                 GATEWAY_NATS_STREAM=f"BENCH{uuid.uuid4().hex[:8].upper()}",
                 GATEWAY_INSTITUTION=f"bench-{profile}",
@@ -195,8 +210,9 @@ async def main() -> None:
             port = free_port()
             proc = start_gateway(env, port, Path(tmp) / f"{profile}.log")
             try:
-                result = await load(f"http://127.0.0.1:{port}", args.seconds, args.clients,
-                                    args.per_bundle)
+                result = await load(
+                    f"http://127.0.0.1:{port}", args.seconds, args.clients, args.per_bundle
+                )
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -210,8 +226,10 @@ async def main() -> None:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for profile, r in rows:
-        lines.append(f"| {profile} | {r['resources_per_s']:.0f} | {r['bundles']:.0f} | "
-                     f"{r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {r['errors']:.0f} |")
+        lines.append(
+            f"| {profile} | {r['resources_per_s']:.0f} | {r['bundles']:.0f} | "
+            f"{r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {r['errors']:.0f} |"
+        )
     lines += [
         "",
         "Raw baselines in the same run (16 concurrent callers, 1 KiB payloads):",
@@ -227,8 +245,12 @@ async def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", "ingest", text,
-                      command=".venv/bin/python bench/bench_ingest.py")
+        write_section(
+            ROOT / "docs" / "benchmarks.md",
+            "ingest",
+            text,
+            command=".venv/bin/python bench/bench_ingest.py",
+        )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Exit codes: 0 success, 1 a check failed (verify, demo), 2 bad usage or configura
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -115,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

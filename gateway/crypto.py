@@ -52,7 +52,7 @@ def associated_data(
 
 @dataclass(frozen=True, slots=True)
 class Sealed:
-    """A sealed record: the ciphertext blob (for IPFS) and the wrapped data key (for the keystore)."""
+    """A sealed record: the ciphertext (for the blob store) and the wrapped data key."""
 
     blob: bytes
     wrapped_key: bytes

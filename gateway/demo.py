@@ -44,6 +44,7 @@ def receipt_of(entry_response: dict[str, Any]) -> dict[str, Any]:
     for ext in entry_response.get("extension", []):
         if ext.get("url") == RECEIPT_URL:
             out: dict[str, Any] = {}
+            sub: dict[str, Any]
             for sub in ext["extension"]:
                 value = next(v for k, v in sub.items() if k.startswith("value"))
                 out[sub["url"]] = value
@@ -63,8 +64,8 @@ def check_receipt(receipt: dict[str, Any], leaf_hash: bytes, trusted: Any) -> No
 
 
 def _strip_server_fields(resource: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in resource.items() if k not in ("id", "meta")}
-    return json.loads(json.dumps(out))
+    out: dict[str, Any] = json.loads(json.dumps(resource))
+    return {k: v for k, v in out.items() if k not in ("id", "meta")}
 
 
 async def run_demo(*, data_dir: Path | None, keep: bool) -> int:

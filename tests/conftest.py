@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services.harness import ROOT, Services, ServiceError
+from tests.services.harness import ROOT, ServiceError, Services
 
 
 @pytest.fixture(scope="session")

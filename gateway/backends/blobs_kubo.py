@@ -27,11 +27,17 @@ class KuboBlobStore:
     name = NAME
 
     def __init__(
-        self, *, base_url: str, timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        *,
+        base_url: str,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._client = httpx.AsyncClient(
-            base_url=f"{self.base_url}/api/v0", timeout=timeout, transport=transport,
+            base_url=f"{self.base_url}/api/v0",
+            timeout=timeout,
+            transport=transport,
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         )
 
@@ -49,7 +55,8 @@ class KuboBlobStore:
         expected = [cid_v1_raw(b) for b in blocks]
         files = [("file", (f"b{i}", b, "application/octet-stream")) for i, b in enumerate(blocks)]
         r = await self._post(
-            "/block/put", params={"cid-codec": "raw", "mhtype": "sha2-256", "pin": "true"},
+            "/block/put",
+            params={"cid-codec": "raw", "mhtype": "sha2-256", "pin": "true"},
             files=files,
         )
         if r.status_code != 200:
@@ -61,7 +68,8 @@ class KuboBlobStore:
         if got != expected:
             raise BackendError(
                 f"block/put returned {len(got)} CIDs that do not match the {len(expected)} "
-                "computed locally", backend=NAME,
+                "computed locally",
+                backend=NAME,
             )
         return expected
 

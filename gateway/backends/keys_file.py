@@ -38,7 +38,9 @@ def unwrap_kek(master: bytes, kek_id: str, wrapped: bytes, *, backend: str) -> b
     try:
         return AESGCM(master).decrypt(wrapped[:12], wrapped[12:], kek_id.encode())
     except InvalidTag as exc:
-        raise BackendError(f"KEK {kek_id} does not open with the master key", backend=backend) from exc
+        raise BackendError(
+            f"KEK {kek_id} does not open with the master key", backend=backend
+        ) from exc
 
 
 class FileKeyStore:
@@ -79,7 +81,9 @@ class FileKeyStore:
             self._kek_of[rec["owner"]] = rec["id"]
             self._wrapped_kek[rec["id"]] = base64.b64decode(rec["w"])
         elif t == "dk":
-            self._data_keys[rec["rec"]] = WrappedKey(rec["rec"], rec["kek"], base64.b64decode(rec["w"]))
+            self._data_keys[rec["rec"]] = WrappedKey(
+                rec["rec"], rec["kek"], base64.b64decode(rec["w"])
+            )
         elif t == "destroyed":
             self._destroyed[rec["id"]] = rec["owner"]
             self._wrapped_kek.pop(rec["id"], None)
@@ -99,16 +103,29 @@ class FileKeyStore:
             if kid in self._destroyed:
                 lines.append({"t": "destroyed", "id": kid, "owner": owner})
             else:
-                lines.append({"t": "kek", "id": kid, "owner": owner,
-                              "w": base64.b64encode(self._wrapped_kek[kid]).decode()})
+                lines.append(
+                    {
+                        "t": "kek",
+                        "id": kid,
+                        "owner": owner,
+                        "w": base64.b64encode(self._wrapped_kek[kid]).decode(),
+                    }
+                )
         for wk in self._data_keys.values():
-            lines.append({"t": "dk", "rec": wk.record_id, "kek": wk.kek_id,
-                          "w": base64.b64encode(wk.wrapped).decode()})
+            lines.append(
+                {
+                    "t": "dk",
+                    "rec": wk.record_id,
+                    "kek": wk.kek_id,
+                    "w": base64.b64encode(wk.wrapped).decode(),
+                }
+            )
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, b"".join(json.dumps(x, separators=(",", ":")).encode() + b"\n"
-                                  for x in lines))
+            os.write(
+                fd, b"".join(json.dumps(x, separators=(",", ":")).encode() + b"\n" for x in lines)
+            )
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -134,8 +151,17 @@ class FileKeyStore:
                 kid = secrets.token_hex(16)
                 kek = secrets.token_bytes(32)
                 wrapped = wrap_kek(self._master, kid, kek)
-                await self._run(self._append, [{"t": "kek", "id": kid, "owner": pseudonym,
-                                                "w": base64.b64encode(wrapped).decode()}])
+                await self._run(
+                    self._append,
+                    [
+                        {
+                            "t": "kek",
+                            "id": kid,
+                            "owner": pseudonym,
+                            "w": base64.b64encode(wrapped).decode(),
+                        }
+                    ],
+                )
                 self._kek_of[pseudonym] = kid
                 self._wrapped_kek[kid] = wrapped
                 return kid, kek
@@ -155,9 +181,18 @@ class FileKeyStore:
         """Store wrapped data keys durably (one fsync for the batch)."""
         async with self._lock:
             await self._run(self._load)
-            await self._run(self._append, [
-                {"t": "dk", "rec": k.record_id, "kek": k.kek_id,
-                 "w": base64.b64encode(k.wrapped).decode()} for k in keys])
+            await self._run(
+                self._append,
+                [
+                    {
+                        "t": "dk",
+                        "rec": k.record_id,
+                        "kek": k.kek_id,
+                        "w": base64.b64encode(k.wrapped).decode(),
+                    }
+                    for k in keys
+                ],
+            )
             for k in keys:
                 self._data_keys[k.record_id] = k
 

@@ -51,7 +51,9 @@ class RedisKeyStore:
             return kid, await self.kek_by_id(kid)
         kid = secrets.token_hex(16)
         kek = secrets.token_bytes(32)
-        await self._call("set", self._r.set(f"{self.prefix}kek:{kid}", wrap_kek(self._master, kid, kek)))
+        await self._call(
+            "set", self._r.set(f"{self.prefix}kek:{kid}", wrap_kek(self._master, kid, kek))
+        )
         if await self._call("setnx", self._r.set(owner_key, kid, nx=True)):
             return kid, kek
         await self._call("del", self._r.delete(f"{self.prefix}kek:{kid}"))

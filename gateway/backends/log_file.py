@@ -183,7 +183,7 @@ class FileLog:
                 f.seek(info.offset)
                 raw = f.read(info.length)
                 body = raw[_HEADER.size :]
-                length, crc = _HEADER.unpack(raw[: _HEADER.size])
+                _length, crc = _HEADER.unpack(raw[: _HEADER.size])
                 if zlib.crc32(body) != crc:
                     raise LogCorruptionError(
                         "record checksum mismatch", path=self.path, offset=info.offset

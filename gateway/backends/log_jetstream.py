@@ -36,8 +36,13 @@ NAME = "jetstream"
 WRONG_LAST_SEQUENCE = 10071
 DUPLICATE_WINDOW_S = 120.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-_TRANSIENT = (NatsTimeoutError, NoStreamResponseError, ServiceUnavailableError, ConnectionClosedError,
-              asyncio.TimeoutError)
+_TRANSIENT = (
+    NatsTimeoutError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    ConnectionClosedError,
+    asyncio.TimeoutError,
+)
 
 
 class JetStreamLog:
@@ -46,7 +51,11 @@ class JetStreamLog:
     name = NAME
 
     def __init__(
-        self, *, servers: list[str], stream: str = "ALLIANCE_LEDGER", replicas: int = 3,
+        self,
+        *,
+        servers: list[str],
+        stream: str = "ALLIANCE_LEDGER",
+        replicas: int = 3,
         timeout: float = 10.0,
     ) -> None:
         self.servers = servers
@@ -63,12 +72,17 @@ class JetStreamLog:
             if self._nc is None or self._nc.is_closed:
                 try:
                     self._nc = await nats.connect(
-                        servers=self.servers, connect_timeout=2, max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.25, allow_reconnect=True, name="alliance-gateway",
+                        servers=self.servers,
+                        connect_timeout=2,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.25,
+                        allow_reconnect=True,
+                        name="alliance-gateway",
                     )
                 except (NoServersError, OSError, NatsTimeoutError) as exc:
-                    raise BackendError(f"cannot connect to {self.servers}: {exc}",
-                                       backend=NAME) from exc
+                    raise BackendError(
+                        f"cannot connect to {self.servers}: {exc}", backend=NAME
+                    ) from exc
             js = self._nc.jetstream(timeout=min(self.timeout, 5.0))
             if not self._ready:
                 await self._ensure_stream(js)
@@ -78,10 +92,16 @@ class JetStreamLog:
     def config(self) -> StreamConfig:
         """The stream's configuration."""
         return StreamConfig(
-            name=self.stream, subjects=[self.subject], storage=StorageType.FILE,
-            num_replicas=self.replicas, deny_delete=True, deny_purge=True,
-            discard=DiscardPolicy.NEW, duplicate_window=DUPLICATE_WINDOW_S,
-            max_msg_size=MAX_MESSAGE_BYTES, allow_direct=True,
+            name=self.stream,
+            subjects=[self.subject],
+            storage=StorageType.FILE,
+            num_replicas=self.replicas,
+            deny_delete=True,
+            deny_purge=True,
+            discard=DiscardPolicy.NEW,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            max_msg_size=MAX_MESSAGE_BYTES,
+            allow_direct=True,
         )
 
     async def _ensure_stream(self, js: nats.js.JetStreamContext) -> None:
@@ -93,7 +113,11 @@ class JetStreamLog:
                 except NotFoundError:
                     info = await js.add_stream(self.config())
                 cfg = info.config
-                if (cfg.num_replicas or 1) != self.replicas or not cfg.deny_delete or not cfg.deny_purge:
+                if (
+                    (cfg.num_replicas or 1) != self.replicas
+                    or not cfg.deny_delete
+                    or not cfg.deny_purge
+                ):
                     raise BackendError(
                         f"stream {self.stream} exists with replicas={cfg.num_replicas} "
                         f"deny_delete={cfg.deny_delete} deny_purge={cfg.deny_purge}",
@@ -104,8 +128,9 @@ class JetStreamLog:
                 if isinstance(exc, APIError) and exc.err_code not in (None, 10008, 10074):
                     raise BackendError(f"stream {self.stream}: {exc}", backend=NAME) from exc
                 if time.monotonic() > deadline:
-                    raise BackendError(f"stream {self.stream} unavailable: {exc!r}",
-                                       backend=NAME) from exc
+                    raise BackendError(
+                        f"stream {self.stream} unavailable: {exc!r}", backend=NAME
+                    ) from exc
                 await asyncio.sleep(0.25)
 
     async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
@@ -118,8 +143,13 @@ class JetStreamLog:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                ack = await js.publish(self.subject, data, headers=headers, stream=self.stream,
-                                       timeout=min(2.0, self.timeout))
+                ack = await js.publish(
+                    self.subject,
+                    data,
+                    headers=headers,
+                    stream=self.stream,
+                    timeout=min(2.0, self.timeout),
+                )
                 return int(ack.seq)
             except APIError as exc:
                 if exc.err_code == WRONG_LAST_SEQUENCE:
@@ -130,7 +160,8 @@ class JetStreamLog:
             except _TRANSIENT as exc:
                 if time.monotonic() > deadline:
                     raise BackendError(
-                        f"publish not acknowledged within {self.timeout:.0f} s ({type(exc).__name__})",
+                        f"publish not acknowledged within {self.timeout:.0f} s "
+                        f"({type(exc).__name__})",
                         backend=NAME,
                     ) from exc
             await asyncio.sleep(0.1)
@@ -156,9 +187,12 @@ class JetStreamLog:
         js = await self._js()
         try:
             sub = await js.subscribe(
-                self.subject, stream=self.stream, ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                      opt_start_seq=start),
+                self.subject,
+                stream=self.stream,
+                ordered_consumer=True,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+                ),
                 pending_msgs_limit=4096,
             )
         except (*_TRANSIENT, APIError) as exc:
@@ -169,8 +203,9 @@ class JetStreamLog:
                 try:
                     msg = await sub.next_msg(timeout=self.timeout)
                 except NatsTimeoutError as exc:
-                    raise BackendError(f"stream read stalled after sequence {seq}",
-                                       backend=NAME) from exc
+                    raise BackendError(
+                        f"stream read stalled after sequence {seq}", backend=NAME
+                    ) from exc
                 seq = int(msg.metadata.sequence.stream)
                 yield LogEntry(seq, bytes(msg.data))
         finally:

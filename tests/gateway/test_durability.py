@@ -1,4 +1,4 @@
-"""SIGKILL the gateway process while Bundles stream in; after restart nothing acknowledged is lost."""
+"""SIGKILL the gateway while Bundles stream in; after restart nothing acknowledged is lost."""
 
 from __future__ import annotations
 

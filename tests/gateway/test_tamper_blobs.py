@@ -47,10 +47,19 @@ async def test_tampered_ciphertext_is_named_never_served(tmp_path: Path, mode: s
         other = r.json()["entry"][1]["response"]["location"].rsplit("/_history", 1)[0]
         assert (await client.get(f"/fhir/{other}")).status_code == 200
         await client.aclose()
-    env = {"GATEWAY_DATA_DIR": str(settings.data_dir), "GATEWAY_PROFILE": "embedded",
-           "GATEWAY_INSTITUTION": settings.institution, "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "gateway.cli", "verify", "--blobs"],
-                         env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        "GATEWAY_DATA_DIR": str(settings.data_dir),
+        "GATEWAY_PROFILE": "embedded",
+        "GATEWAY_INSTITUTION": settings.institution,
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "verify", "--blobs"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     assert anchor.cid in out.stdout
     assert f"leaf {anchor.leaf_index}" in out.stdout

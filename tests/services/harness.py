@@ -1,4 +1,4 @@
-"""Start, watch and stop the real services on loopback: Kubo, a 3-node NATS JetStream cluster, Redis.
+"""Start, watch and stop the real services on loopback: Kubo, 3 NATS JetStream nodes, Redis.
 
 Used three ways: by ``scripts/test.sh`` (``python -m tests.services.harness start|stop|status
 --dir DIR``), by the pytest session fixture ``services`` (tests/conftest.py), and by fault tests
@@ -98,8 +98,12 @@ class Services:
         self._pidfile(name).parent.mkdir(parents=True, exist_ok=True)
         with self._log(name).open("ab") as log:
             proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, start_new_session=True,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
             )
         self._pidfile(name).write_text(str(proc.pid))
         return proc.pid
@@ -148,17 +152,30 @@ class Services:
         ipfs = _bin("ipfs")
         if not (repo / "config").exists():
             repo.mkdir(parents=True, exist_ok=True)
-            subprocess.run([ipfs, "init", "--profile=test", "--empty-repo"], env={**os.environ, **env},
-                           check=True, capture_output=True)
+            subprocess.run(
+                [ipfs, "init", "--profile=test", "--empty-repo"],
+                env={**os.environ, **env},
+                check=True,
+                capture_output=True,
+            )
             for key, value in (
                 ("Addresses.API", f"/ip4/127.0.0.1/tcp/{KUBO_API_PORT}"),
                 ("Addresses.Gateway", "[]"),
                 ("Addresses.Swarm", f'["/ip4/127.0.0.1/tcp/{KUBO_SWARM_PORT}"]'),
                 ("Bootstrap", "[]"),
             ):
-                subprocess.run([ipfs, "config", "--json", key, json.dumps(value) if key ==
-                                "Addresses.API" else value], env={**os.environ, **env},
-                               check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        ipfs,
+                        "config",
+                        "--json",
+                        key,
+                        json.dumps(value) if key == "Addresses.API" else value,
+                    ],
+                    env={**os.environ, **env},
+                    check=True,
+                    capture_output=True,
+                )
             # The test profile turns flatfs fsync off; an acknowledged block must be on disk.
             config_path = repo / "config"
             config = json.loads(config_path.read_text())
@@ -239,8 +256,11 @@ cluster {{
         """The node name leading ``stream`` (from the monitoring endpoint), or None."""
         for i, _ in enumerate(NODES):
             try:
-                r = httpx.get(f"http://127.0.0.1:{NATS_MONITOR_PORTS[i]}/jsz",
-                              params={"streams": "true"}, timeout=2)
+                r = httpx.get(
+                    f"http://127.0.0.1:{NATS_MONITOR_PORTS[i]}/jsz",
+                    params={"streams": "true"},
+                    timeout=2,
+                )
             except httpx.TransportError:
                 continue
             for account in r.json().get("account_details", []):
@@ -255,17 +275,38 @@ cluster {{
         """Start Redis (AOF, fsync always) on its own port and directory; wait for PING."""
         d = self.directory / "redis"
         d.mkdir(parents=True, exist_ok=True)
-        self._spawn("redis", [
-            _bin("redis-server"), "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
-            "--dir", str(d), "--appendonly", "yes", "--appendfsync", "always",
-            "--save", "", "--daemonize", "no", "--protected-mode", "yes",
-        ])
+        self._spawn(
+            "redis",
+            [
+                _bin("redis-server"),
+                "--port",
+                str(REDIS_PORT),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(d),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+        )
         self._wait("redis", self._redis_ready, 30)
 
     def _redis_ready(self) -> bool:
         try:
-            out = subprocess.run([_bin("redis-cli"), "-p", str(REDIS_PORT), "PING"],
-                                 capture_output=True, text=True, timeout=2)
+            out = subprocess.run(
+                [_bin("redis-cli"), "-p", str(REDIS_PORT), "PING"],
+                capture_output=True,
+                text=True,
+                timeout=2,
+            )
             return out.stdout.strip() == "PONG"
         except (subprocess.TimeoutExpired, ServiceError):
             return False
@@ -330,9 +371,7 @@ cluster {{
     @classmethod
     def from_env_file(cls, path: Path) -> Services:
         """Services described by an env file written by :meth:`write_env`."""
-        values = dict(
-            line.split("=", 1) for line in path.read_text().splitlines() if "=" in line
-        )
+        values = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
         return cls(
             directory=Path(values["GATEWAY_SERVICES_DIR"]),
             kubo_url=values["GATEWAY_KUBO_URL"],
@@ -379,7 +418,10 @@ def main() -> int:
     else:
         names = ["kubo", "redis", *(f"nats-{n}" for n in NODES)]
         for name in names:
-            print(f"{name:10} {'running pid ' + str(services.pid(name)) if services.pid(name) else 'stopped'}")
+            print(
+                f"{name:10} "
+                f"{'running pid ' + str(services.pid(name)) if services.pid(name) else 'stopped'}"
+            )
     return 0
 
 

@@ -35,8 +35,11 @@ def _services(request: pytest.FixtureRequest, impl: str) -> Any:
 @pytest.fixture
 async def blobs(impl: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     s = _services(request, impl)
-    store = (LocalBlobStore(directory=tmp_path / "blocks") if s is None
-             else KuboBlobStore(base_url=s.kubo_url))
+    store = (
+        LocalBlobStore(directory=tmp_path / "blocks")
+        if s is None
+        else KuboBlobStore(base_url=s.kubo_url)
+    )
     yield store
     await store.close()
 
@@ -44,8 +47,9 @@ async def blobs(impl: str, tmp_path: Path, request: pytest.FixtureRequest) -> As
 def make_log(impl: str, tmp_path: Path, s: Any, name: str | None = None) -> Any:
     if s is None:
         return FileLog(path=tmp_path / "log.bin")
-    return JetStreamLog(servers=s.nats_urls, stream=name or f"C{uuid.uuid4().hex[:10].upper()}",
-                        replicas=3)
+    return JetStreamLog(
+        servers=s.nats_urls, stream=name or f"C{uuid.uuid4().hex[:10].upper()}", replicas=3
+    )
 
 
 @pytest.fixture
@@ -58,8 +62,11 @@ async def log(impl: str, tmp_path: Path, request: pytest.FixtureRequest) -> Asyn
 @pytest.fixture
 async def state(impl: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     s = _services(request, impl)
-    store = MemoryStateStore() if s is None else RedisStateStore(
-        url=s.redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    store = (
+        MemoryStateStore()
+        if s is None
+        else RedisStateStore(url=s.redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    )
     yield store
     await store.close()
 

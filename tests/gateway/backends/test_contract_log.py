@@ -42,8 +42,10 @@ async def test_racing_appenders_exactly_one_wins_each_position(
     try:
         await first.append(b"init", expected_last_seq=0, msg_id="init")
         results = await asyncio.gather(
-            *(b.append(f"w{i}".encode(), expected_last_seq=1, msg_id=f"w{i}")
-              for i, b in enumerate([first, second] * 3)),
+            *(
+                b.append(f"w{i}".encode(), expected_last_seq=1, msg_id=f"w{i}")
+                for i, b in enumerate([first, second] * 3)
+            ),
             return_exceptions=True,
         )
         wins = [r for r in results if isinstance(r, int)]
@@ -81,7 +83,9 @@ async def test_file_log_torn_tail_is_cut_and_corruption_is_named(tmp_path: Path)
 
 
 @pytest.mark.services
-async def test_jetstream_stream_is_replicated_and_append_only(services: Any, tmp_path: Path) -> None:
+async def test_jetstream_stream_is_replicated_and_append_only(
+    services: Any, tmp_path: Path
+) -> None:
     log = make_log("production", tmp_path, services)
     try:
         await log.append(b"x", expected_last_seq=0, msg_id="x")
