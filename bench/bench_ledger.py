@@ -268,7 +268,8 @@ async def run_throughput(args: argparse.Namespace) -> str:
                 "about a 500-leaf batch per message |",
                 f"| **ledger append (whole path)** | **{led['leaves_per_s']:,.0f} leaves/s** | "
                 f"{args.concurrency} callers x {args.per_call} leaves; "
-                f"batches of at most {args.max_leaves} (mean {led['leaves_per_batch']:.0f}); ack p50 {led['p50_ms']:.1f} ms, "
+                f"batches of at most {args.max_leaves} (mean {led['leaves_per_batch']:.0f}); "
+                f"ack p50 {led['p50_ms']:.1f} ms, "
                 f"p99 {led['p99_ms']:.1f} ms |",
                 "",
                 "The ledger path per batch: leaf hashes, tree append, checkpoint signed with "
@@ -323,8 +324,8 @@ def build_data_dir(data: Path, n: int, batch: int = 500) -> tuple[float, int]:
             prev = cp.body_hash()
             nonce = os.urandom(16)
             bid = batch_id(signer.name, hashes, nonce)
-            batch = Batch(signer.name, bid, tuple(leaves), signed.to_bytes(), nonce)
-            out.write(encode_record(encode_batch(batch), bid))
+            message = Batch(signer.name, bid, tuple(leaves), signed.to_bytes(), nonce)
+            out.write(encode_record(encode_batch(message), bid))
         out.flush()
         os.fsync(out.fileno())
     tree.close()

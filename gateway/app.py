@@ -147,6 +147,16 @@ def create_app(settings: Settings, *, backends: Backends | None = None) -> FastA
         gw.metrics.requests.labels(request.method, route, str(response.status_code)).inc()
         gw.metrics.latency.labels(route).observe(elapsed)
         response.headers["X-Request-Id"] = request_id
+        log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "route": route,
+                "status": response.status_code,
+                "ms": round(elapsed * 1000, 1),
+            },
+        )
         return response
 
     app.include_router(ops_api.build_router(gw))

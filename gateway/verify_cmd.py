@@ -21,6 +21,7 @@ from ledger.checkpoint import SignedCheckpoint, TrustedKeys
 from ledger.errors import CheckpointError, LedgerError
 from ledger.tiles import TreeStore
 from ledger.verify import verify_checkpoint, verify_consistency
+from ledger.witness import WitnessState
 
 
 def _progress(stream: TextIO) -> Callable[[int, int], None]:
@@ -93,6 +94,8 @@ async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path |
             blobs=blobs,
             progress=show,
         )
+        if report.tree is not None:
+            _check_node_checkpoints(report, settings, trusted)
         if from_checkpoint is not None:
             _check_saved(report, from_checkpoint, trusted, settings.ledger_origin)
     finally:
@@ -125,40 +128,83 @@ async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path |
 
 
 def _check_saved(report: AuditReport, path: Path, trusted: TrustedKeys, origin: str) -> None:
-    """Check a saved checkpoint against the re-derived tree (appends problems to ``report``).
-
-    The saved checkpoint's signatures must verify; its tree must be a prefix of the tree the
-    log gives now: a larger size means the log was truncated, another root at its size (checked
-    with an RFC 9162 consistency proof from the saved tree to the current one) means history
-    was rewritten.
-    """
+    """Check a checkpoint saved by an auditor against the re-derived tree (appends problems to
+    ``report``); see :func:`_check_against_tree`."""
     try:
         saved = load_saved_checkpoint(path)
-        cp = verify_checkpoint(saved, trusted)
     except (OSError, ValueError, LedgerError) as exc:
         report.problems.append(f"saved checkpoint {path}: {exc}")
         return
-    if cp.origin != origin:
-        report.problems.append(
-            f"saved checkpoint {path} is of log {cp.origin!r}, not of {origin!r}"
-        )
-        return
+    if _check_against_tree(report, saved, f"saved checkpoint {path}", trusted, origin):
+        report.saved_checkpoint_size = saved.checkpoint.size
+
+
+def _check_node_checkpoints(report: AuditReport, settings: Settings, trusted: TrustedKeys) -> None:
+    """The node's own records of the ledger are saved checkpoints too: the latest final
+    checkpoint it served and the latest checkpoint its witness cosigned. A log rewritten or
+    truncated behind the node's back contradicts them. Split-view evidence held by the witness
+    is reported as well."""
+    d = settings.data_dir / "ledger"
+    final = d / f"final-checkpoint-{settings.profile}.json"
+    if final.exists():
+        try:
+            signed = SignedCheckpoint.from_bytes(final.read_bytes())
+        except (OSError, LedgerError) as exc:
+            report.problems.append(f"final checkpoint {final}: {exc}")
+        else:
+            _check_against_tree(report, signed, f"final checkpoint {final}", trusted, "")
+    state_path = d / "witness-state.json"
+    if state_path.exists():
+        try:
+            state = WitnessState.from_bytes(state_path.read_bytes())
+        except (OSError, LedgerError) as exc:
+            report.problems.append(f"witness state {state_path}: {exc}")
+            return
+        cosigned = state.latest.get(settings.ledger_origin)
+        if cosigned is not None:
+            label = f"checkpoint cosigned by this node's witness ({state_path})"
+            _check_against_tree(report, cosigned, label, trusted, "")
+        for ev in state.evidence:
+            report.problems.append(
+                f"witness state {state_path} holds split-view evidence: {ev.reason} (sizes "
+                f"{ev.first.checkpoint.size} and {ev.second.checkpoint.size}, writer "
+                f"{ev.second.signers()[0] if ev.second.signatures else '?'})"
+            )
+
+
+def _check_against_tree(
+    report: AuditReport, saved: SignedCheckpoint, label: str, trusted: TrustedKeys, origin: str
+) -> bool:
+    """Check one signed checkpoint against the re-derived tree; True when it is a prefix.
+
+    Its signatures must verify; its tree must be a prefix of the tree the log gives now: a
+    larger size means the log was truncated, another root at its size (checked with an RFC 9162
+    consistency proof from its tree to the current one) means history was rewritten. An empty
+    ``origin`` skips the origin check. Appends problems to ``report``; raises nothing.
+    """
+    try:
+        cp = verify_checkpoint(saved, trusted)
+    except LedgerError as exc:
+        report.problems.append(f"{label}: {exc}")
+        return False
+    if origin and cp.origin != origin:
+        report.problems.append(f"{label} is of log {cp.origin!r}, not of {origin!r}")
+        return False
     if cp.size > report.leaves:
         report.problems.append(
-            f"saved checkpoint {path} has tree size {cp.size} but the log now gives only "
-            f"{report.leaves} leaves: history was truncated (or the log is unreadable past "
-            f"leaf {report.leaves})"
+            f"{label} has tree size {cp.size} but the log now gives only {report.leaves} "
+            f"leaves: history was truncated (or the log is unreadable past leaf {report.leaves})"
         )
-        return
+        return False
     if report.tree is None or cp.size == 0:
-        return
+        return True
     proof = report.tree.consistency_proof(cp.size, report.leaves)
     try:
         verify_consistency(cp.size, report.leaves, proof, cp.root, report.tree.root())
     except LedgerError:
         report.problems.append(
-            f"saved checkpoint {path} (tree size {cp.size}, root {cp.root.hex()}) is not "
-            f"consistent with the log's tree of size {report.leaves}: history was rewritten"
+            f"{label} (tree size {cp.size}, root {cp.root.hex()}) is not consistent with the "
+            f"log's tree of size {report.leaves}: history was rewritten"
         )
-        return
-    report.saved_checkpoint_size = cp.size
+        return False
+    return True

@@ -98,8 +98,10 @@ class Ledger:
         conflict_error: type[Exception],
         max_leaves: int = 500,
         max_delay: float = 0.005,
-        retries: int = 5,
+        retries: int | None = None,
+        race_window: float = 30.0,
         unavailable_window: float = 5.0,
+        fair_gap: float = 0.015,
         clock: Callable[[], float] = time.time,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
@@ -110,7 +112,10 @@ class Ledger:
         self.origin = origin
         self._conflict_error = conflict_error
         self._retries = retries
+        self._race_window = race_window
         self._unavailable_window = unavailable_window
+        self._fair_gap = fair_gap
+        self._last_own = -1e9  # monotonic time of this writer's last appended batch
         self._clock = clock
         self._committer: GroupCommitter[bytes, AppendResult] = GroupCommitter(
             self._write_group,
@@ -272,8 +277,18 @@ class Ledger:
         nonce = os.urandom(16)
         bid = batch_id(self._signer.name, hashes, nonce)
         last_exc: Exception | None = None
+        attempts = 0
+        deadline = time.monotonic() + self._race_window
         async with self._io_lock:
-            for _attempt in range(self._retries):
+            while True:
+                attempts += 1
+                if attempts > 1 and (
+                    time.monotonic() > deadline
+                    or (self._retries is not None and attempts > self._retries)
+                ):
+                    break
+                if attempts == 1:
+                    await self._yield_to_other_writers()
                 if bid in self._seen_batches:
                     # An earlier attempt was appended after all (seen while catching up).
                     return self._results_for(hashes)
@@ -316,6 +331,7 @@ class Ledger:
                         return self._results_for(hashes)
                     continue
                 self._commit(seq, batch, signed, first)
+                self._last_own = time.monotonic()
                 self.tree.flush()
                 self.stats.batches_written += 1
                 self.stats.leaves_written += len(leaves)
@@ -324,8 +340,22 @@ class Ledger:
                     for i in range(len(leaves))
                 ]
         raise LedgerUnavailableError(
-            f"batch {bid[:16]} lost the race {self._retries} times"
+            f"batch {bid[:16]} lost the race for a log position {attempts - 1} times in "
+            f"{self._race_window:g} s; nothing in it was acknowledged"
         ) from last_exc
+
+    async def _yield_to_other_writers(self) -> None:
+        """Fairness between writers sharing the log. A writer that lost a race must read what
+        it missed before it can sign again (a round trip to the log), while the winner could
+        send its next batch at once and so win every race. A writer therefore leaves at least
+        ``fair_gap`` seconds between the end of its last successful append and the start of
+        its next group's first attempt; a loser's retries are not delayed. A lone writer under
+        load loses little: the leaves of its callers gather into a larger batch meanwhile; a
+        lone request after a quiet spell is not delayed at all. Raises nothing.
+        """
+        wait = self._last_own + self._fair_gap - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _append_retrying(self, data: bytes, bid: str) -> int:
         """Append one batch; while the log is unavailable (e.g. electing a new stream leader),

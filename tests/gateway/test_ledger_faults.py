@@ -15,15 +15,22 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
 
+from gateway.api.ledger import build_router
 from gateway.errors import LogConflictError
+from gateway.witness_service import WitnessService
 from ledger.checkpoint import Signer, TrustedKeys
 from ledger.merkle import leaf_hash
 from ledger.sequencer import Ledger, LedgerUnavailableError
 from ledger.tiles import TreeStore
+from ledger.witness import is_final
+from tests.gateway.test_ledger_witness import Node, Router
 
 pytestmark = pytest.mark.services
 
@@ -65,7 +72,6 @@ async def stream(services: Any) -> AsyncIterator[Stream]:
             origin="alliance.example/ledger",
             conflict_error=LogConflictError,
             max_delay=0.002,
-            retries=50,
             unavailable_window=15.0,
         )
         await ledger.start(follow_interval=0.2)
@@ -149,8 +155,11 @@ async def test_sigkill_of_the_stream_leader_mid_stream(services: Any, stream: St
         await asyncio.sleep(8.0)
         done = True
         await asyncio.gather(*writers)
-        after_kill = [t for t in stream.ack_times if t > killed_at + 0.1]
-        assert after_kill, f"no acknowledgement after the leader was killed: {stream.errors[-3:]}"
+        # Acknowledgements keep coming once a new leader is elected (well within 4 s).
+        late = [t for t in stream.ack_times if t > killed_at + 4.0]
+        assert late, f"no acknowledgement after the leader was killed: {stream.errors[-3:]}"
+        new_leader = await asyncio.to_thread(services.stream_leader, stream.name)
+        assert new_leader not in (None, leader)
     finally:
         done = True
         await asyncio.to_thread(_start_node, services, leader)
@@ -210,3 +219,45 @@ async def test_two_gateways_racing_for_60_seconds(services: Any, stream: Stream)
     written = [ledger.stats.leaves_written for ledger in stream.ledgers[:2]]
     assert min(written) > 0, f"one gateway never got a batch in: {written}"
     await _converge(stream)
+
+
+async def test_witnesses_make_checkpoints_final_on_the_shared_stream(
+    stream: Stream, tmp_path: Path
+) -> None:
+    """Three gateways on the real stream, each running a witness and a collector (quorum 2):
+    every gateway ends with the same final checkpoint, cosigned by the two other institutions."""
+    router = Router()
+    services_ = []
+    names = ("hosp-a", "hosp-b", "hosp-c")
+    for name, ledger in zip(names, stream.ledgers, strict=True):
+        ws = WitnessService(
+            ledger=ledger,
+            signer=SIGNERS[name],
+            trusted=TRUST,
+            state_path=tmp_path / name / "witness-state.json",
+            final_path=tmp_path / name / "final.json",
+            quorum=2,
+            peers=[f"http://{p}" for p in names if p != name],
+            interval=0.05,
+            retry_delay=0.2,
+            transport=router,
+        )
+        node = Node(name, ledger, ws, FastAPI())
+        node.app.include_router(build_router(node))  # type: ignore[arg-type]
+        router.apps[name] = httpx.ASGITransport(app=node.app)
+        await ws.start()
+        services_.append(ws)
+    try:
+        for i in range(5):
+            await stream.ledgers[i % 2].append([f"final-{i}".encode()])
+        for ledger in stream.ledgers:
+            await ledger.catch_up()
+        size = stream.ledgers[0].size
+        finals = [await ws.wait_final(size, timeout=30) for ws in services_]
+        assert {f.checkpoint for f in finals} == {stream.ledgers[0].latest.checkpoint}  # type: ignore[union-attr]
+        for f in finals:
+            assert is_final(f, TRUST, 2)
+        assert all(not ws.evidence() for ws in services_)
+    finally:
+        for ws in services_:
+            await ws.stop()

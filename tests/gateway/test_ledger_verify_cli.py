@@ -25,10 +25,11 @@ from gateway.app import create_app
 from gateway.backends.log_file import FileLog, iter_records
 from gateway.errors import LogConflictError
 from ledger.batch import decode_batch
-from ledger.checkpoint import Signer, TrustedKeys
+from ledger.checkpoint import Checkpoint, Signer, TrustedKeys
 from ledger.leaves import encode_leaf
 from ledger.sequencer import Ledger
 from ledger.tiles import TreeStore
+from ledger.witness import Evidence, WitnessState
 from tests.gateway.conftest import FHIR, demo_bundle, settings_for
 
 HEADER = struct.Struct(">II")
@@ -214,6 +215,12 @@ def _rewrite_history(work: Path, keep: int) -> None:
 
 def test_from_checkpoint_detects_rewritten_history(work: Path) -> None:
     _rewrite_history(work, keep=1)
+    final = work / "gw" / "ledger" / "final-checkpoint-embedded.json"
+    assert final.exists()
+    own = verify(work / "gw")
+    assert own.returncode == 1, own.stdout
+    assert f"final checkpoint {final}" in own.stdout and "history was rewritten" in own.stdout
+    final.unlink()  # an insider would remove the node's own record too
     plain = verify(work / "gw")
     assert plain.returncode == 0, "the rewritten log is self-consistent: " + plain.stdout
     res = verify(work / "gw", "--from-checkpoint", str(work / "saved.json"))
@@ -226,6 +233,7 @@ def test_from_checkpoint_detects_truncated_history(work: Path) -> None:
     records = list(iter_records(path))
     path.write_bytes(path.read_bytes()[: records[1][0]])
     shutil.rmtree(work / "gw" / "ledger" / "tree-embedded")
+    (work / "gw" / "ledger" / "final-checkpoint-embedded.json").unlink()
     res = verify(work / "gw", "--from-checkpoint", str(work / "saved.json"))
     assert res.returncode == 1, res.stdout
     assert "history was truncated" in res.stdout
@@ -241,3 +249,15 @@ def test_tampered_saved_checkpoint_is_reported(work: Path) -> None:
     res = verify(work / "gw", "--from-checkpoint", str(work / "bad.json"))
     assert res.returncode == 1, res.stdout
     assert "saved checkpoint" in res.stdout and "ed25519" in res.stdout
+
+
+def test_split_view_evidence_held_by_the_witness_is_reported(work: Path) -> None:
+    data = work / "gw"
+    signer = Signer.load(data / "keys" / "signer.json")
+    one = signer.sign(Checkpoint("alliance.example/ledger", 3, b"\x01" * 32, b"\x00" * 32, 1))
+    two = signer.sign(Checkpoint("alliance.example/ledger", 3, b"\x02" * 32, b"\x00" * 32, 2))
+    state = WitnessState(evidence=[Evidence("same tree size, different root", one, two)])
+    (data / "ledger" / "witness-state.json").write_bytes(state.to_bytes())
+    res = verify(data)
+    assert res.returncode == 1, res.stdout
+    assert "holds split-view evidence: same tree size, different root" in res.stdout

@@ -134,3 +134,22 @@ def test_unknown_kind_and_bad_bytes() -> None:
     for raw in (b"", b"[]", b"{}", b'{"v":2,"kind":"record"}', b"\xff\xfe"):
         with pytest.raises(LeafFormatError):
             decode_leaf(raw)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.replace(b'"kind":"record"', b'"kind":"\\u0072ecord"'),  # escaped letter
+        lambda d: d.replace(b'"version":1', b'"version":1.0'),  # number form
+        lambda d: d.replace(b'"version":1', b'"version":1e0'),
+        lambda d: d.replace(b'{"cid"', b'{ "cid"'),  # whitespace
+        lambda d: b'{"v":1,' + d[1:].replace(b',"v":1', b""),  # key order
+        lambda d: d[:-1] + b',"v":1}',  # duplicate key
+    ],
+)
+def test_non_canonical_variants_rejected_by_the_fast_path(mutate: Any) -> None:
+    data = encode_leaf("record", GOOD["record"])
+    bad = mutate(data)
+    assert bad != data
+    with pytest.raises(LeafFormatError):
+        decode_leaf(bad)
