@@ -12,7 +12,6 @@ import asyncio
 import signal
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,11 +83,7 @@ async def stream(services: Any) -> AsyncIterator[Stream]:
 
 
 def _start_node(services: Any, name: str) -> None:
-    # The harness spawns the node with subprocess.Popen and drops the object (the process is
-    # tracked by its pid file), which makes Popen.__del__ warn; not a leak, so not an error here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        services.start_node(name)
+    services.start_node(name)
 
 
 async def _writer(

@@ -84,6 +84,7 @@ class Services:
         default_factory=lambda: [f"nats://127.0.0.1:{p}" for p in NATS_CLIENT_PORTS]
     )
     redis_url: str = f"redis://127.0.0.1:{REDIS_PORT}/0"
+    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     # -- process bookkeeping -----------------------------------------------------------------
 
@@ -106,6 +107,7 @@ class Services:
                 start_new_session=True,
             )
         self._pidfile(name).write_text(str(proc.pid))
+        self._procs[name] = proc  # kept so that the child is reaped (no zombie, no warning)
         return proc.pid
 
     def pid(self, name: str) -> int | None:
@@ -114,6 +116,9 @@ class Services:
             pid = int(self._pidfile(name).read_text())
         except (OSError, ValueError):
             return None
+        proc = self._procs.get(name)
+        if proc is not None and proc.pid == pid:
+            return pid if proc.poll() is None else None  # our child: a zombie is not running
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -126,6 +131,16 @@ class Services:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+        proc = self._procs.get(name)
+        if proc is not None and proc.pid == pid:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            self._procs.pop(name, None)
+            self._pidfile(name).unlink(missing_ok=True)
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
