@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -67,9 +68,18 @@ def outcome_for(exc: Exception) -> tuple[int, dict[str, object]]:
     return 500, operation_outcome("fatal", "exception", "internal error")
 
 
-def create_app(settings: Settings, *, backends: Backends | None = None) -> FastAPI:
-    """Build the gateway app; the lifespan starts and stops the :class:`Gateway`."""
-    gw = Gateway(settings, backends=backends)
+def create_app(
+    settings: Settings,
+    *,
+    backends: Backends | None = None,
+    witness_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """Build the gateway app; the lifespan starts and stops the :class:`Gateway`.
+
+    ``backends`` and ``witness_transport`` (how this gateway reaches its peers' witnesses) are
+    seams for tests; by default they follow the settings.
+    """
+    gw = Gateway(settings, backends=backends, witness_transport=witness_transport)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

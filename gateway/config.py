@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     witness_peers: str = ""
     witness_timeout: float = 2.0
     witness_interval_ms: float = 200.0
+    # How long a write may wait for its checkpoint to become final (cosigned by the quorum) so
+    # that its receipts carry the cosigned checkpoint; 0: answer at once with the writer-signed
+    # checkpoint (GET /ledger/receipt gives the cosigned one later). On timeout the writer-signed
+    # checkpoint is used: the data is durable either way.
+    receipt_wait_final_ms: float = 0.0
     # Anchor the trust file with a ``key`` leaf of action ``trust`` at start when not yet anchored.
     anchor_trust: bool = True
 

@@ -15,6 +15,8 @@ import secrets as pysecrets
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
+
 from gateway.api.common import AccessPolicy, AllowAll
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
@@ -142,7 +144,13 @@ def dictionary_version() -> str:
 class Gateway:
     """One institution's running gateway."""
 
-    def __init__(self, settings: Settings, *, backends: Backends | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backends: Backends | None = None,
+        witness_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.settings = settings
         self.pseudonym_key, master_key = load_secrets(settings)
         self.backends = backends or build_backends(settings, master_key=master_key)
@@ -188,6 +196,7 @@ class Gateway:
             peers=parse_peers(settings.witness_peers),
             timeout=settings.witness_timeout,
             interval=settings.witness_interval_ms / 1000.0,
+            transport=witness_transport,
         )
         self.policy: AccessPolicy = AllowAll()
         self.started = False

@@ -7,6 +7,7 @@ errors and turned into OperationOutcome by the app's single handler.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any
 
@@ -195,10 +196,25 @@ def _error_entry(pe: PreparedEntry) -> dict[str, Any]:
 
 
 async def store_and_count(gw: Gateway, inputs: list[RecordInput]) -> list[StoredRecord]:
-    """Run the pipeline and count what was stored."""
+    """Run the pipeline, count what was stored, and attach the final checkpoint if asked.
+
+    With ``receipt_wait_final_ms`` and a witness quorum, waits (bounded) until a checkpoint
+    covering these records is cosigned by the quorum, and moves the receipts onto it.
+    """
     stored = await gw.pipeline.store(inputs)
     for s in stored:
         gw.metrics.records_stored.labels(s.resource_type).inc()
+    wait = gw.settings.receipt_wait_final_ms / 1000.0
+    if stored and wait > 0 and gw.settings.witness_quorum > 0:
+        try:
+            final = await gw.witness.wait_final(max(s.tree_size for s in stored), wait)
+        except TimeoutError:
+            return stored
+        cp = final.checkpoint
+        stored = [
+            dataclasses.replace(s, tree_size=cp.size, root=cp.root, checkpoint=final)
+            for s in stored
+        ]
     return stored
 
 

@@ -1,0 +1,84 @@
+"""Three institutions' gateways share one log; receipts can carry the quorum-cosigned checkpoint.
+
+Each gateway is a full app (embedded adapters, one shared FileLog as the replicated log stands
+in on one machine); their witnesses reach each other over HTTP through an in-process router.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import httpx
+
+from gateway.app import create_app
+from gateway.backends.blobs_local import LocalBlobStore
+from gateway.backends.keys_file import FileKeyStore
+from gateway.backends.log_file import FileLog
+from gateway.backends.protocols import Backends
+from gateway.backends.state_memory import MemoryStateStore
+from gateway.config import Settings
+from gateway.demo import check_receipt, receipt_of
+from ledger.checkpoint import SignedCheckpoint, Signer, TrustedKeys
+from ledger.merkle import leaf_hash
+from ledger.witness import is_final
+from tests.gateway.conftest import FHIR, demo_bundle
+from tests.gateway.test_ledger_witness import Router
+
+NAMES = ("hosp-a", "clinic-b", "centre-c")
+
+
+async def test_receipts_carry_the_cosigned_checkpoint_when_asked(tmp_path: Path) -> None:
+    signers = {n: Signer.generate(n) for n in NAMES}
+    trust = TrustedKeys.of(signers.values())
+    trust.save(tmp_path / "trust.json")
+    router = Router()
+    apps = {}
+    for name in NAMES:
+        d = tmp_path / name
+        (d / "keys").mkdir(parents=True)
+        signers[name].save(d / "keys" / "signer.json")
+        settings = Settings(
+            profile="embedded",
+            data_dir=d,
+            institution=name,
+            mllp_enabled=False,
+            trust_file=tmp_path / "trust.json",
+            pseudonym_key="11" * 32,
+            witness_quorum=2,
+            receipt_wait_final_ms=10_000,
+            witness_peers=",".join(f"http://{m}" for m in NAMES if m != name),
+        )
+        backends = Backends(
+            blobs=LocalBlobStore(directory=d / "blocks"),
+            log=FileLog(path=tmp_path / "shared-log.bin"),
+            state=MemoryStateStore(),
+            keys=FileKeyStore(path=d / "keys.jsonl", master_key=os.urandom(32)),
+        )
+        apps[name] = create_app(settings, backends=backends, witness_transport=router)
+        router.apps[name] = httpx.ASGITransport(app=apps[name])
+    async with AsyncExitStack() as stack:
+        for app in apps.values():
+            await stack.enter_async_context(app.router.lifespan_context(app))
+        client = httpx.AsyncClient(transport=router, base_url="http://hosp-a", timeout=30)
+        r = await client.post("/fhir", content=json.dumps(demo_bundle()), headers=FHIR)
+        assert r.status_code == 200, r.text
+        gw = apps["hosp-a"].state.gateway
+        for entry in r.json()["entry"]:
+            receipt = receipt_of(entry["response"])
+            signed = SignedCheckpoint.from_bytes(base64.b64decode(receipt["checkpoint"]))
+            assert is_final(signed, trust, 2), "receipt checkpoint is not cosigned by the quorum"
+            assert set(signed.signers()) == set(NAMES)
+            leaf = (await gw.leaves_range(receipt["leafIndex"], receipt["leafIndex"] + 1))[0]
+            check_receipt(receipt, leaf_hash(leaf), trust)
+        # The other gateways derived the same tree and read nothing they should not have.
+        final = (await client.get("/ledger/checkpoint")).json()
+        assert final["final"] is True
+        other = await httpx.AsyncClient(transport=router, base_url="http://clinic-b").get(
+            "/ledger/checkpoint", params={"final": "false"}
+        )
+        assert other.json()["tree_size"] >= final["tree_size"]
+        await client.aclose()
