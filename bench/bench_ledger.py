@@ -1,6 +1,6 @@
 """Benchmark: the shared ledger end to end. Not a test.
 
-Two measurements, each printed as a markdown table and written to docs/benchmarks-ledger.md:
+Two measurements, each printed as a markdown table and written to docs/benchmarks.md:
 
 * ``throughput``: sustained leaves/s through the whole ledger (group commit, tree, Ed25519 +
   ML-DSA-65 checkpoint per batch, conditional append with message id) on a real 3-node NATS
@@ -48,7 +48,7 @@ from ledger.merkle import leaf_hash  # noqa: E402
 from ledger.sequencer import Ledger  # noqa: E402
 from ledger.tiles import TreeStore  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks-ledger.md"
+DOC = ROOT / "docs" / "benchmarks.md"
 ORIGIN = "alliance.example/ledger"
 CID = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
 
@@ -369,7 +369,7 @@ def run_audit(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    """Run the benchmarks, print the tables, write docs/benchmarks-ledger.md."""
+    """Run the benchmarks, print the tables, write docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description="ledger benchmarks")
     parser.add_argument("--only", choices=["throughput", "audit"])
     parser.add_argument("--seconds", type=float, default=20.0)

@@ -65,6 +65,11 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+# Children started by this process, by pid file. Module-level, not per Services object, so a
+# running child's Popen is never garbage-collected (which would warn) while it runs.
+_CHILDREN: dict[Path, subprocess.Popen[bytes]] = {}
+
+
 def _set_sync(spec: dict[str, object]) -> None:
     """Set ``sync: true`` on every flatfs datastore in a Kubo datastore spec."""
     if spec.get("type") == "flatfs":
@@ -84,7 +89,6 @@ class Services:
         default_factory=lambda: [f"nats://127.0.0.1:{p}" for p in NATS_CLIENT_PORTS]
     )
     redis_url: str = f"redis://127.0.0.1:{REDIS_PORT}/0"
-    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     # -- process bookkeeping -----------------------------------------------------------------
 
@@ -107,7 +111,7 @@ class Services:
                 start_new_session=True,
             )
         self._pidfile(name).write_text(str(proc.pid))
-        self._procs[name] = proc  # kept so that the child is reaped (no zombie, no warning)
+        _CHILDREN[self._pidfile(name)] = proc  # kept so the child is reaped (no zombie)
         return proc.pid
 
     def pid(self, name: str) -> int | None:
@@ -116,7 +120,7 @@ class Services:
             pid = int(self._pidfile(name).read_text())
         except (OSError, ValueError):
             return None
-        proc = self._procs.get(name)
+        proc = _CHILDREN.get(self._pidfile(name))
         if proc is not None and proc.pid == pid:
             return pid if proc.poll() is None else None  # our child: a zombie is not running
         try:
@@ -131,14 +135,14 @@ class Services:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        proc = self._procs.get(name)
+        proc = _CHILDREN.get(self._pidfile(name))
         if proc is not None and proc.pid == pid:
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
-            self._procs.pop(name, None)
+            _CHILDREN.pop(self._pidfile(name), None)
             self._pidfile(name).unlink(missing_ok=True)
             return
         deadline = time.monotonic() + timeout
