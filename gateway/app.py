@@ -19,6 +19,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api import fhir as fhir_api
+from gateway.api import hl7v2 as hl7v2_api
+from gateway.api import imaging as imaging_api
 from gateway.api import ledger as ledger_api
 from gateway.api import ops as ops_api
 from gateway.api.common import PayloadTooLargeError, fhir_response
@@ -33,6 +35,8 @@ from gateway.errors import (
     NotFoundError,
 )
 from gateway.fhir import operation_outcome
+from gateway.hl7 import HL7Ingest
+from gateway.mllp.server import MLLPServer
 from gateway.runtime import Gateway
 from ledger.errors import LedgerError
 
@@ -169,7 +173,23 @@ def create_app(
         )
         return response
 
+    ingest = HL7Ingest(gw)
+    app.state.hl7 = ingest
     app.include_router(ops_api.build_router(gw))
     app.include_router(fhir_api.build_router(gw))
     app.include_router(ledger_api.build_router(gw))
+    app.include_router(hl7v2_api.build_router(ingest))
+    app.include_router(imaging_api.build_router(ingest))
+    if settings.mllp_enabled:
+        mllp = MLLPServer(
+            lambda data, _conn: ingest.handle(data),
+            host=settings.host,
+            port=settings.mllp_port,
+            max_message_size=settings.max_mllp_message_bytes,
+            idle_timeout=settings.mllp_idle_timeout,
+            on_oversize=lambda head, limit: ingest.oversize_ack(head, limit),
+        )
+        app.state.mllp = mllp
+        app.state.start_hooks.append(mllp.start)
+        app.state.stop_hooks.append(mllp.close)
     return app

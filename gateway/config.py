@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     # The alliance's master patient identifier system (e.g. resident health card number).
     master_id_system: str = "urn:oid:2.16.156.10011.1.19"
     default_tz: str = "Asia/Shanghai"
+    # HL7 v2: assigning authority (namespace or universal id) -> identifier system URI; whether
+    # local codes the unified dictionary cannot map are rejected (AE, 103) instead of kept.
+    hl7_authority_systems: dict[str, str] = {}
+    hl7_strict_codes: bool = False
+    # DICOMweb base URL written into ImagingStudy endpoints.
+    imaging_endpoint_base: str | None = None
     # Public keys of the alliance's institutions (JSON); default: data_dir/trust.json with our own.
     trust_file: Path | None = None
 

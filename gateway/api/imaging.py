@@ -1,0 +1,78 @@
+"""``POST /imaging/studies``: imaging metadata as DICOM JSON (PS3.18 ``application/dicom+json``).
+
+Produces the same ImagingStudy as the HL7 v2 path (mappings/imaging.py) and stores it through
+the record pipeline; the answer is the stored ImagingStudy with its ledger receipt, as for
+``POST /fhir/{type}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from gateway.api.common import fhir_response, parse_json, read_body
+from gateway.api.fhir import entry_response, store_and_count
+from gateway.crypto import pseudonym
+from gateway.errors import InvalidInputError
+from gateway.hl7 import HL7Ingest
+from gateway.pipeline import RecordInput
+from mappings.errors import MappingError
+from mappings.imaging import imaging_study_from_dicom_json
+
+DICOM_JSON = "application/dicom+json"
+
+
+def _first_value(doc: Any, tag: str) -> str | None:
+    objects = doc if isinstance(doc, list) else [doc]
+    for obj in objects:
+        if isinstance(obj, dict):
+            values = (obj.get(tag) or {}).get("Value") or []
+            if values and isinstance(values[0], str | int | float):
+                return str(values[0])
+    return None
+
+
+def build_router(ingest: HL7Ingest) -> APIRouter:
+    """The /imaging/studies route."""
+    router = APIRouter()
+    gw = ingest.gw
+
+    @router.post("/imaging/studies")
+    async def post_study(request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in (DICOM_JSON, "application/json"):
+            raise InvalidInputError(
+                f"content type {ctype or '(none)'} is not supported; send {DICOM_JSON}",
+                code="not-supported-media-type",
+            )
+        doc = parse_json(await read_body(request, gw.settings.max_body_bytes))
+        try:
+            study = imaging_study_from_dicom_json(doc, options=ingest.options)
+        except MappingError as exc:
+            where = f"DICOM {exc.segment or ''}".strip()
+            raise InvalidInputError(str(exc), location=where) from exc
+        subject = str(study.get("subject", {}).get("reference", ""))
+        patient = gw.pipeline.patient_of("Patient", subject.split("/", 1)[-1])
+        if patient is None:
+            pid = _first_value(doc, "00100020")
+            issuer = _first_value(doc, "00100021")
+            if pid is None:
+                raise InvalidInputError("PatientID (0010,0020) is missing", location="00100020")
+            system = (
+                ingest.options.authority_systems.get(issuer or "")
+                or f"urn:alliance:facility:{issuer or gw.settings.institution}:id"
+            )
+            patient = pseudonym(gw.pseudonym_key, system, pid)
+        await gw.policy.check_write(request, "ImagingStudy")
+        (stored,) = await store_and_count(gw, [RecordInput(study, patient)])
+        resp = entry_response(gw, stored)
+        study.setdefault("meta", {})["extension"] = resp["extension"]
+        return fhir_response(
+            study,
+            status=201 if stored.created else 200,
+            headers={"Location": f"/fhir/{resp['location']}", "ETag": resp["etag"]},
+        )
+
+    return router

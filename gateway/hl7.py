@@ -1,0 +1,246 @@
+"""HL7 v2 ingestion: one message's bytes in, its acknowledgement(s) out.
+
+Used by the MLLP listener and by ``POST /hl7v2``. For each message: read the header, claim it
+in the de-duplication state, parse and convert it (``mappings``, pure), then store the produced
+resources plus the original message (an encrypted ``Binary`` linked by a ``Provenance``, so
+nothing that was received is lost) through the record pipeline. ``AA`` is built only after the
+pipeline returned, i.e. after every record is stored and durably anchored. A message that cannot
+be parsed or is unsupported is answered ``AR``; one that is well formed but cannot be processed
+``AE``; a backend failure ``AE`` with ERR 207 (nothing was acknowledged; the sender's retry is
+processed normally once the backend is back).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from gateway.crypto import pseudonym
+from gateway.errors import BackendError
+from gateway.fhir import patient_pseudonym_of_patient
+from gateway.mllp.ack import AckCode, Header, acks_to_send, build_ack, read_header
+from gateway.mllp.dedup import Conflict, Deduplicator, InProgress, Replay
+from gateway.pipeline import RecordInput
+from gateway.runtime import Gateway
+from ledger.errors import LedgerError
+from mappings.errors import MappingError, MessageContentError
+from mappings.terminology import Terminology
+from mappings.v2.common import ConversionOptions, stable_id
+from mappings.v2.convert import convert
+from mappings.v2.parse import parse
+
+log = logging.getLogger("gateway.hl7")
+
+HL7_MEDIA_TYPE = "x-application/hl7-v2+er7"
+
+
+@dataclass(frozen=True, slots=True)
+class _Internal:
+    """An ERR for failures of our own (table 0357 code 207), located nowhere."""
+
+    hl7_code: str = "207"
+    segment: str | None = None
+    segment_index: int | None = None
+    field: int | None = None
+    component: int | None = None
+    repetition: int | None = None
+
+
+class HL7Ingest:
+    """Turns HL7 v2 messages into stored, anchored FHIR records and ACKs."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        s = gw.settings
+        self.options = ConversionOptions(
+            default_tz=s.default_tz,
+            master_id_system=s.master_id_system,
+            institution=s.institution,
+            imaging_endpoint_base=s.imaging_endpoint_base,
+            terminology=Terminology.load_default(),
+            authority_systems=dict(s.hl7_authority_systems),
+            strict_codes=s.hl7_strict_codes,
+            id_secret=hmac.new(gw.pseudonym_key, b"hl7-resource-ids", hashlib.sha256).digest(),
+        )
+        self.dedup = Deduplicator(gw.backends.state)
+        self._tz = ZoneInfo(s.default_tz)
+
+    def _now(self) -> datetime:
+        return datetime.now(self._tz)
+
+    def _ack(
+        self,
+        header: Header,
+        outcome: Literal["accept", "error", "reject"],
+        error: Any = None,
+        text: str = "",
+    ) -> bytes:
+        now = self._now()
+        codes: list[AckCode] = acks_to_send(header, outcome)
+        out = b""
+        for code in codes:
+            err = error if code not in ("AA", "CA") else None
+            out += build_ack(
+                header,
+                code=code,
+                now=now,
+                error=err,
+                text=text,
+                gateway_facility=self.gw.settings.institution,
+            )
+        for code in codes:
+            self.gw.metrics.mllp_messages.labels(code).inc()
+        return out
+
+    def oversize_ack(self, head: bytes, limit: int) -> bytes:
+        """The AR for a message over the size limit (built from its first bytes)."""
+        log.warning("hl7 message over the size limit rejected", extra={"limit": limit})
+        return self._ack(
+            read_header(head),
+            "reject",
+            _Internal(),
+            f"message exceeds the limit of {limit} bytes",
+        )
+
+    async def handle(self, raw: bytes) -> bytes | None:
+        """Process one message; return the ACK bytes (``b""`` when none is asked for).
+
+        Never raises for a bad message; returns None only when no truthful answer can be given
+        (the de-duplication state itself is unreachable), so the caller closes the connection.
+        """
+        header = read_header(raw)
+        extra = {"control_id": header.control_id[:40], "bytes": len(raw)}
+        try:
+            msg = parse(raw)
+        except MappingError as exc:
+            log.info("hl7 message rejected", extra={**extra, "hl7_code": exc.hl7_code})
+            return self._ack(header, "reject", exc, str(exc))
+        facility = msg.sending_facility_id or header.sending_facility
+        digest = hashlib.sha256(raw).hexdigest()
+        try:
+            decision = await self.dedup.begin(facility, msg.control_id, digest)
+        except BackendError:
+            log.error("hl7 de-duplication state unavailable", extra=extra)
+            return None
+        if isinstance(decision, Replay):
+            log.info("hl7 duplicate: original ACK replayed", extra=extra)
+            return decision.ack
+        if isinstance(decision, Conflict):
+            log.warning("hl7 control id reused with different content", extra=extra)
+            return self._ack(
+                header,
+                "error",
+                _Internal(hl7_code="205"),
+                "control id already used by a different message from this facility",
+            )
+        if isinstance(decision, InProgress):
+            return self._ack(header, "error", _Internal(), "message is being processed; retry")
+        try:
+            ack = await self._process(raw, msg, header, extra)
+        except BaseException:
+            await self._release(facility, msg.control_id)
+            raise
+        if ack[1]:
+            try:
+                await self.dedup.finish(facility, msg.control_id, digest, ack[0])
+            except BackendError:
+                log.error("hl7 accepted but could not record it for de-duplication", extra=extra)
+        else:
+            await self._release(facility, msg.control_id)
+        return ack[0]
+
+    async def _release(self, facility: str, control_id: str) -> None:
+        try:
+            await self.dedup.abort(facility, control_id)
+        except BackendError:
+            log.error("hl7 could not release a de-duplication claim")
+
+    async def _process(
+        self, raw: bytes, msg: Any, header: Header, extra: dict[str, Any]
+    ) -> tuple[bytes, bool]:
+        try:
+            result = convert(msg, options=self.options)
+        except MappingError as exc:
+            outcome: Literal["error", "reject"] = "reject" if exc.ack_code == "AR" else "error"
+            log.info("hl7 message not processed", extra={**extra, "hl7_code": exc.hl7_code})
+            return self._ack(header, outcome, exc, str(exc)), False
+        try:
+            inputs = self._records(
+                raw, msg, result.resources, result.patient_identifiers, result.master_identifier
+            )
+        except MessageContentError as exc:
+            return self._ack(header, "error", exc, str(exc)), False
+        try:
+            stored = await self.gw.pipeline.store(inputs)
+        except (BackendError, LedgerError) as exc:
+            log.error(
+                "hl7 message not stored: backend unavailable",
+                extra={**extra, "error": type(exc).__name__},
+            )
+            return self._ack(
+                header, "error", _Internal(), "storage temporarily unavailable; retry"
+            ), False
+        for s in stored:
+            self.gw.metrics.records_stored.labels(s.resource_type).inc()
+        log.info(
+            "hl7 message stored",
+            extra={**extra, "records": len(stored), "last_leaf": stored[-1].leaf_index},
+        )
+        return self._ack(header, "accept"), True
+
+    def _records(
+        self,
+        raw: bytes,
+        msg: Any,
+        resources: list[dict[str, Any]],
+        identifiers: list[tuple[str, str]],
+        master: tuple[str, str] | None,
+    ) -> list[RecordInput]:
+        settings = self.gw.settings
+        patient_res = next((r for r in resources if r.get("resourceType") == "Patient"), None)
+        if patient_res is not None:
+            patient = patient_pseudonym_of_patient(
+                patient_res,
+                key=self.gw.pseudonym_key,
+                master_system=settings.master_id_system,
+                institution=settings.institution,
+            )
+        elif master is not None or identifiers:
+            system, value = master or identifiers[0]
+            patient = pseudonym(self.gw.pseudonym_key, system, value)
+        else:
+            patient = self.gw.pipeline.no_patient
+        facility = msg.sending_facility_id or "unknown"
+        binary_id = stable_id(self.options, "Binary", facility, msg.control_id)
+        binary = {
+            "resourceType": "Binary",
+            "id": binary_id,
+            "contentType": HL7_MEDIA_TYPE,
+            "data": base64.b64encode(raw).decode("ascii"),
+        }
+        org = next((r for r in resources if r.get("resourceType") == "Organization"), None)
+        who = {"reference": f"Organization/{org['id']}"} if org else {"display": facility}
+        provenance = {
+            "resourceType": "Provenance",
+            "id": stable_id(self.options, "Provenance", facility, msg.control_id),
+            "target": [{"reference": f"{r['resourceType']}/{r['id']}"} for r in resources]
+            or [{"reference": f"Binary/{binary_id}"}],
+            "recorded": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "activity": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                        "code": "CREATE",
+                    }
+                ]
+            },
+            "agent": [{"who": who}],
+            "entity": [{"role": "source", "what": {"reference": f"Binary/{binary_id}"}}],
+        }
+        return [RecordInput(r, patient) for r in (*resources, binary, provenance)]

@@ -1,0 +1,71 @@
+"""A small MLLP client: send a message, wait for its ACK. Used by tests, benchmarks, tools.
+
+Raises ConnectionError when the server closes without answering, TimeoutError on timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from gateway.mllp.framing import Frame, FrameDecoder, frame
+
+
+class MLLPClient:
+    """One connection to an MLLP server; messages are sent and answered one at a time."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = 30.0) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._decoder = FrameDecoder(64 * 1024 * 1024)
+        self._pending: list[bytes] = []
+
+    async def connect(self) -> None:
+        """Open the connection."""
+        self._reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), self.timeout
+        )
+
+    async def send(self, message: bytes) -> bytes:
+        """Send one message and return the content of the next frame received."""
+        if self._writer is None:
+            await self.connect()
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(frame(message))
+        await self._writer.drain()
+        return await asyncio.wait_for(self._next_frame(), self.timeout)
+
+    async def _next_frame(self) -> bytes:
+        assert self._reader is not None
+        while not self._pending:
+            data = await self._reader.read(65536)
+            if not data:
+                raise ConnectionError("server closed the connection without an ACK")
+            self._pending += [e.data for e in self._decoder.feed(data) if isinstance(e, Frame)]
+        return self._pending.pop(0)
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+            self._writer = None
+
+    async def __aenter__(self) -> MLLPClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def send_sync(host: str, port: int, message: bytes, *, timeout: float = 30.0) -> bytes:
+    """Send one message on a fresh connection and return the ACK (blocking)."""
+
+    async def run() -> bytes:
+        async with MLLPClient(host, port, timeout=timeout) as client:
+            return await client.send(message)
+
+    return asyncio.run(run())

@@ -1,0 +1,129 @@
+"""The MLLP listener: asyncio streams, many connections, messages in order on each one.
+
+For every complete frame the handler is awaited before the next frame of that connection is
+read, so a connection's messages are processed strictly in order; connections are independent.
+The handler returns the reply bytes, ``b""`` for no reply, or ``None`` to close the connection
+without an answer (what to do when nothing truthful can be said). An oversize frame is answered
+by ``on_oversize`` (an AR ACK), bytes outside frames are dropped and logged, an idle connection
+is closed after ``idle_timeout``. Logs carry the peer and sizes, never message content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gateway.mllp.framing import Discarded, Frame, FrameDecoder, Oversize, frame
+
+log = logging.getLogger("gateway.mllp")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """Who is on the other end."""
+
+    peer: str
+
+
+Handler = Callable[[bytes, ConnectionInfo], Awaitable[bytes | None]]
+OversizeHandler = Callable[[bytes, int], bytes]
+
+
+class MLLPServer:
+    """An MLLP server around a message handler."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 2575,
+        max_message_size: int = 4 * 1024 * 1024,
+        idle_timeout: float = 300.0,
+        on_oversize: OversizeHandler | None = None,
+    ) -> None:
+        self._handler = handler
+        self.host = host
+        self.port = port
+        self.max_message_size = max_message_size
+        self.idle_timeout = idle_timeout
+        self._on_oversize = on_oversize
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Listen; ``port`` 0 picks a free port, readable afterwards from ``.port``."""
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, limit=256 * 1024
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("mllp listening", extra={"host": self.host, "port": self.port})
+
+    async def close(self) -> None:
+        """Stop listening and close every connection."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        for task in list(self._connections):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        peername = writer.get_extra_info("peername")
+        info = ConnectionInfo(peer=f"{peername[0]}:{peername[1]}" if peername else "unknown")
+        decoder = FrameDecoder(self.max_message_size)
+        try:
+            while True:
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), self.idle_timeout)
+                except TimeoutError:
+                    log.info("mllp idle timeout", extra={"peer": info.peer})
+                    return
+                if not data:
+                    if decoder.in_frame:
+                        log.warning("mllp peer closed mid-frame", extra={"peer": info.peer})
+                    return
+                for event in decoder.feed(data):
+                    if isinstance(event, Discarded):
+                        log.warning(
+                            "mllp bytes outside a frame discarded",
+                            extra={"peer": info.peer, "bytes": event.count},
+                        )
+                        continue
+                    if isinstance(event, Oversize):
+                        log.warning(
+                            "mllp message over the size limit",
+                            extra={"peer": info.peer, "limit": event.limit},
+                        )
+                        if self._on_oversize is not None:
+                            writer.write(frame(self._on_oversize(event.head, event.limit)))
+                            await writer.drain()
+                        continue
+                    assert isinstance(event, Frame)
+                    try:
+                        reply = await self._handler(event.data, info)
+                    except Exception:
+                        log.exception("mllp handler failed", extra={"peer": info.peer})
+                        return
+                    if reply is None:
+                        return
+                    if reply:
+                        writer.write(frame(reply))
+                        await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.info("mllp connection lost", extra={"peer": info.peer})
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
