@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     nats_stream: str = "ALLIANCE_LEDGER"
     nats_replicas: int = 3
     redis_url: str = "redis://127.0.0.1:16379/0"
+    # Key prefix in Redis (default ``gw:<institution>:``): the workers of one gateway share it.
+    redis_prefix: str | None = None
 
     # Limits and batching.
     max_body_bytes: int = 4 * 1024 * 1024

@@ -91,7 +91,7 @@ def build_backends(settings: Settings, *, master_key: bytes) -> Backends:
     from gateway.backends.log_jetstream import JetStreamLog
     from gateway.backends.state_redis import RedisStateStore
 
-    prefix = f"gw:{settings.institution}:"
+    prefix = settings.redis_prefix or f"gw:{settings.institution}:"
     return Backends(
         blobs=KuboBlobStore(base_url=settings.kubo_url, timeout=settings.backend_timeout),
         log=JetStreamLog(

@@ -56,7 +56,14 @@ class KuboBlobStore:
         files = [("file", (f"b{i}", b, "application/octet-stream")) for i, b in enumerate(blocks)]
         r = await self._post(
             "/block/put",
-            params={"cid-codec": "raw", "mhtype": "sha2-256", "pin": "true"},
+            params={
+                "cid-codec": "raw",
+                "mhtype": "sha2-256",
+                "pin": "true",
+                # Kubo refuses blocks over 2 MiB by default (bitswap cannot move them); a large
+                # FHIR resource (a Binary, a DocumentReference) is still one ciphertext here.
+                "allow-big-block": "true",
+            },
             files=files,
         )
         if r.status_code != 200:
@@ -82,6 +89,36 @@ class KuboBlobStore:
         if "not found" in text or "could not find" in text or "invalid" in text.lower():
             raise BlobNotFoundError(cid, backend=NAME)
         raise BackendError(f"block/get {cid} answered {r.status_code}: {text[:200]}", backend=NAME)
+
+    async def import_car(self, car: bytes) -> list[str]:
+        """Import a CARv1 archive with ``dag/import`` (roots pinned); return root CIDs, any order.
+
+        The alternative batched write path (one call, many blocks, each its own CID and pin).
+        Raises BackendError when Kubo refuses the archive or fails to pin a root.
+        """
+        r = await self._post(
+            "/dag/import",
+            params={"pin-roots": "true", "allow-big-block": "true"},
+            files=[("file", ("batch.car", car, "application/vnd.ipld.car"))],
+        )
+        if r.status_code != 200:
+            raise BackendError(f"dag/import answered {r.status_code}: {r.text[:200]}", backend=NAME)
+        roots = []
+        try:
+            for line in r.text.splitlines():
+                obj = json.loads(line) if line.strip() else {}
+                root = obj.get("Root")
+                if root is None:
+                    continue
+                if root.get("PinErrorMsg"):
+                    raise BackendError(
+                        f"dag/import could not pin {root['Cid']['/']}: {root['PinErrorMsg']}",
+                        backend=NAME,
+                    )
+                roots.append(str(root["Cid"]["/"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BackendError("dag/import answered something unexpected", backend=NAME) from exc
+        return roots
 
     async def is_pinned(self, cid: str) -> bool:
         """Whether the block is pinned. Raises BackendError."""

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.backends.car import car_header, car_section
 from gateway.backends.cid import cid_v1_raw, parse_cid
 from gateway.errors import BackendError, BlobNotFoundError, InvalidInputError
 
@@ -74,6 +75,40 @@ class LocalBlobStore:
             raise BlobNotFoundError(cid, backend=NAME) from exc
         except OSError as exc:
             raise BackendError(f"cannot read block {cid}: {exc}", backend=NAME) from exc
+
+    def _export_sync(self, path: Path, cids: Sequence[str]) -> int:
+        blocks = []
+        for cid in cids:
+            try:
+                blocks.append(self.path_of(cid).read_bytes())
+            except FileNotFoundError as exc:
+                raise BlobNotFoundError(cid, backend=NAME) from exc
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(car_header(cids))
+            for data in blocks:
+                f.write(car_section(data))
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, path)
+        return size
+
+    async def export_car(self, path: Path, cids: Sequence[str]) -> int:
+        """Write the blocks ``cids`` as a CARv1 file (every block a root); return its size.
+
+        ``ipfs dag import`` of the file stores and pins the same blocks under the same CIDs in
+        Kubo. Raises BlobNotFoundError, BackendError.
+        """
+        try:
+            for cid in cids:
+                parse_cid(cid)
+        except InvalidInputError as exc:
+            raise BackendError(str(exc), backend=NAME) from exc
+        try:
+            return await asyncio.to_thread(self._export_sync, path, list(cids))
+        except OSError as exc:
+            raise BackendError(f"cannot write {path}: {exc}", backend=NAME) from exc
 
     async def ping(self) -> None:
         """Raise BackendError unless the directory is writable."""

@@ -63,16 +63,23 @@ class FileKeyStore:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
+            good = 0
             with open(self.path, "rb") as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.endswith(b"\n"):
-                        break  # torn last line: never acknowledged
+                        break  # torn last line (crash mid-append): never acknowledged
                     try:
                         self._apply(json.loads(line))
-                    except (ValueError, KeyError) as exc:
+                    except (ValueError, KeyError, TypeError) as exc:
                         raise BackendError(
-                            f"{self.path} line {lineno} is damaged", backend=NAME
+                            f"{self.path} line {lineno} (byte {good}) is damaged", backend=NAME
                         ) from exc
+                    good += len(line)
+            if good < self.path.stat().st_size:
+                # Cut the torn line away, or the next append would be glued onto it.
+                with open(self.path, "r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
         self._loaded = True
 
     def _apply(self, rec: dict[str, Any]) -> None:

@@ -86,8 +86,11 @@ class RedisKeyStore:
         raw = await self._call("get", self._r.get(f"{self.prefix}dk:{record_id}"))
         if raw is None:
             raise KeyNotFoundError(record_id)
-        obj = json.loads(raw)
-        return WrappedKey(record_id, obj["kek"], bytes.fromhex(obj["w"]))
+        try:
+            obj = json.loads(raw)
+            return WrappedKey(record_id, str(obj["kek"]), bytes.fromhex(obj["w"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BackendError(f"wrapped key of {record_id} is damaged", backend=NAME) from exc
 
     async def destroy_kek(self, pseudonym: str) -> str:
         """Crypto-shred the patient's KEK; returns its id."""

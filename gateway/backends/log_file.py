@@ -21,6 +21,7 @@ import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from gateway.backends.protocols import LogEntry
 from gateway.errors import BackendError, LogConflictError
@@ -28,6 +29,7 @@ from gateway.errors import BackendError, LogConflictError
 NAME = "file-log"
 _HEADER = struct.Struct(">II")
 _IDLEN = struct.Struct(">H")
+MAX_RECORD_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +52,24 @@ class LogCorruptionError(BackendError):
 
 
 def encode_record(payload: bytes, msg_id: str) -> bytes:
-    """The bytes of one record."""
-    mid = msg_id.encode("ascii")
+    """The bytes of one record. Raises ValueError for a message id or payload too long."""
+    mid = msg_id.encode("utf-8")
+    if len(mid) > 0xFFFF:
+        raise ValueError("message id longer than 65535 bytes")
     body = _IDLEN.pack(len(mid)) + mid + payload
+    if len(body) > MAX_RECORD_BYTES:
+        raise ValueError(f"record of {len(body)} bytes exceeds {MAX_RECORD_BYTES}")
     return _HEADER.pack(len(body), zlib.crc32(body)) + body
+
+
+def _first_valid_record(buf: bytes, start: int) -> int | None:
+    """Offset of the first complete, checksum-valid record in ``buf`` at or after ``start``."""
+    for i in range(start, len(buf) - _HEADER.size + 1):
+        length, crc = _HEADER.unpack_from(buf, i)
+        end = i + _HEADER.size + length
+        if length >= _IDLEN.size and end <= len(buf) and zlib.crc32(buf[i + 8 : end]) == crc:
+            return i
+    return None
 
 
 class FileLog:
@@ -69,44 +85,76 @@ class FileLog:
         self._opened = False
         self._lock = asyncio.Lock()
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest payload :meth:`append` accepts."""
+        return MAX_RECORD_BYTES - 2 - 0xFFFF
+
     # -- scanning ------------------------------------------------------------------------
 
-    def _scan_from(self, f: object, *, repair: bool) -> None:
-        """Index records after ``self._end`` (f is an open binary file)."""
-        assert hasattr(f, "seek") and hasattr(f, "read")
-        size = os.fstat(f.fileno()).st_size  # type: ignore[attr-defined]
+    def _scan_from(self, f: BinaryIO, *, repair: bool) -> None:
+        """Index the records after ``self._end``.
+
+        Raises LogCorruptionError for a damaged record that is not an incomplete tail.
+        """
+        size = os.fstat(f.fileno()).st_size
         pos = self._end
         while pos < size:
             f.seek(pos)
             header = f.read(_HEADER.size)
             if len(header) < _HEADER.size:
-                self._torn(pos, size, repair)
+                self._torn(f, pos, size, repair)
                 return
             length, crc = _HEADER.unpack(header)
+            if length < _IDLEN.size or length > MAX_RECORD_BYTES:
+                raise LogCorruptionError(
+                    f"record length {length} is impossible", path=self.path, offset=pos
+                )
             if pos + _HEADER.size + length > size:
-                self._torn(pos, size, repair)
+                self._torn(f, pos, size, repair)
                 return
             body = f.read(length)
             if zlib.crc32(body) != crc:
                 raise LogCorruptionError("record checksum mismatch", path=self.path, offset=pos)
-            (idlen,) = _IDLEN.unpack(body[:2])
-            msg_id = body[2 : 2 + idlen].decode("ascii", "replace")
+            (idlen,) = _IDLEN.unpack(body[: _IDLEN.size])
+            if _IDLEN.size + idlen > length:
+                raise LogCorruptionError("message id overruns record", path=self.path, offset=pos)
+            msg_id = body[_IDLEN.size : _IDLEN.size + idlen].decode("utf-8", "replace")
             info = RecordInfo(len(self._records) + 1, pos, _HEADER.size + length, msg_id)
             self._records.append(info)
             self._ids.setdefault(msg_id, info.seq)
             pos += info.length
         self._end = pos
 
-    def _torn(self, pos: int, size: int, repair: bool) -> None:
-        if not repair:
-            # Another process is writing right now; look again later.
-            self._end = pos
-            return
-        with open(self.path, "r+b") as f:
-            f.truncate(pos)
-            f.flush()
-            os.fsync(f.fileno())
+    def _torn(self, f: BinaryIO, pos: int, size: int, repair: bool) -> None:
+        """The record at ``pos`` runs past the end of the file.
+
+        Without ``repair`` (no lock held) another process may be writing it: stop there. With
+        the lock held it is either a torn tail (a crash mid-append, never acknowledged), which is
+        cut away, or a damaged length field in front of further records, which is corruption:
+        a torn tail is a prefix of ONE record, so no complete valid record can follow it.
+        Raises LogCorruptionError.
+        """
         self._end = pos
+        if not repair:
+            return
+        if size - pos > _HEADER.size + MAX_RECORD_BYTES:
+            raise LogCorruptionError(
+                "record runs past the end of the file", path=self.path, offset=pos
+            )
+        f.seek(pos)
+        tail = f.read(size - pos)
+        later = _first_valid_record(tail, 1)
+        if later is not None:
+            raise LogCorruptionError(
+                f"record length is damaged (a valid record follows at byte {pos + later})",
+                path=self.path,
+                offset=pos,
+            )
+        with open(self.path, "r+b") as w:
+            w.truncate(pos)
+            w.flush()
+            os.fsync(w.fileno())
 
     def _open_sync(self) -> None:
         if self._opened:
@@ -138,7 +186,10 @@ class FileLog:
                 last = len(self._records)
                 if expected_last_seq != last:
                     raise LogConflictError(expected_last_seq, last, backend=NAME)
-                record = encode_record(data, msg_id)
+                try:
+                    record = encode_record(data, msg_id)
+                except ValueError as exc:
+                    raise BackendError(str(exc), backend=NAME) from exc
                 f.seek(0, os.SEEK_END)
                 f.write(record)
                 f.flush()
@@ -171,8 +222,11 @@ class FileLog:
         return len(self._records)
 
     def records(self) -> list[RecordInfo]:
-        """Where every record is (for audit reports)."""
-        self._refresh()
+        """Where every record is (for audit reports). Raises BackendError."""
+        try:
+            self._refresh()
+        except OSError as exc:
+            raise BackendError(f"cannot read {self.path}: {exc}", backend=NAME) from exc
         return list(self._records)
 
     def _read_sync(self, start_seq: int, count: int) -> list[LogEntry]:
@@ -188,8 +242,8 @@ class FileLog:
                     raise LogCorruptionError(
                         "record checksum mismatch", path=self.path, offset=info.offset
                     )
-                (idlen,) = _IDLEN.unpack(body[:2])
-                out.append(LogEntry(info.seq, body[2 + idlen :]))
+                (idlen,) = _IDLEN.unpack(body[: _IDLEN.size])
+                out.append(LogEntry(info.seq, body[_IDLEN.size + idlen :]))
         return out
 
     async def read(self, start_seq: int = 1) -> AsyncIterator[LogEntry]:
@@ -218,11 +272,18 @@ class FileLog:
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, bytes, str]]:
-    """(offset, payload, msg id) of each record; for tools and tests. Raises BackendError."""
+    """(offset, payload, msg id) of each record; for tools and tests.
+
+    Raises BackendError (LogCorruptionError naming the byte offset of a damaged record).
+    """
     log = FileLog(path=path)
-    for info in log.records():
+    try:
+        infos = log.records()
         with open(path, "rb") as f:
-            f.seek(info.offset)
-            body = f.read(info.length)[_HEADER.size :]
-        (idlen,) = _IDLEN.unpack(body[:2])
-        yield info.offset, body[2 + idlen :], info.msg_id
+            for info in infos:
+                f.seek(info.offset)
+                body = f.read(info.length)[_HEADER.size :]
+                (idlen,) = _IDLEN.unpack(body[: _IDLEN.size])
+                yield info.offset, body[_IDLEN.size + idlen :], info.msg_id
+    except OSError as exc:
+        raise BackendError(f"cannot read {path}: {exc}", backend=NAME) from exc

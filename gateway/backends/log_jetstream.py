@@ -36,6 +36,7 @@ NAME = "jetstream"
 WRONG_LAST_SEQUENCE = 10071
 DUPLICATE_WINDOW_S = 120.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+_HEADROOM = 512  # headers (message id, expected sequence) travel in the same frame
 _TRANSIENT = (
     NatsTimeoutError,
     NoStreamResponseError,
@@ -55,12 +56,14 @@ class JetStreamLog:
         *,
         servers: list[str],
         stream: str = "ALLIANCE_LEDGER",
+        subject: str | None = None,
         replicas: int = 3,
         timeout: float = 10.0,
     ) -> None:
         self.servers = servers
         self.stream = stream
-        self.subject = f"alliance.ledger.{stream.lower()}"
+        # One subject per stream by default, so that test streams never overlap.
+        self.subject = subject or f"alliance.ledger.{stream.lower()}"
         self.replicas = replicas
         self.timeout = timeout
         self._nc: NATS | None = None
@@ -70,24 +73,40 @@ class JetStreamLog:
     async def _js(self) -> nats.js.JetStreamContext:
         async with self._connect_lock:
             if self._nc is None or self._nc.is_closed:
+                nc = NATS()
                 try:
-                    self._nc = await nats.connect(
-                        servers=self.servers,
-                        connect_timeout=2,
-                        max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.25,
-                        allow_reconnect=True,
-                        name="alliance-gateway",
+                    # Reconnect forever once connected (a node restarting is routine), but bound
+                    # the first connection so an unreachable cluster is reported, not waited on.
+                    await asyncio.wait_for(
+                        nc.connect(
+                            servers=self.servers,
+                            connect_timeout=2,
+                            max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.25,  # type: ignore[arg-type]  # typed int, used as float
+                            allow_reconnect=True,
+                            name="alliance-gateway",
+                        ),
+                        timeout=self.timeout,
                     )
-                except (NoServersError, OSError, NatsTimeoutError) as exc:
+                except (TimeoutError, NoServersError, OSError, NatsTimeoutError) as exc:
+                    with contextlib.suppress(Exception):
+                        await nc.close()
                     raise BackendError(
-                        f"cannot connect to {self.servers}: {exc}", backend=NAME
+                        f"cannot connect to {self.servers}: {type(exc).__name__} {exc}",
+                        backend=NAME,
                     ) from exc
+                self._nc = nc
             js = self._nc.jetstream(timeout=min(self.timeout, 5.0))
             if not self._ready:
                 await self._ensure_stream(js)
                 self._ready = True
             return js
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest payload :meth:`append` accepts (server ``max_payload`` less headers)."""
+        server = self._nc.max_payload if self._nc is not None else MAX_MESSAGE_BYTES
+        return min(server, MAX_MESSAGE_BYTES) - _HEADROOM
 
     def config(self) -> StreamConfig:
         """The stream's configuration."""
@@ -117,10 +136,14 @@ class JetStreamLog:
                     (cfg.num_replicas or 1) != self.replicas
                     or not cfg.deny_delete
                     or not cfg.deny_purge
+                    or self.subject not in (cfg.subjects or [])
+                    or cfg.storage != StorageType.FILE
                 ):
                     raise BackendError(
                         f"stream {self.stream} exists with replicas={cfg.num_replicas} "
-                        f"deny_delete={cfg.deny_delete} deny_purge={cfg.deny_purge}",
+                        f"deny_delete={cfg.deny_delete} deny_purge={cfg.deny_purge} "
+                        f"storage={cfg.storage} subjects={cfg.subjects}; expected "
+                        f"replicas={self.replicas}, append-only, file storage, {self.subject}",
                         backend=NAME,
                     )
                 return
@@ -139,6 +162,11 @@ class JetStreamLog:
         Raises LogConflictError when another writer took the position, BackendError otherwise.
         """
         js = await self._js()
+        if len(data) + len(msg_id) > self.max_message_bytes:
+            raise BackendError(
+                f"message of {len(data)} bytes exceeds the limit of {self.max_message_bytes}",
+                backend=NAME,
+            )
         headers = {"Nats-Msg-Id": msg_id, "Nats-Expected-Last-Sequence": str(expected_last_seq)}
         deadline = time.monotonic() + self.timeout
         while True:
@@ -158,6 +186,8 @@ class JetStreamLog:
                 if time.monotonic() > deadline or exc.code not in (503,):
                     raise BackendError(f"publish refused: {exc.description}", backend=NAME) from exc
             except _TRANSIENT as exc:
+                # Retried with the same Nats-Msg-Id: if the first attempt was stored after all,
+                # the server answers with its original sequence instead of storing it twice.
                 if time.monotonic() > deadline:
                     raise BackendError(
                         f"publish not acknowledged within {self.timeout:.0f} s "
@@ -165,6 +195,8 @@ class JetStreamLog:
                         backend=NAME,
                     ) from exc
             await asyncio.sleep(0.1)
+            if self._nc is None or self._nc.is_closed:
+                js = await self._js()  # the client gave up on its connection: open a new one
 
     async def last_seq(self) -> int:
         """The stream's last sequence. Raises BackendError."""

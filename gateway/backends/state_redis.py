@@ -42,13 +42,11 @@ class RedisStateStore:
 
     async def set(self, key: str, value: bytes, *, ttl: float | None = None) -> None:
         """Set unconditionally."""
-        px = int(ttl * 1000) if ttl else None
-        await self._call("set", self._r.set(self._k(key), value, px=px))
+        await self._call("set", self._r.set(self._k(key), value, px=_px(ttl)))
 
     async def set_if_absent(self, key: str, value: bytes, *, ttl: float | None = None) -> bool:
         """SET NX; True when this call set it."""
-        px = int(ttl * 1000) if ttl else None
-        return bool(await self._call("set", self._r.set(self._k(key), value, px=px, nx=True)))
+        return bool(await self._call("set", self._r.set(self._k(key), value, px=_px(ttl), nx=True)))
 
     async def delete(self, key: str) -> None:
         """DEL."""
@@ -58,8 +56,9 @@ class RedisStateStore:
         """INCRBY (the TTL is set when the key is created)."""
         k = self._k(key)
         value = int(await self._call("incr", self._r.incrby(k, amount)))
-        if ttl and value == amount:
-            await self._call("expire", self._r.pexpire(k, int(ttl * 1000)))
+        px = _px(ttl)
+        if px is not None and value == amount:
+            await self._call("expire", self._r.pexpire(k, px))
         return value
 
     async def ping(self) -> None:
@@ -69,3 +68,8 @@ class RedisStateStore:
     async def close(self) -> None:
         """Close the connection pool."""
         await self._r.aclose()
+
+
+def _px(ttl: float | None) -> int | None:
+    """A TTL in whole milliseconds for Redis (at least 1), or None for no expiry."""
+    return None if ttl is None else max(1, int(ttl * 1000))

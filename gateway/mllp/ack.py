@@ -20,6 +20,9 @@ from mappings.v2.parse import detect_charset
 
 AckCode = Literal["AA", "AE", "AR", "CA", "CE", "CR"]
 DEFAULT_VERSION = "2.5.1"
+ACK_CONDITIONS = ("AL", "NE", "ER", "SU")  # HL7 table 0155
+# Printable ASCII punctuation an HL7 v2 sender may use as separators.
+_SEPARATOR_CHARS = frozenset("|^~\\&#!$%*+,-./:;=?@[]_`{}'\"")
 
 
 class ErrorLike(Protocol):
@@ -77,8 +80,12 @@ def read_header(raw: bytes | None) -> Header:
     if len(text) < 8:
         return Header(codec=codec)
     fs = text[3]
+    if fs not in _SEPARATOR_CHARS:
+        return Header(codec=codec)  # nothing can be echoed safely
     parts = text.split(fs)
-    enc = parts[1] if len(parts) > 1 and 1 <= len(parts[1]) <= 5 else "^~\\&"
+    enc = parts[1] if len(parts) > 1 and 2 <= len(parts[1]) <= 5 else "^~\\&"
+    if len(set(enc + fs)) != len(enc) + 1 or any(c not in _SEPARATOR_CHARS for c in enc):
+        return Header(codec=codec)
     comp = enc[0] if enc else "^"
 
     def f(n: int) -> str:
@@ -178,7 +185,9 @@ def acks_to_send(header: Header, outcome: Literal["accept", "error", "reject"]) 
 
     Original mode (MSH-15 and MSH-16 empty): one application ACK, AA / AE / AR.
     Enhanced mode: a commit ACK (CA / CE / CR) when MSH-15 asks for one (AL always, ER on
-    error, SU on success), then the application ACK when MSH-16 asks for one likewise. The
+    error, SU on success), then the application ACK when MSH-16 asks for one likewise. A value
+    outside table 0155, or an empty one beside a valued one, counts as AL: only an explicit
+    ``NE`` in both fields means no answer at all. The
     gateway commits (CA) only once the message is durably stored, so both come together.
     """
     app_code: AckCode = {"accept": "AA", "error": "AE", "reject": "AR"}[outcome]  # type: ignore[assignment]
@@ -187,6 +196,8 @@ def acks_to_send(header: Header, outcome: Literal["accept", "error", "reject"]) 
     commit_code: AckCode = {"accept": "CA", "error": "CE", "reject": "CR"}[outcome]  # type: ignore[assignment]
 
     def wanted(kind: str) -> bool:
+        if kind not in ACK_CONDITIONS:
+            kind = "AL"  # a value outside HL7 table 0155: answer rather than stay silent
         return (
             kind == "AL"
             or (kind == "ER" and outcome != "accept")
@@ -196,6 +207,6 @@ def acks_to_send(header: Header, outcome: Literal["accept", "error", "reject"]) 
     out: list[AckCode] = []
     if wanted(header.accept_ack_type or "AL"):
         out.append(commit_code)
-    if wanted(header.app_ack_type or "NE"):
+    if wanted(header.app_ack_type or "AL"):
         out.append(app_code)
     return out

@@ -122,6 +122,10 @@ class MLLPServer:
                         await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             log.info("mllp connection lost", extra={"peer": info.peer})
+        except asyncio.CancelledError:
+            # Shutting down: end this connection quietly (asyncio's stream callback would
+            # otherwise report the cancelled task as an error).
+            return
         finally:
             self._connections.discard(task)
             writer.close()

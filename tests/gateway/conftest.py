@@ -45,6 +45,7 @@ def settings_for(
             nats_urls=",".join(services.nats_urls),
             redis_url=services.redis_url,
             nats_stream=f"T{uuid.uuid4().hex[:12].upper()}",
+            redis_prefix=f"test:{uuid.uuid4().hex[:12]}:",
         )
     values.update(extra)
     return Settings(**values)

@@ -29,6 +29,7 @@ def _env_for(settings: Any) -> dict[str, str]:
         "nats_urls",
         "redis_url",
         "nats_stream",
+        "redis_prefix",
     ):
         env[f"GATEWAY_{name.upper()}"] = str(getattr(settings, name))
     env["GATEWAY_MLLP_ENABLED"] = "false"

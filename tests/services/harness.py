@@ -6,11 +6,20 @@ that stop and restart single NATS nodes. Binaries come from ``scripts/install-se
 (``~/.cache/alliance-gateway/bin``). Ports are fixed, non-default and loopback-only, so nothing
 else on the machine is disturbed; every process started is recorded in a pid file and stopped by
 ``stop``. A service that does not come up fails loudly with the tail of its own log.
+
+Ports (127.0.0.1 only; all shifted by ``--port-offset`` / ``GATEWAY_SERVICES_PORT_OFFSET``):
+Kubo RPC 15001, Kubo swarm 15002 (no HTTP gateway, no bootstrap, ``daemon --offline``);
+NATS clients 14222-14224, cluster routes 16222-16224, monitoring 18222-18224 (nodes n1..n3,
+``jetstream { sync_interval: always }``); Redis 16379 (``appendonly yes``, ``appendfsync always``).
+Health: Kubo ``POST /api/v0/id``; NATS ``/healthz`` per node, a JetStream meta leader with two
+peers, and a 3-replica probe stream (``HARNESS_PROBE``) with a leader and two current replicas;
+Redis ``PING``. State lives under the directory given (default ``<repo>/.services``).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -19,8 +28,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +46,7 @@ NATS_CLUSTER_PORTS = (16222, 16223, 16224)
 NATS_MONITOR_PORTS = (18222, 18223, 18224)
 REDIS_PORT = 16379
 NODES = ("n1", "n2", "n3")
+PROBE_STREAM = "HARNESS_PROBE"
 
 
 class ServiceError(RuntimeError):
@@ -74,9 +85,11 @@ def _set_sync(spec: dict[str, object]) -> None:
     """Set ``sync: true`` on every flatfs datastore in a Kubo datastore spec."""
     if spec.get("type") == "flatfs":
         spec["sync"] = True
-    for child in spec.get("mounts", []) or []:  # type: ignore[union-attr]
+    mounts = spec.get("mounts")
+    for child in mounts if isinstance(mounts, list) else []:
         if isinstance(child, dict):
-            _set_sync(child.get("child", child))
+            inner = child.get("child", child)
+            _set_sync(inner if isinstance(inner, dict) else child)
 
 
 @dataclass
@@ -84,11 +97,20 @@ class Services:
     """Addresses of the running services and control over their processes."""
 
     directory: Path
-    kubo_url: str = f"http://127.0.0.1:{KUBO_API_PORT}"
-    nats_urls: list[str] = field(
-        default_factory=lambda: [f"nats://127.0.0.1:{p}" for p in NATS_CLIENT_PORTS]
-    )
-    redis_url: str = f"redis://127.0.0.1:{REDIS_PORT}/0"
+    port_offset: int = 0  # added to every port, so a second set can run beside the first
+    kubo_url: str = ""
+    nats_urls: list[str] = field(default_factory=list)
+    redis_url: str = ""
+
+    def __post_init__(self) -> None:
+        o = self.port_offset
+        self.kubo_url = self.kubo_url or f"http://127.0.0.1:{KUBO_API_PORT + o}"
+        self.nats_urls = self.nats_urls or [f"nats://127.0.0.1:{p + o}" for p in NATS_CLIENT_PORTS]
+        self.redis_url = self.redis_url or f"redis://127.0.0.1:{REDIS_PORT + o}/0"
+
+    def port(self, base: int) -> int:
+        """The port this set of services uses for the documented ``base`` port."""
+        return base + self.port_offset
 
     # -- process bookkeeping -----------------------------------------------------------------
 
@@ -178,9 +200,9 @@ class Services:
                 capture_output=True,
             )
             for key, value in (
-                ("Addresses.API", f"/ip4/127.0.0.1/tcp/{KUBO_API_PORT}"),
+                ("Addresses.API", f"/ip4/127.0.0.1/tcp/{self.port(KUBO_API_PORT)}"),
                 ("Addresses.Gateway", "[]"),
-                ("Addresses.Swarm", f'["/ip4/127.0.0.1/tcp/{KUBO_SWARM_PORT}"]'),
+                ("Addresses.Swarm", f'["/ip4/127.0.0.1/tcp/{self.port(KUBO_SWARM_PORT)}"]'),
                 ("Bootstrap", "[]"),
             ):
                 subprocess.run(
@@ -216,13 +238,16 @@ class Services:
         store = self.directory / "nats" / name
         store.mkdir(parents=True, exist_ok=True)
         routes = ",".join(
-            f"nats-route://127.0.0.1:{p}" for j, p in enumerate(NATS_CLUSTER_PORTS) if j != i
+            f"nats-route://127.0.0.1:{self.port(p)}"
+            for j, p in enumerate(NATS_CLUSTER_PORTS)
+            if j != i
         )
         conf = self.directory / "nats" / f"{name}.conf"
         conf.write_text(
             f"""server_name: {name}
-listen: 127.0.0.1:{NATS_CLIENT_PORTS[i]}
-http: 127.0.0.1:{NATS_MONITOR_PORTS[i]}
+listen: 127.0.0.1:{self.port(NATS_CLIENT_PORTS[i])}
+max_payload: 8MB
+http: 127.0.0.1:{self.port(NATS_MONITOR_PORTS[i])}
 jetstream {{
   store_dir: "{store}"
   sync_interval: always
@@ -231,7 +256,7 @@ jetstream {{
 }}
 cluster {{
   name: alliance
-  listen: 127.0.0.1:{NATS_CLUSTER_PORTS[i]}
+  listen: 127.0.0.1:{self.port(NATS_CLUSTER_PORTS[i])}
   routes: [{routes}]
 }}
 """
@@ -250,7 +275,7 @@ cluster {{
 
     def _nats_healthy(self, i: int) -> bool:
         try:
-            r = httpx.get(f"http://127.0.0.1:{NATS_MONITOR_PORTS[i]}/healthz", timeout=2)
+            r = httpx.get(f"http://127.0.0.1:{self.port(NATS_MONITOR_PORTS[i])}/healthz", timeout=2)
             return r.status_code == 200
         except httpx.TransportError:
             return False
@@ -262,21 +287,80 @@ cluster {{
         for i, name in enumerate(NODES):
             self._wait(f"nats-{name}", lambda i=i: self._nats_healthy(i), 60)  # type: ignore[misc]
         self._wait("nats-n1", self._jetstream_clustered, 60)
+        self._wait("nats-n1", self._probe_stream_replicated, 60)
 
     def _jetstream_clustered(self) -> bool:
         try:
-            r = httpx.get(f"http://127.0.0.1:{NATS_MONITOR_PORTS[0]}/jsz", timeout=2)
+            r = httpx.get(f"http://127.0.0.1:{self.port(NATS_MONITOR_PORTS[0])}/jsz", timeout=2)
             meta = r.json().get("meta_cluster", {})
             return bool(meta.get("leader")) and len(meta.get("replicas", [])) == 2
         except (httpx.TransportError, ValueError):
             return False
+
+    def _probe_stream_replicated(self) -> bool:
+        """Create (once) a 3-replica probe stream; True when it has a leader and 2 current peers.
+
+        Runs the NATS client on its own thread and event loop, so it also works when called
+        from inside a running event loop (an async pytest fixture).
+        """
+        result: list[bool] = []
+
+        async def probe() -> bool:
+            import nats
+            from nats.js.api import StorageType, StreamConfig
+
+            nc = await nats.connect(
+                servers=self.nats_urls, connect_timeout=2, max_reconnect_attempts=1
+            )
+            try:
+                js = nc.jetstream(timeout=5)
+                try:
+                    info = await js.stream_info(PROBE_STREAM)
+                except Exception:
+                    info = await js.add_stream(
+                        StreamConfig(
+                            name=PROBE_STREAM,
+                            subjects=["harness.probe"],
+                            storage=StorageType.FILE,
+                            num_replicas=3,
+                            max_msgs=10,
+                        )
+                    )
+                await js.publish("harness.probe", b"ping", stream=PROBE_STREAM)
+                info = await js.stream_info(PROBE_STREAM)
+                cluster = info.cluster
+                if cluster is None or not cluster.leader:
+                    return False
+                peers = cluster.replicas or []
+                return len(peers) == 2 and all(p.current for p in peers)
+            finally:
+                await nc.close()
+
+        def run() -> None:
+            try:
+                result.append(asyncio.run(asyncio.wait_for(probe(), 10)))
+            except Exception:
+                result.append(False)
+
+        thread = threading.Thread(target=run, name="jetstream-probe")
+        thread.start()
+        thread.join(15)
+        return bool(result and result[0])
+
+    def jetstream_ready(self) -> bool:
+        """Whether the cluster has a meta leader and a 3-replica stream with all peers current."""
+        return self._jetstream_clustered() and self._probe_stream_replicated()
+
+    def nats_stream_leader(self, stream: str) -> str | None:
+        """The node name (n1, n2, n3) leading ``stream``, or None while there is none."""
+        return self.stream_leader(stream)
 
     def stream_leader(self, stream: str) -> str | None:
         """The node name leading ``stream`` (from the monitoring endpoint), or None."""
         for i, _ in enumerate(NODES):
             try:
                 r = httpx.get(
-                    f"http://127.0.0.1:{NATS_MONITOR_PORTS[i]}/jsz",
+                    f"http://127.0.0.1:{self.port(NATS_MONITOR_PORTS[i])}/jsz",
                     params={"streams": "true"},
                     timeout=2,
                 )
@@ -299,7 +383,7 @@ cluster {{
             [
                 _bin("redis-server"),
                 "--port",
-                str(REDIS_PORT),
+                str(self.port(REDIS_PORT)),
                 "--bind",
                 "127.0.0.1",
                 "--dir",
@@ -321,7 +405,7 @@ cluster {{
     def _redis_ready(self) -> bool:
         try:
             out = subprocess.run(
-                [_bin("redis-cli"), "-p", str(REDIS_PORT), "PING"],
+                [_bin("redis-cli"), "-p", str(self.port(REDIS_PORT)), "PING"],
                 capture_output=True,
                 text=True,
                 timeout=2,
@@ -340,10 +424,10 @@ cluster {{
 
     # -- all ---------------------------------------------------------------------------------
 
-    def _wait(self, name: str, ready: object, timeout: float) -> None:
+    def _wait(self, name: str, ready: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if ready():  # type: ignore[operator]
+            if ready():
                 return
             if self.pid(name) is None:
                 raise ServiceError(f"{name} exited while starting:\n{_tail(self._log(name))}")
@@ -352,7 +436,9 @@ cluster {{
 
     def start(self) -> None:
         """Start every service; stop them all again if one fails."""
-        busy = [p for p in (KUBO_API_PORT, REDIS_PORT, *NATS_CLIENT_PORTS) if _port_open(p)]
+        bases = [KUBO_API_PORT, KUBO_SWARM_PORT, REDIS_PORT, *NATS_CLIENT_PORTS]
+        bases += [*NATS_CLUSTER_PORTS, *NATS_MONITOR_PORTS]
+        busy = [self.port(p) for p in bases if _port_open(self.port(p))]
         if busy:
             raise ServiceError(f"ports already in use: {busy} (services already running?)")
         try:
@@ -384,6 +470,7 @@ cluster {{
             f"GATEWAY_NATS_URLS={','.join(self.nats_urls)}\n"
             f"GATEWAY_REDIS_URL={self.redis_url}\n"
             f"GATEWAY_SERVICES_DIR={self.directory}\n"
+            f"GATEWAY_SERVICES_PORT_OFFSET={self.port_offset}\n"
         )
         return path
 
@@ -393,6 +480,7 @@ cluster {{
         values = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
         return cls(
             directory=Path(values["GATEWAY_SERVICES_DIR"]),
+            port_offset=int(values.get("GATEWAY_SERVICES_PORT_OFFSET", "0")),
             kubo_url=values["GATEWAY_KUBO_URL"],
             nats_urls=values["GATEWAY_NATS_URLS"].split(","),
             redis_url=values["GATEWAY_REDIS_URL"],
@@ -421,8 +509,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("action", choices=["start", "stop", "status"])
     ap.add_argument("--dir", type=Path, default=ROOT / ".services")
+    ap.add_argument(
+        "--port-offset",
+        type=int,
+        default=int(os.environ.get("GATEWAY_SERVICES_PORT_OFFSET", "0")),
+        help="added to every port (run a second set beside the first)",
+    )
     args = ap.parse_args()
-    services = Services(directory=args.dir.resolve())
+    services = Services(directory=args.dir.resolve(), port_offset=args.port_offset)
     if args.action == "start":
         args.dir.mkdir(parents=True, exist_ok=True)
         try:

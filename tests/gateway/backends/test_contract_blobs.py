@@ -10,8 +10,9 @@ import pytest
 
 from gateway.backends.blobs_kubo import KuboBlobStore
 from gateway.backends.blobs_local import LocalBlobStore
+from gateway.backends.car import iter_car
 from gateway.backends.cid import cid_v1_raw, parse_cid
-from gateway.errors import BlobNotFoundError
+from gateway.errors import BackendError, BlobNotFoundError, InvalidInputError
 
 
 async def test_put_many_then_get(blobs: Any) -> None:
@@ -48,5 +49,71 @@ async def test_local_and_kubo_give_the_same_cid(services: Any, tmp_path: Path) -
         assert await local.put_many(ciphertexts) == await kubo.put_many(ciphertexts)
         for cid in await local.put_many(ciphertexts):
             assert await kubo.is_pinned(cid)
+    finally:
+        await kubo.close()
+
+
+async def test_duplicates_within_one_batch(blobs: Any) -> None:
+    a, b = os.urandom(40), os.urandom(41)
+    assert await blobs.put_many([a, b, a]) == [cid_v1_raw(a), cid_v1_raw(b), cid_v1_raw(a)]
+    assert await blobs.get(cid_v1_raw(a)) == a
+
+
+async def test_a_block_over_two_mebibytes(blobs: Any) -> None:
+    big = os.urandom(3 * 1024 * 1024)
+    (cid,) = await blobs.put_many([big])
+    assert await blobs.get(cid) == big
+
+
+async def test_not_a_cid_is_not_found(blobs: Any) -> None:
+    with pytest.raises(BlobNotFoundError):
+        await blobs.get("bnot-a-cid")
+
+
+def test_parse_cid_rejects_other_cids() -> None:
+    with pytest.raises(InvalidInputError):
+        parse_cid("QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG")  # CIDv0
+    with pytest.raises(InvalidInputError):
+        parse_cid("bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi")  # dag-pb
+
+
+async def test_car_export_round_trips(tmp_path: Path) -> None:
+    store = LocalBlobStore(directory=tmp_path / "b")
+    blocks = [os.urandom(n) for n in (0, 5, 300, 70_000)]
+    cids = await store.put_many(blocks)
+    size = await store.export_car(tmp_path / "x.car", cids)
+    data = (tmp_path / "x.car").read_bytes()
+    assert size == len(data)
+    assert list(iter_car(data)) == list(zip(cids, blocks, strict=True))
+    with pytest.raises(BlobNotFoundError):
+        await store.export_car(tmp_path / "y.car", [cid_v1_raw(b"absent")])
+
+
+@pytest.mark.services
+async def test_local_car_imports_into_kubo_with_the_same_cids_pinned(
+    services: Any, tmp_path: Path
+) -> None:
+    local = LocalBlobStore(directory=tmp_path / "b")
+    kubo = KuboBlobStore(base_url=services.kubo_url)
+    try:
+        blocks = [os.urandom(200) for _ in range(5)]
+        cids = await local.put_many(blocks)
+        await local.export_car(tmp_path / "x.car", cids)
+        assert sorted(await kubo.import_car((tmp_path / "x.car").read_bytes())) == sorted(cids)
+        for cid, data in zip(cids, blocks, strict=True):
+            assert await kubo.is_pinned(cid)
+            assert await kubo.get(cid) == data
+    finally:
+        await kubo.close()
+
+
+async def test_kubo_unreachable_is_a_backend_error() -> None:
+    kubo = KuboBlobStore(base_url="http://127.0.0.1:1", timeout=1)
+    try:
+        with pytest.raises(BackendError) as err:
+            await kubo.ping()
+        assert err.value.backend == "kubo"
+        with pytest.raises(BackendError):
+            await kubo.put_many([b"x"])
     finally:
         await kubo.close()

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from gateway.backends.keys_file import FileKeyStore
 from gateway.backends.protocols import WrappedKey
-from gateway.errors import KeyDestroyedError, KeyNotFoundError
-from tests.gateway.backends.conftest import make_keys
+from gateway.errors import BackendError, KeyDestroyedError, KeyNotFoundError
+from tests.gateway.backends.conftest import MASTER, make_keys
 
 
 async def test_kek_is_stable_and_reloads(
@@ -46,3 +47,39 @@ async def test_destroy_is_crypto_shredding(keys: Any, tmp_path: Path) -> None:
     if hasattr(keys, "path"):
         assert kid.encode() in keys.path.read_bytes()  # only the tombstone is left
         assert b'"t":"kek"' not in keys.path.read_bytes()
+
+
+async def test_destroyed_patient_key_is_not_recreated(keys: Any) -> None:
+    kid, _ = await keys.kek_for("z" * 64)
+    await keys.destroy_kek("z" * 64)
+    with pytest.raises(KeyDestroyedError) as err:
+        await keys.kek_for("z" * 64)
+    assert err.value.key_id == kid
+
+
+async def test_kek_ids_do_not_reveal_the_pseudonym(keys: Any) -> None:
+    a, _ = await keys.kek_for("a" * 64)
+    b, _ = await keys.kek_for("b" * 64)
+    assert a != b and "a" * 16 not in a and len(a) >= 32
+
+
+async def test_file_key_store_survives_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "keys.jsonl"
+    first = FileKeyStore(path=path, master_key=MASTER)
+    kid, kek = await first.kek_for("p" * 64)
+    with path.open("ab") as f:
+        f.write(b'{"t":"dk","rec":"torn","ke')  # crash in the middle of an append
+    again = FileKeyStore(path=path, master_key=MASTER)
+    assert await again.kek_for("p" * 64) == (kid, kek)
+    await again.put_wrapped_keys([WrappedKey("r2", kid, b"w")])
+    third = FileKeyStore(path=path, master_key=MASTER)
+    assert await third.get_wrapped_key("r2") == WrappedKey("r2", kid, b"w")
+    with pytest.raises(KeyNotFoundError):
+        await third.get_wrapped_key("torn")
+
+
+async def test_wrong_master_key_is_a_backend_error(tmp_path: Path) -> None:
+    path = tmp_path / "keys.jsonl"
+    kid, _ = await FileKeyStore(path=path, master_key=MASTER).kek_for("p" * 64)
+    with pytest.raises(BackendError, match=kid):
+        await FileKeyStore(path=path, master_key=bytes(32)).kek_by_id(kid)

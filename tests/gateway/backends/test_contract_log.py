@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.backends.log_file import FileLog
+from gateway.backends.log_jetstream import JetStreamLog
 from gateway.errors import BackendError, LogConflictError
 from tests.gateway.backends.conftest import make_log
 
@@ -94,3 +96,101 @@ async def test_jetstream_stream_is_replicated_and_append_only(
         assert str(getattr(cfg.storage, "value", cfg.storage)) == "file"
     finally:
         await log.close()
+
+
+async def test_file_log_damaged_length_is_corruption_not_a_torn_tail(tmp_path: Path) -> None:
+    path = tmp_path / "log.bin"
+    log = FileLog(path=path)
+    for i in range(5):
+        await log.append(b"x" * 50, expected_last_seq=i, msg_id=f"m{i}")
+    original = path.read_bytes()
+    second = log.records()[1].offset
+    data = bytearray(original)
+    data[second + 1] ^= 0x10  # the length of record 2 now points past the end of the file
+    path.write_bytes(bytes(data))
+    with pytest.raises(BackendError, match=f"at byte {second}") as err:
+        await FileLog(path=path).last_seq()
+    assert "length is damaged" in str(err.value)
+    assert path.stat().st_size == len(original)  # nothing was cut away
+
+
+async def test_file_log_zero_filled_tail_is_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "log.bin"
+    log = FileLog(path=path)
+    await log.append(b"a", expected_last_seq=0, msg_id="a")
+    size = path.stat().st_size
+    with path.open("ab") as f:
+        f.write(bytes(64))
+    with pytest.raises(BackendError, match=f"at byte {size}"):
+        await FileLog(path=path).last_seq()
+
+
+async def test_file_log_torn_tail_then_append_continues(tmp_path: Path) -> None:
+    path = tmp_path / "log.bin"
+    log = FileLog(path=path)
+    await log.append(b"one", expected_last_seq=0, msg_id="1")
+    full = path.read_bytes()
+    await log.append(b"two" * 100, expected_last_seq=1, msg_id="2")
+    torn = path.read_bytes()[: len(full) + 40]  # the second append crashed after 40 bytes
+    path.write_bytes(torn)
+    again = FileLog(path=path)
+    assert await again.append(b"two'", expected_last_seq=1, msg_id="2b") == 2
+    assert [e.data async for e in FileLog(path=path).read()] == [b"one", b"two'"]
+    assert [r.msg_id for r in again.records()] == ["1", "2b"]
+
+
+async def test_two_file_log_instances_share_one_file_safely(tmp_path: Path) -> None:
+    path = tmp_path / "log.bin"
+    a, b = FileLog(path=path), FileLog(path=path)
+    await a.append(b"a1", expected_last_seq=0, msg_id="a1")
+    with pytest.raises(LogConflictError) as err:
+        await b.append(b"b1", expected_last_seq=0, msg_id="b1")
+    assert err.value.actual == 1
+    assert await b.append(b"a1", expected_last_seq=0, msg_id="a1") == 1  # dedup seen by b
+    assert await b.append(b"b2", expected_last_seq=1, msg_id="b2") == 2
+    assert [e.data async for e in a.read(2)] == [b"b2"]
+
+
+async def test_conflict_reports_the_actual_last_sequence(log: Any) -> None:
+    for i in range(3):
+        await log.append(b"m", expected_last_seq=i, msg_id=f"a{i}")
+    with pytest.raises(LogConflictError) as err:
+        await log.append(b"late", expected_last_seq=1, msg_id="late")
+    assert (err.value.expected, err.value.actual) == (1, 3)
+    assert await log.last_seq() == 3
+
+
+async def test_large_message_round_trips(log: Any) -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB
+    assert await log.append(big, expected_last_seq=0, msg_id="big") == 1
+    assert [e.data async for e in log.read()] == [big]
+
+
+@pytest.mark.services
+async def test_jetstream_refuses_a_stream_that_is_not_append_only(services: Any) -> None:
+    import nats
+    from nats.js.api import StreamConfig
+
+    name = f"LOOSE{uuid.uuid4().hex[:8].upper()}"
+    nc = await nats.connect(servers=services.nats_urls)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(
+            StreamConfig(name=name, subjects=[f"alliance.ledger.{name.lower()}"], num_replicas=3)
+        )
+        log = JetStreamLog(servers=services.nats_urls, stream=name, replicas=3)
+        with pytest.raises(BackendError, match="deny_delete=False"):
+            await log.ping()
+        await log.close()
+        await js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.services
+async def test_jetstream_unreachable_is_a_backend_error() -> None:
+    log = JetStreamLog(servers=["nats://127.0.0.1:1"], stream="NOWHERE", timeout=1)
+    with pytest.raises(BackendError) as err:
+        await log.ping()
+    assert err.value.backend == "jetstream"
+    await log.close()

@@ -27,3 +27,18 @@ async def test_incr(state: Any) -> None:
     assert await state.incr("c") == 1
     assert await state.incr("c", 5) == 6
     await state.ping()
+
+
+async def test_incr_ttl_is_set_on_creation_only(state: Any) -> None:
+    assert await state.incr("t", ttl=0.3) == 1
+    assert await state.incr("t", ttl=100) == 2  # does not extend the first TTL
+    await asyncio.sleep(0.5)
+    assert await state.get("t") is None
+    await state.set("plain", b"x", ttl=None)
+    assert await state.get("plain") == b"x"
+
+
+async def test_values_are_bytes_and_keys_are_isolated(state: Any) -> None:
+    await state.set("a", b"\x00\xff")
+    assert await state.get("a") == b"\x00\xff"
+    assert await state.get("b") is None

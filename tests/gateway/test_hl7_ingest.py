@@ -1,0 +1,255 @@
+"""HL7 v2 over MLLP (and POST /hl7v2) into a running gateway: ACKs, records, dedup, failures.
+
+Runs on both profiles; the production one with real Kubo, JetStream and Redis (dedup state in
+Redis, shared by workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from gateway.app import create_app
+from gateway.backends.protocols import Backends
+from gateway.errors import BackendError
+from gateway.mllp.client import MLLPClient
+from gateway.mllp.framing import END, START
+from gateway.runtime import build_backends, load_secrets
+from mappings.v2.convert import convert
+from mappings.v2.parse import parse
+from tests.gateway.conftest import settings_for
+
+HL7 = Path(__file__).resolve().parents[2] / "fixtures" / "hl7v2"
+OPTIONS = json.loads((HL7 / "options.json").read_text())
+FIXTURES = sorted(p for p in HL7.glob("*.hl7") if not p.name.startswith("batch"))
+
+
+def _settings(profile: str, tmp: Path, services: Any) -> Any:
+    return settings_for(
+        profile,
+        tmp / "gw",
+        services,
+        mllp_enabled=True,
+        mllp_port=0,
+        institution=OPTIONS["institution"],
+        master_id_system=OPTIONS["master_id_system"],
+        hl7_authority_systems=OPTIONS["authority_systems"],
+        default_tz=OPTIONS["default_tz"],
+    )
+
+
+class App:
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.gw = app.state.gateway
+        self.port = app.state.mllp.port
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+
+    async def send(self, raw: bytes) -> bytes:
+        async with MLLPClient("127.0.0.1", self.port, timeout=30) as c:
+            return await c.send(raw)
+
+
+@pytest.fixture
+async def hl7gw(profile: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[App]:
+    services = request.getfixturevalue("services") if profile == "production" else None
+    app = create_app(_settings(profile, tmp_path, services))
+    async with app.router.lifespan_context(app):
+        a = App(app)
+        yield a
+        await a.http.aclose()
+
+
+def msa(ack: bytes, codec: str = "utf-8") -> list[str]:
+    seg = next(s for s in ack.decode(codec).split("\r") if s.startswith("MSA"))
+    return seg.split("|")
+
+
+def err(ack: bytes) -> list[str]:
+    seg = next(s for s in ack.decode().split("\r") if s.startswith("ERR"))
+    return seg.split("|")
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
+async def test_every_fixture_is_acknowledged_and_readable(hl7gw: App, path: Path) -> None:
+    raw = path.read_bytes()
+    msg = parse(raw)
+    ack = await hl7gw.send(raw)
+    codec = (
+        "gb18030"
+        if b"GB 18030" in raw or b"GB18030" in raw
+        else ("latin-1" if b"8859" in raw else "utf-8")
+    )
+    code = msa(ack, codec)
+    assert code[1] in ("AA", "CA") and code[2] == msg.control_id
+    expected = convert(msg, options=hl7gw.app.state.hl7.options).resources
+    for resource in expected:
+        r = await hl7gw.http.get(f"/fhir/{resource['resourceType']}/{resource['id']}")
+        assert r.status_code == 200, (resource["resourceType"], r.text)
+        got = {k: v for k, v in r.json().items() if k != "meta"}
+        assert got == {k: v for k, v in resource.items() if k != "meta"}
+    # The original message is stored too, encrypted, as a Binary linked by a Provenance.
+    kinds = hl7gw.gw.index.leaf_kinds
+    assert kinds["record"] == len(expected) + 2
+
+
+async def test_chinese_name_survives_gb18030_round_trip(hl7gw: App) -> None:
+    raw = (HL7 / "adt_a01_gb18030.hl7").read_bytes()
+    assert "张^三".encode("gb18030") in raw
+    await hl7gw.send(raw)
+    patient = next(
+        r
+        for r in convert(parse(raw), options=hl7gw.app.state.hl7.options).resources
+        if r["resourceType"] == "Patient"
+    )
+    back = (await hl7gw.http.get(f"/fhir/Patient/{patient['id']}")).json()
+    assert back["name"][0]["family"] + back["name"][0]["given"][0] == "张三"
+
+
+async def test_duplicate_is_replayed_and_conflict_rejected(hl7gw: App) -> None:
+    raw = (HL7 / "adt_a04_escapes.hl7").read_bytes()
+    first = await hl7gw.send(raw)
+    size = hl7gw.gw.ledger.size
+    assert await hl7gw.send(raw) == first
+    assert hl7gw.gw.ledger.size == size, "a duplicate was stored again"
+    changed = raw.replace(b"PID|1|", b"PID|1|X", 1)
+    ack = await hl7gw.send(changed)
+    assert msa(ack)[1] in ("AE", "CE") and err(ack)[3].startswith("205^")
+    assert hl7gw.gw.ledger.size == size
+
+
+async def test_reject_and_error_acks(hl7gw: App) -> None:
+    unsupported = b"MSH|^~\\&|A|F|G|H|20260101||XYZ^Q99|U-1|P|2.5.1\rPID|1||1^^^A\r"
+    ack = await hl7gw.send(unsupported)
+    assert msa(ack)[1:3] == ["AR", "U-1"] and err(ack)[3].split("^")[0] in ("200", "201")
+    garbage = await hl7gw.send(b"this is not HL7 at all")
+    assert msa(garbage)[1] == "AR"
+    no_patient_id = (
+        b"MSH|^~\\&|A|F|G|H|20260101||ADT^A04|N-1|P|2.5.1\r"
+        b"EVN|A04|20260101\rPID|1||||Doe^Jane\rPV1|1|O\r"
+    )
+    ack = await hl7gw.send(no_patient_id)
+    assert msa(ack)[1:3] == ["AE", "N-1"] and err(ack)[2].startswith("PID")
+    assert "Doe" not in ack.decode() and "Jane" not in ack.decode()
+    # Still serving.
+    assert msa(await hl7gw.send((HL7 / "siu_s12.hl7").read_bytes()))[1] in ("AA", "CA")
+
+
+async def test_http_endpoint_single_and_batch(hl7gw: App) -> None:
+    headers = {"content-type": "x-application/hl7-v2+er7"}
+    r = await hl7gw.http.post("/hl7v2", content=(HL7 / "adt_a03.hl7").read_bytes(), headers=headers)
+    assert r.status_code == 200 and msa(r.content)[1] in ("AA", "CA")
+    batch = (HL7 / "batch_adt_a04.hl7").read_bytes()
+    r = await hl7gw.http.post("/hl7v2", content=batch, headers=headers)
+    assert r.status_code == 200
+    codes = [s.split("|")[1] for s in r.content.decode().split("\r") if s.startswith("MSA")]
+    assert len(codes) >= 2 and set(codes) <= {"AA", "CA"}
+    bad = await hl7gw.http.post("/hl7v2", content=b"x", headers={"content-type": "text/xml"})
+    assert bad.status_code == 415
+
+
+async def test_order_on_one_connection_and_many_connections(hl7gw: App) -> None:
+    base = (HL7 / "adt_a08.hl7").read_bytes()
+    original = parse(base).control_id.encode()
+
+    async def conn(n: int) -> list[str]:
+        out = []
+        async with MLLPClient("127.0.0.1", hl7gw.port, timeout=60) as c:
+            for i in range(3):
+                ack = await c.send(base.replace(original, f"C{n}-{i}".encode(), 1))
+                out.append(msa(ack)[2])
+        return out
+
+    results = await asyncio.gather(*(conn(n) for n in range(50)))
+    assert results == [[f"C{n}-{i}" for i in range(3)] for n in range(50)]
+
+
+async def test_framing_errors_over_a_real_socket(hl7gw: App) -> None:
+    raw = (HL7 / "adt_a03.hl7").read_bytes()
+    reader, writer = await asyncio.open_connection("127.0.0.1", hl7gw.port)
+    writer.write(b"junk before the frame" + START + raw + END)
+    await writer.drain()
+    ack = await asyncio.wait_for(reader.readuntil(END), 30)
+    assert msa(ack[1:-2])[1] in ("AA", "CA")
+    # Oversize message: AR, connection kept.
+    limit = hl7gw.gw.settings.max_mllp_message_bytes
+    writer.write(START + raw[:200] + b"X" * (limit + 10) + END)
+    await writer.drain()
+    ack = await asyncio.wait_for(reader.readuntil(END), 30)
+    assert msa(ack[1:-2])[1] in ("AR", "CR") and b"exceeds" in ack
+    # Peer goes away mid-frame: server copes, next connection works.
+    writer.write(START + raw[:50])
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    assert msa(await hl7gw.send((HL7 / "adt_a31.hl7").read_bytes()))[1] in ("AA", "CA")
+
+
+async def test_mllp_send_program_of_the_hl7_package(hl7gw: App, tmp_path: Path) -> None:
+    path = tmp_path / "msg.hl7"
+    # mllp_send reads MLLP-framed messages from its file and prints each ACK.
+    path.write_bytes(START + (HL7 / "oru_r01_radiology.hl7").read_bytes() + END)
+    mllp_send = Path(sys.executable).with_name("mllp_send")
+    proc = await asyncio.create_subprocess_exec(
+        str(mllp_send),
+        "--file",
+        str(path),
+        "--port",
+        str(hl7gw.port),
+        "127.0.0.1",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    out, errout = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, errout
+    assert b"MSA|AA|" in out or b"MSA|CA|" in out
+
+
+class FailingBlobs:
+    """Wraps a BlobStore; fails every put while ``down`` (a backend outage)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.down, self.name = inner, True, "failing"
+
+    async def put_many(self, blocks: Sequence[bytes]) -> list[str]:
+        if self.down:
+            raise BackendError("injected outage", backend="failing")
+        result: list[str] = await self.inner.put_many(blocks)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_backend_outage_gives_ae_then_retry_succeeds(
+    profile: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    services = request.getfixturevalue("services") if profile == "production" else None
+    settings = _settings(profile, tmp_path, services)
+    _, master = load_secrets(settings)
+    real = build_backends(settings, master_key=master)
+    blobs = FailingBlobs(real.blobs)
+    backends = Backends(blobs=blobs, log=real.log, state=real.state, keys=real.keys)  # type: ignore[arg-type]
+    app = create_app(settings, backends=backends)
+    raw = (HL7 / "oru_r01_lab.hl7").read_bytes()
+    async with app.router.lifespan_context(app):
+        a = App(app)
+        size = a.gw.ledger.size
+        ack = await a.send(raw)
+        assert msa(ack)[1] in ("AE", "CE") and err(ack)[3].startswith("207^")
+        assert a.gw.ledger.size == size, "something was anchored although the ACK was AE"
+        blobs.down = False
+        ack = await a.send(raw)
+        assert msa(ack)[1] in ("AA", "CA")
+        assert a.gw.ledger.size > size
+        await a.http.aclose()
