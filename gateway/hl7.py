@@ -181,7 +181,7 @@ class HL7Ingest:
         except (BackendError, LedgerError) as exc:
             log.error(
                 "hl7 message not stored: backend unavailable",
-                extra={**extra, "error": type(exc).__name__},
+                extra={**extra, "error": f"{type(exc).__name__}: {exc}"},
             )
             return self._ack(
                 header, "error", _Internal(), "storage temporarily unavailable; retry"

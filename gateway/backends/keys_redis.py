@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.backends.keys_file import unwrap_kek, wrap_kek
 from gateway.backends.protocols import WrappedKey
@@ -33,37 +35,45 @@ class RedisKeyStore:
         self.prefix = prefix + "keys:"
         self._master = master_key
         self._r: aioredis.Redis = aioredis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
 
-    async def _call(self, what: str, coro: Any) -> Any:
+    async def _call(self, what: str, command: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a command; after a restart of Redis, once more on fresh connections."""
         try:
-            return await coro
+            try:
+                return await command()
+            except (RedisConnectionError, RedisTimeoutError):
+                await self._r.connection_pool.disconnect()
+                return await command()
         except (RedisError, OSError) as exc:
             raise BackendError(f"{what}: {type(exc).__name__}: {exc}", backend=NAME) from exc
 
     async def kek_for(self, pseudonym: str) -> tuple[str, bytes]:
         """(kek id, KEK) of the patient, created durably on first use."""
         owner_key = f"{self.prefix}owner:{pseudonym}"
-        existing = await self._call("get", self._r.get(owner_key))
+        existing = await self._call("get", lambda: self._r.get(owner_key))
         if existing is not None:
             kid = existing.decode()
             return kid, await self.kek_by_id(kid)
         kid = secrets.token_hex(16)
         kek = secrets.token_bytes(32)
         await self._call(
-            "set", self._r.set(f"{self.prefix}kek:{kid}", wrap_kek(self._master, kid, kek))
+            "set", lambda: self._r.set(f"{self.prefix}kek:{kid}", wrap_kek(self._master, kid, kek))
         )
-        if await self._call("setnx", self._r.set(owner_key, kid, nx=True)):
+        if await self._call("setnx", lambda: self._r.set(owner_key, kid, nx=True)):
             return kid, kek
-        await self._call("del", self._r.delete(f"{self.prefix}kek:{kid}"))
-        winner = (await self._call("get", self._r.get(owner_key))).decode()
+        await self._call("del", lambda: self._r.delete(f"{self.prefix}kek:{kid}"))
+        winner = (await self._call("get", lambda: self._r.get(owner_key))).decode()
         return winner, await self.kek_by_id(winner)
 
     async def kek_by_id(self, kek_id: str) -> bytes:
         """The KEK. Raises KeyDestroyedError, KeyNotFoundError."""
         wrapped, destroyed = await self._call(
-            "mget", self._r.mget(f"{self.prefix}kek:{kek_id}", f"{self.prefix}destroyed:{kek_id}")
+            "mget",
+            lambda: self._r.mget(f"{self.prefix}kek:{kek_id}", f"{self.prefix}destroyed:{kek_id}"),
         )
         if destroyed is not None:
             raise KeyDestroyedError(kek_id)
@@ -79,11 +89,11 @@ class RedisKeyStore:
             f"{self.prefix}dk:{k.record_id}": json.dumps({"kek": k.kek_id, "w": k.wrapped.hex()})
             for k in keys
         }
-        await self._call("mset", self._r.mset(mapping))
+        await self._call("mset", lambda: self._r.mset(mapping))
 
     async def get_wrapped_key(self, record_id: str) -> WrappedKey:
         """Raises KeyNotFoundError."""
-        raw = await self._call("get", self._r.get(f"{self.prefix}dk:{record_id}"))
+        raw = await self._call("get", lambda: self._r.get(f"{self.prefix}dk:{record_id}"))
         if raw is None:
             raise KeyNotFoundError(record_id)
         try:
@@ -94,19 +104,19 @@ class RedisKeyStore:
 
     async def destroy_kek(self, pseudonym: str) -> str:
         """Crypto-shred the patient's KEK; returns its id."""
-        kid_raw = await self._call("get", self._r.get(f"{self.prefix}owner:{pseudonym}"))
+        kid_raw = await self._call("get", lambda: self._r.get(f"{self.prefix}owner:{pseudonym}"))
         if kid_raw is None:
             raise KeyNotFoundError(f"patient key of {pseudonym[:12]}")
         kid = kid_raw.decode()
         pipe = self._r.pipeline(transaction=True)
         pipe.set(f"{self.prefix}destroyed:{kid}", b"1")
         pipe.delete(f"{self.prefix}kek:{kid}")
-        await self._call("destroy", pipe.execute())
+        await self._call("destroy", pipe.execute)
         return str(kid)
 
     async def ping(self) -> None:
         """PING."""
-        await self._call("ping", self._r.ping())
+        await self._call("ping", lambda: self._r.ping())
 
     async def close(self) -> None:
         """Close the pool."""

@@ -5,10 +5,13 @@ Keys are prefixed (``gw:<institution>:``). Raises BackendError (backend "redis")
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import BackendError
 
@@ -23,47 +26,56 @@ class RedisStateStore:
     def __init__(self, *, url: str, prefix: str = "gw:", timeout: float = 5.0) -> None:
         self.prefix = prefix
         self._r: aioredis.Redis = aioredis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
 
     def _k(self, key: str) -> str:
         return self.prefix + key
 
-    async def _call(self, what: str, coro: Any) -> Any:
+    async def _call(self, what: str, command: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a command; after a restart of Redis, once more on fresh connections."""
         try:
-            return await coro
+            try:
+                return await command()
+            except (RedisConnectionError, RedisTimeoutError):
+                await self._r.connection_pool.disconnect()
+                return await command()
         except (RedisError, OSError) as exc:
             raise BackendError(f"{what}: {type(exc).__name__}: {exc}", backend=NAME) from exc
 
     async def get(self, key: str) -> bytes | None:
         """The value or None."""
-        value = await self._call("get", self._r.get(self._k(key)))
+        value = await self._call("get", lambda: self._r.get(self._k(key)))
         return None if value is None else bytes(value)
 
     async def set(self, key: str, value: bytes, *, ttl: float | None = None) -> None:
         """Set unconditionally."""
-        await self._call("set", self._r.set(self._k(key), value, px=_px(ttl)))
+        await self._call("set", lambda: self._r.set(self._k(key), value, px=_px(ttl)))
 
     async def set_if_absent(self, key: str, value: bytes, *, ttl: float | None = None) -> bool:
         """SET NX; True when this call set it."""
-        return bool(await self._call("set", self._r.set(self._k(key), value, px=_px(ttl), nx=True)))
+        return bool(
+            await self._call("set", lambda: self._r.set(self._k(key), value, px=_px(ttl), nx=True))
+        )
 
     async def delete(self, key: str) -> None:
         """DEL."""
-        await self._call("delete", self._r.delete(self._k(key)))
+        await self._call("delete", lambda: self._r.delete(self._k(key)))
 
     async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
         """INCRBY (the TTL is set when the key is created)."""
         k = self._k(key)
-        value = int(await self._call("incr", self._r.incrby(k, amount)))
+        value = int(await self._call("incr", lambda: self._r.incrby(k, amount)))
         px = _px(ttl)
         if px is not None and value == amount:
-            await self._call("expire", self._r.pexpire(k, px))
+            await self._call("expire", lambda: self._r.pexpire(k, px))
         return value
 
     async def ping(self) -> None:
         """PING."""
-        await self._call("ping", self._r.ping())
+        await self._call("ping", lambda: self._r.ping())
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -253,3 +253,30 @@ async def test_backend_outage_gives_ae_then_retry_succeeds(
         assert msa(ack)[1] in ("AA", "CA")
         assert a.gw.ledger.size > size
         await a.http.aclose()
+
+
+@pytest.mark.services
+async def test_redis_stopped_mid_run_then_back(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """With the de-duplication state unreachable nothing is acknowledged (the connection is
+    closed without an ACK); once Redis is back the sender's retry is accepted, and a repeat
+    of it is recognised as a duplicate."""
+    services = request.getfixturevalue("services")
+    settings = _settings("production", tmp_path, services)
+    app = create_app(settings)
+    raw = (HL7 / "siu_s12.hl7").read_bytes()
+    async with app.router.lifespan_context(app):
+        a = App(app)
+        size = a.gw.ledger.size
+        services.stop_redis()
+        try:
+            with pytest.raises(ConnectionError):
+                await a.send(raw)
+            assert a.gw.ledger.size == size
+        finally:
+            services.start_redis()
+        first = await a.send(raw)
+        assert msa(first)[1] in ("AA", "CA")
+        assert await a.send(raw) == first
+        await a.http.aclose()
