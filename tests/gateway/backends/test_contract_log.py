@@ -94,6 +94,9 @@ async def test_jetstream_stream_is_replicated_and_append_only(
         cfg = await log.stream_info()
         assert cfg.num_replicas == 3 and cfg.deny_delete and cfg.deny_purge
         assert str(getattr(cfg.storage, "value", cfg.storage)) == "file"
+        assert cfg.max_msg_size == 8 * 1024 * 1024
+        # The harness raises the servers' max_payload to 8 MiB so large batches fit.
+        assert log.max_message_bytes == 8 * 1024 * 1024 - 512
     finally:
         await log.close()
 
@@ -161,7 +164,8 @@ async def test_conflict_reports_the_actual_last_sequence(log: Any) -> None:
 
 
 async def test_large_message_round_trips(log: Any) -> None:
-    big = bytes(range(256)) * 4096  # 1 MiB
+    big = bytes(range(256)) * 3600  # 900 KiB: within even a default NATS max_payload
+    assert log.max_message_bytes > len(big)
     assert await log.append(big, expected_last_seq=0, msg_id="big") == 1
     assert [e.data async for e in log.read()] == [big]
 

@@ -1,0 +1,173 @@
+"""Benchmark: ORU^R01 (5 OBX) over MLLP from 32 connections into a gateway on real services.
+
+Reports messages/s and p50/p99 ACK latency end to end (parse, convert, encrypt, store in Kubo,
+anchor in the R3 JetStream ledger, ACK), beside the bare parse rates of hl7apy, python-hl7 and
+our parser measured in the same run (bench/bench_parse.py's cases). Writes its section of
+docs/benchmarks.md.
+
+Run:  .venv/bin/python bench/bench_mllp.py [--seconds 30] [--connections 32] [--profile production]
+(starts its own services with tests/services/harness.py unless GATEWAY_SERVICES_ENV is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_ingest import pct  # noqa: E402
+from bench.bench_parse import rate  # noqa: E402
+from bench.report import write_section  # noqa: E402
+from gateway.demo import free_port  # noqa: E402
+from gateway.mllp.client import MLLPClient  # noqa: E402
+from tests.services.harness import services_from_env_or_start  # noqa: E402
+
+FIXTURE = ROOT / "fixtures" / "hl7v2" / "oru_r01_lab.hl7"
+
+
+async def load(port: int, seconds: float, connections: int, raw: bytes) -> dict[str, float]:
+    """Send ORU messages (unique control ids) on ``connections`` connections for ``seconds``."""
+    control = raw.split(b"|")[9]
+    latencies: list[float] = []
+    acked = 0
+    other = 0
+    deadline = time.monotonic() + seconds
+
+    async def conn(n: int) -> None:
+        nonlocal acked, other
+        async with MLLPClient("127.0.0.1", port, timeout=120) as client:
+            i = 0
+            while time.monotonic() < deadline:
+                msg = raw.replace(control, f"B{n}-{i}-{uuid.uuid4().hex[:6]}".encode(), 1)
+                i += 1
+                t0 = time.perf_counter()
+                ack = await client.send(msg)
+                latencies.append(time.perf_counter() - t0)
+                if b"MSA|AA|" in ack or b"MSA|CA|" in ack:
+                    acked += 1
+                else:
+                    other += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(conn(n) for n in range(connections)))
+    elapsed = time.monotonic() - start
+    return {
+        "msgs_per_s": acked / elapsed,
+        "messages": acked,
+        "p50_ms": pct(latencies, 0.5) * 1000,
+        "p99_ms": pct(latencies, 0.99) * 1000,
+        "not_accepted": other,
+    }
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--profile", default="production", choices=["production", "embedded"])
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    raw = FIXTURE.read_bytes()
+
+    import hl7
+    from hl7apy.parser import parse_message
+
+    from mappings.v2.parse import parse
+
+    text = raw.decode("utf-8")
+    parse_rates = {
+        "hl7apy": rate(lambda: parse_message(text), seconds=0.5, rounds=3),
+        "python-hl7": rate(lambda: hl7.parse(text), seconds=1.0, rounds=3),
+        "ours": rate(lambda: parse(raw), seconds=1.0, rounds=3),
+    }
+    with services_from_env_or_start() as services, tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ)
+        env.update(
+            GATEWAY_PROFILE=args.profile,
+            GATEWAY_DATA_DIR=f"{tmp}/gw",
+            GATEWAY_LOG_LEVEL="WARNING",
+            GATEWAY_KUBO_URL=services.kubo_url,
+            GATEWAY_NATS_URLS=",".join(services.nats_urls),
+            GATEWAY_REDIS_URL=services.redis_url,
+            GATEWAY_NATS_STREAM=f"BENCH{uuid.uuid4().hex[:8].upper()}",
+            GATEWAY_REDIS_PREFIX=f"bench:{uuid.uuid4().hex[:8]}:",
+            GATEWAY_INSTITUTION="hosp-a",
+        )
+        http_port, mllp_port = free_port(), free_port()
+        env["GATEWAY_MLLP_PORT"] = str(mllp_port)
+        log = Path(tmp) / "gateway.log"
+        with log.open("ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--http-port",
+                str(http_port),
+                env=env,
+                stdout=out,
+                stderr=out,
+            )
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1).is_success:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+            result = await load(mllp_port, args.seconds, args.connections, raw)
+        finally:
+            proc.terminate()
+            await proc.wait()
+    print(result, flush=True)
+    lines = [
+        f"ORU^R01 with 5 OBX ({FIXTURE.name}), {args.connections} MLLP connections, "
+        f"{args.seconds:.0f} s, {args.profile} profile; each message stores 11 encrypted records "
+        "(Patient, Encounter, Organization, DiagnosticReport, Specimen, 5 Observations... as "
+        "converted, plus the original message as a Binary and a Provenance).",
+        "",
+        "| measure | value |",
+        "| --- | ---: |",
+        f"| messages ACKed (AA/CA) per second | {result['msgs_per_s']:.1f} |",
+        f"| ACK latency p50 | {result['p50_ms']:.0f} ms |",
+        f"| ACK latency p99 | {result['p99_ms']:.0f} ms |",
+        f"| messages not accepted | {result['not_accepted']:.0f} |",
+        "",
+        "Bare parse rates in the same run (one core, median of 3 rounds):",
+        "",
+        "| parser | messages/s | × hl7apy |",
+        "| --- | ---: | ---: |",
+    ]
+    base = parse_rates["hl7apy"]
+    lines += [f"| {k} | {v:,.0f} | {v / base:,.1f} |" for k, v in parse_rates.items()]
+    lines += [
+        "",
+        "Target in issue 3: 1,000 messages/s end to end. **Not met**: each message becomes about "
+        "11 records, and on this machine Kubo pins and syncs each block at about 2.5 ms (see the "
+        "ingest section's batched `block/put` baseline), so the production profile is bounded "
+        "near 40 messages/s by Kubo alone; the parse stage is far from the bottleneck.",
+    ]
+    text_out = "\n".join(lines)
+    print(text_out)
+    if not args.no_write:
+        write_section(
+            ROOT / "docs" / "benchmarks.md",
+            "mllp",
+            text_out,
+            command=".venv/bin/python bench/bench_mllp.py",
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
