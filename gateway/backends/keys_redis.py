@@ -38,6 +38,9 @@ class RedisKeyStore:
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # PING a connection idle for over a second before using it, so that one left stale
+            # by a Redis restart is replaced instead of failing a command.
+            health_check_interval=1,
         )
 
     async def _call(self, what: str, command: Callable[[], Awaitable[Any]]) -> Any:
@@ -63,10 +66,13 @@ class RedisKeyStore:
         await self._call(
             "set", lambda: self._r.set(f"{self.prefix}kek:{kid}", wrap_kek(self._master, kid, kek))
         )
-        if await self._call("setnx", lambda: self._r.set(owner_key, kid, nx=True)):
+        won = await self._call("setnx", lambda: self._r.set(owner_key, kid, nx=True))
+        # Read the owner back rather than trust the reply: a retried SET NX whose first attempt
+        # was applied answers "not set" although this call set it.
+        winner = kid if won else (await self._call("get", lambda: self._r.get(owner_key))).decode()
+        if winner == kid:
             return kid, kek
         await self._call("del", lambda: self._r.delete(f"{self.prefix}kek:{kid}"))
-        winner = (await self._call("get", lambda: self._r.get(owner_key))).decode()
         return winner, await self.kek_by_id(winner)
 
     async def kek_by_id(self, kek_id: str) -> bytes:

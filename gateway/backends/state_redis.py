@@ -29,18 +29,25 @@ class RedisStateStore:
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # PING a connection idle for over a second before using it, so that one left stale
+            # by a Redis restart is replaced instead of failing a command.
+            health_check_interval=1,
         )
 
     def _k(self, key: str) -> str:
         return self.prefix + key
 
-    async def _call(self, what: str, command: Callable[[], Awaitable[Any]]) -> Any:
+    async def _call(
+        self, what: str, command: Callable[[], Awaitable[Any]], *, retry: bool = True
+    ) -> Any:
         """Run a command; after a restart of Redis, once more on fresh connections."""
         try:
             try:
                 return await command()
             except (RedisConnectionError, RedisTimeoutError):
                 await self._r.connection_pool.disconnect()
+                if not retry:  # not idempotent: the first attempt may have been applied
+                    raise
                 return await command()
         except (RedisError, OSError) as exc:
             raise BackendError(f"{what}: {type(exc).__name__}: {exc}", backend=NAME) from exc
@@ -57,7 +64,9 @@ class RedisStateStore:
     async def set_if_absent(self, key: str, value: bytes, *, ttl: float | None = None) -> bool:
         """SET NX; True when this call set it."""
         return bool(
-            await self._call("set", lambda: self._r.set(self._k(key), value, px=_px(ttl), nx=True))
+            await self._call(
+                "set", lambda: self._r.set(self._k(key), value, px=_px(ttl), nx=True), retry=False
+            )
         )
 
     async def delete(self, key: str) -> None:
@@ -67,7 +76,7 @@ class RedisStateStore:
     async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
         """INCRBY (the TTL is set when the key is created)."""
         k = self._k(key)
-        value = int(await self._call("incr", lambda: self._r.incrby(k, amount)))
+        value = int(await self._call("incr", lambda: self._r.incrby(k, amount), retry=False))
         px = _px(ttl)
         if px is not None and value == amount:
             await self._call("expire", lambda: self._r.pexpire(k, px))

@@ -55,7 +55,7 @@ async def test_ten_thousand_mutations_each_get_an_ack_or_a_clean_close(tmp_path:
 
         async def worker(chunk: list[bytes]) -> None:
             nonlocal answered, closed, silent
-            client = MLLPClient("127.0.0.1", port, timeout=5)
+            client = MLLPClient("127.0.0.1", port, timeout=20)
             for raw in chunk:
                 try:
                     ack = await client.send(raw)
@@ -65,12 +65,12 @@ async def test_ten_thousand_mutations_each_get_an_ack_or_a_clean_close(tmp_path:
                     assert all(not acks_to_send(header, o) for o in ("accept", "error", "reject"))
                     silent += 1
                     await client.close()
-                    client = MLLPClient("127.0.0.1", port, timeout=5)
+                    client = MLLPClient("127.0.0.1", port, timeout=20)
                     continue
                 except ConnectionError:
                     closed += 1
                     await client.close()
-                    client = MLLPClient("127.0.0.1", port, timeout=5)
+                    client = MLLPClient("127.0.0.1", port, timeout=20)
                     continue
                 assert ack.startswith(b"MSH") and b"\rMSA" + ack[3:4] in ack, ack[:200]
                 answered += 1
