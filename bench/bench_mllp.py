@@ -20,12 +20,10 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import pct  # noqa: E402
+from bench.bench_ingest import pct, start_gateway  # noqa: E402
 from bench.bench_parse import rate  # noqa: E402
 from bench.report import write_section  # noqa: E402
 from gateway.demo import free_port  # noqa: E402
@@ -105,31 +103,12 @@ async def main() -> None:
         )
         http_port, mllp_port = free_port(), free_port()
         env["GATEWAY_MLLP_PORT"] = str(mllp_port)
-        log = Path(tmp) / "gateway.log"
-        with log.open("ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "serve",
-                "--http-port",
-                str(http_port),
-                env=env,
-                stdout=out,
-                stderr=out,
-            )
+        proc = start_gateway(env, http_port, Path(tmp) / "gateway.log")
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1).is_success:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
             result = await load(mllp_port, args.seconds, args.connections, raw)
         finally:
             proc.terminate()
-            await proc.wait()
+            proc.wait(timeout=30)
     print(result, flush=True)
     lines = [
         f"ORU^R01 with 5 OBX ({FIXTURE.name}), {args.connections} MLLP connections, "

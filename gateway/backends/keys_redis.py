@@ -15,12 +15,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.backends.keys_file import unwrap_kek, wrap_kek
 from gateway.backends.protocols import WrappedKey
+from gateway.backends.redis_common import call, connect
 from gateway.errors import BackendError, KeyDestroyedError, KeyNotFoundError
 
 NAME = "redis-keys"
@@ -34,25 +32,12 @@ class RedisKeyStore:
     def __init__(self, *, url: str, prefix: str, master_key: bytes, timeout: float = 5.0) -> None:
         self.prefix = prefix + "keys:"
         self._master = master_key
-        self._r: aioredis.Redis = aioredis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # PING a connection idle for over a second before using it, so that one left stale
-            # by a Redis restart is replaced instead of failing a command.
-            health_check_interval=1,
-        )
+        self._r: aioredis.Redis = connect(url, timeout)
 
-    async def _call(self, what: str, command: Callable[[], Awaitable[Any]]) -> Any:
-        """Run a command; after a restart of Redis, once more on fresh connections."""
-        try:
-            try:
-                return await command()
-            except (RedisConnectionError, RedisTimeoutError):
-                await self._r.connection_pool.disconnect()
-                return await command()
-        except (RedisError, OSError) as exc:
-            raise BackendError(f"{what}: {type(exc).__name__}: {exc}", backend=NAME) from exc
+    async def _call(
+        self, what: str, command: Callable[[], Awaitable[Any]], *, retry: bool = True
+    ) -> Any:
+        return await call(self._r, what, command, backend=NAME, retry=retry)
 
     async def kek_for(self, pseudonym: str) -> tuple[str, bytes]:
         """(kek id, KEK) of the patient, created durably on first use."""

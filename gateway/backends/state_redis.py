@@ -9,11 +9,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.errors import BackendError
+from gateway.backends.redis_common import call, connect
 
 NAME = "redis"
 
@@ -25,14 +22,7 @@ class RedisStateStore:
 
     def __init__(self, *, url: str, prefix: str = "gw:", timeout: float = 5.0) -> None:
         self.prefix = prefix
-        self._r: aioredis.Redis = aioredis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # PING a connection idle for over a second before using it, so that one left stale
-            # by a Redis restart is replaced instead of failing a command.
-            health_check_interval=1,
-        )
+        self._r: aioredis.Redis = connect(url, timeout)
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -40,17 +30,7 @@ class RedisStateStore:
     async def _call(
         self, what: str, command: Callable[[], Awaitable[Any]], *, retry: bool = True
     ) -> Any:
-        """Run a command; after a restart of Redis, once more on fresh connections."""
-        try:
-            try:
-                return await command()
-            except (RedisConnectionError, RedisTimeoutError):
-                await self._r.connection_pool.disconnect()
-                if not retry:  # not idempotent: the first attempt may have been applied
-                    raise
-                return await command()
-        except (RedisError, OSError) as exc:
-            raise BackendError(f"{what}: {type(exc).__name__}: {exc}", backend=NAME) from exc
+        return await call(self._r, what, command, backend=NAME, retry=retry)
 
     async def get(self, key: str) -> bytes | None:
         """The value or None."""
