@@ -182,7 +182,7 @@ def create_app(
     app.include_router(imaging_api.build_router(ingest))
     if settings.mllp_enabled:
         mllp = MLLPServer(
-            lambda data, _conn: ingest.handle(data),
+            lambda data, conn: ingest.handle(data, peer=conn.peer),
             host=settings.host,
             port=settings.mllp_port,
             max_message_size=settings.max_mllp_message_bytes,

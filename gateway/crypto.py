@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from dataclasses import dataclass
 
+import orjson
 import rfc8785
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -32,22 +34,36 @@ _CIPHERTEXT_MAGIC = b"AGW1"
 
 def pseudonym(key: bytes, system: str, value: str) -> str:
     """The patient's pseudonym for one identifier (hex HMAC-SHA256 of ``system|value``)."""
-    return hmac.new(key, f"{system}|{value}".encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(key, f"{system}|{value}".encode(), "sha256").hex()
 
 
 def record_id(key: bytes, resource_type: str, resource_id: str) -> str:
     """Opaque, stable id of a FHIR resource for the ledger and the index (hex, 32 chars)."""
-    mac = hmac.new(key, f"record|{resource_type}/{resource_id}".encode(), hashlib.sha256)
-    return mac.hexdigest()[:32]
+    return hmac.digest(key, f"record|{resource_type}/{resource_id}".encode(), "sha256").hex()[:32]
 
 
 def associated_data(
     rec_id: str, version: int, patient: str, resource_type: str, kek_id: str
 ) -> bytes:
-    """The AEAD associated data binding a ciphertext to its record and key (canonical JSON)."""
-    return rfc8785.dumps(
-        {"kek": kek_id, "patient": patient, "record": rec_id, "type": resource_type, "v": version}
-    )
+    """The AEAD associated data binding a ciphertext to its record and key (RFC 8785 JSON).
+
+    The values are hex ids, key ids and resource types: printable ASCII without quotes or
+    backslashes, for which sorted compact JSON is the RFC 8785 form; anything else takes the
+    reference encoder, so the bytes never depend on which path ran.
+    """
+    obj: dict[str, str | int] = {
+        "kek": kek_id,
+        "patient": patient,
+        "record": rec_id,
+        "type": resource_type,
+        "v": version,
+    }
+    if all(_PLAIN.fullmatch(v) for v in (kek_id, patient, rec_id, resource_type)):
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    return rfc8785.dumps(obj)
+
+
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,6 @@ from gateway.errors import BackendError
 from gateway.fhir import patient_pseudonym_of_patient
 from gateway.mllp.ack import AckCode, Header, acks_to_send, build_ack, read_header
 from gateway.mllp.dedup import Conflict, Deduplicator, InProgress, Replay
-from gateway.pipeline import RecordInput
 from gateway.runtime import Gateway
 from ledger.errors import LedgerError
 from mappings.errors import MappingError, MessageContentError
@@ -80,27 +79,31 @@ class HL7Ingest:
         outcome: Literal["accept", "error", "reject"],
         error: Any = None,
         text: str = "",
-    ) -> bytes:
+    ) -> list[bytes]:
+        """The acknowledgement messages (each to be framed on its own) for ``outcome``."""
         now = self._now()
         codes: list[AckCode] = acks_to_send(header, outcome)
-        out = b""
-        for code in codes:
-            err = error if code not in ("AA", "CA") else None
-            out += build_ack(
+        out = [
+            build_ack(
                 header,
                 code=code,
                 now=now,
-                error=err,
+                error=error if code not in ("AA", "CA") else None,
                 text=text,
                 gateway_facility=self.gw.settings.institution,
             )
+            for code in codes
+        ]
         for code in codes:
             self.gw.metrics.mllp_messages.labels(code).inc()
         return out
 
-    def oversize_ack(self, head: bytes, limit: int) -> bytes:
-        """The AR for a message over the size limit (built from its first bytes)."""
-        log.warning("hl7 message over the size limit rejected", extra={"limit": limit})
+    def oversize_ack(self, head: bytes, limit: int) -> list[bytes]:
+        """The AR for a message over the size limit (built from its first bytes). Never raises."""
+        log.warning(
+            "hl7 message over the size limit rejected",
+            extra={"limit": limit, "control_id": read_header(head).control_id[:40]},
+        )
         return self._ack(
             read_header(head),
             "reject",
@@ -108,19 +111,27 @@ class HL7Ingest:
             f"message exceeds the limit of {limit} bytes",
         )
 
-    async def handle(self, raw: bytes) -> bytes | None:
-        """Process one message; return the ACK bytes (``b""`` when none is asked for).
+    async def handle(self, raw: bytes, *, peer: str = "-") -> list[bytes] | None:
+        """Process one message; return its acknowledgement messages, each to be sent alone.
 
-        Never raises for a bad message; returns None only when no truthful answer can be given
-        (the de-duplication state itself is unreachable), so the caller closes the connection.
+        Usually one ACK; none when MSH-15/16 ask for none; a commit ACK then an application
+        ACK in enhanced mode. Never raises for a bad message (a failure of the gateway's own
+        code is answered AE with ERR 207 and logged); returns None only when no truthful
+        answer can be given (the de-duplication state is unreachable), so the caller closes
+        the connection and the sender retries.
         """
         header = read_header(raw)
-        extra = {"control_id": header.control_id[:40], "bytes": len(raw)}
+        extra = {"control_id": header.control_id[:40], "peer": peer, "bytes": len(raw)}
         try:
             msg = parse(raw)
         except MappingError as exc:
             log.info("hl7 message rejected", extra={**extra, "hl7_code": exc.hl7_code})
             return self._ack(header, "reject", exc, str(exc))
+        except Exception as exc:  # a defect of the parser on odd input: still a rejection
+            log.error(
+                "hl7 parser failed unexpectedly", extra={**extra, "error": type(exc).__name__}
+            )
+            return self._ack(header, "reject", _Internal(), "message cannot be parsed")
         facility = msg.sending_facility_id or header.sending_facility
         digest = hashlib.sha256(raw).hexdigest()
         try:
@@ -130,9 +141,9 @@ class HL7Ingest:
             return None
         if isinstance(decision, Replay):
             log.info("hl7 duplicate: original ACK replayed", extra=extra)
-            return decision.ack
+            return list(decision.acks)
         if isinstance(decision, Conflict):
-            log.warning("hl7 control id reused with different content", extra=extra)
+            log.warning("hl7 control id reused with different content: AE", extra=extra)
             return self._ack(
                 header,
                 "error",
@@ -140,20 +151,21 @@ class HL7Ingest:
                 "control id already used by a different message from this facility",
             )
         if isinstance(decision, InProgress):
+            log.info("hl7 copy of a message still being processed: AE", extra=extra)
             return self._ack(header, "error", _Internal(), "message is being processed; retry")
         try:
-            ack = await self._process(raw, msg, header, extra)
+            acks, accepted = await self._process(raw, msg, header, extra)
         except BaseException:
             await self._release(facility, msg.control_id)
             raise
-        if ack[1]:
+        if accepted:
             try:
-                await self.dedup.finish(facility, msg.control_id, digest, ack[0])
+                await self.dedup.finish(facility, msg.control_id, digest, acks)
             except BackendError:
                 log.error("hl7 accepted but could not record it for de-duplication", extra=extra)
         else:
             await self._release(facility, msg.control_id)
-        return ack[0]
+        return acks
 
     async def _release(self, facility: str, control_id: str) -> None:
         try:
@@ -163,21 +175,29 @@ class HL7Ingest:
 
     async def _process(
         self, raw: bytes, msg: Any, header: Header, extra: dict[str, Any]
-    ) -> tuple[bytes, bool]:
+    ) -> tuple[list[bytes], bool]:
         try:
             result = convert(msg, options=self.options)
         except MappingError as exc:
             outcome: Literal["error", "reject"] = "reject" if exc.ack_code == "AR" else "error"
             log.info("hl7 message not processed", extra={**extra, "hl7_code": exc.hl7_code})
             return self._ack(header, outcome, exc, str(exc)), False
+        except Exception as exc:  # a defect in the conversion: say so, do not drop the link
+            log.error(
+                "hl7 conversion failed unexpectedly",
+                extra={**extra, "error": type(exc).__name__},
+            )
+            return self._ack(header, "error", _Internal(), "internal error in conversion"), False
         try:
-            inputs = self._records(
+            resources, patient, container_id = self._records(
                 raw, msg, result.resources, result.patient_identifiers, result.master_identifier
             )
         except MessageContentError as exc:
             return self._ack(header, "error", exc, str(exc)), False
         try:
-            stored = await self.gw.pipeline.store(inputs)
+            stored = await self.gw.pipeline.store_group(
+                resources, patient=patient, container_id=container_id
+            )
         except (BackendError, LedgerError) as exc:
             log.error(
                 "hl7 message not stored: backend unavailable",
@@ -201,7 +221,9 @@ class HL7Ingest:
         resources: list[dict[str, Any]],
         identifiers: list[tuple[str, str]],
         master: tuple[str, str] | None,
-    ) -> list[RecordInput]:
+    ) -> tuple[list[dict[str, Any]], str, str]:
+        """The resources to store (converted ones, the original as Binary, the Provenance),
+        the patient's pseudonym and the id of the container they are stored in."""
         settings = self.gw.settings
         patient_res = next((r for r in resources if r.get("resourceType") == "Patient"), None)
         if patient_res is not None:
@@ -243,4 +265,8 @@ class HL7Ingest:
             "agent": [{"who": who}],
             "entity": [{"role": "source", "what": {"reference": f"Binary/{binary_id}"}}],
         }
-        return [RecordInput(r, patient) for r in (*resources, binary, provenance)]
+        container_id = stable_id(self.options, "Bundle", facility, msg.control_id)
+        # A resource produced twice (the same Specimen under two OBR) is stored once, as its
+        # last form, exactly as two consecutive stores would have left it.
+        unique = {(r["resourceType"], r["id"]): r for r in (*resources, binary, provenance)}
+        return list(unique.values()), patient, container_id

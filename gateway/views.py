@@ -16,7 +16,14 @@ from ledger.leaves import decode_leaf
 
 @dataclass(frozen=True, slots=True)
 class RecordAnchor:
-    """One anchored version of a record."""
+    """One anchored version of a record.
+
+    A record stored in a container (the collection Bundle of everything one HL7 message
+    produced, anchored by one leaf with ``contains``) has the container's ciphertext (``cid``,
+    ``sha256``, ``leaf_index``), is sealed under the container's record id and version
+    (``container``, ``container_version``: they name the data key and the associated data) and
+    is entry ``entry`` of the Bundle. A record stored alone has ``container`` None.
+    """
 
     record: str
     version: int
@@ -27,6 +34,55 @@ class RecordAnchor:
     source: str
     time: str
     leaf_index: int
+    container: str | None = None
+    container_version: int = 0
+    entry: int = -1
+
+    @property
+    def sealed_as(self) -> tuple[str, int, str]:
+        """(record id, version, resource type) the ciphertext's key and associated data name."""
+        if self.container is None:
+            return self.record, self.version, self.resource_type
+        return self.container, self.container_version, CONTAINER_TYPE
+
+
+CONTAINER_TYPE = "Bundle"
+
+
+def anchors_of_leaf(leaf: dict[str, object], leaf_index: int) -> list[RecordAnchor]:
+    """The record anchors a decoded ``record`` leaf establishes: itself, or the records it
+    contains (a container is not itself a record a reader asks for)."""
+    base = RecordAnchor(
+        record=str(leaf["record"]),
+        version=int(str(leaf["version"])),
+        cid=str(leaf["cid"]),
+        sha256=str(leaf["sha256"]),
+        patient=str(leaf["patient"]),
+        resource_type=str(leaf["type"]),
+        source=str(leaf["source"]),
+        time=str(leaf["time"]),
+        leaf_index=leaf_index,
+    )
+    contains = leaf.get("contains")
+    if not isinstance(contains, list):
+        return [base]
+    return [
+        RecordAnchor(
+            record=str(item["record"]),
+            version=int(item["version"]),
+            cid=base.cid,
+            sha256=base.sha256,
+            patient=base.patient,
+            resource_type=str(item["type"]),
+            source=base.source,
+            time=base.time,
+            leaf_index=leaf_index,
+            container=base.record,
+            container_version=base.version,
+            entry=position,
+        )
+        for position, item in enumerate(contains)
+    ]
 
 
 class RecordIndex:
@@ -46,24 +102,14 @@ class RecordIndex:
             self.leaf_kinds[kind] += 1
             if kind != "record":
                 continue
-            anchor = RecordAnchor(
-                record=str(leaf["record"]),
-                version=int(leaf["version"]),
-                cid=str(leaf["cid"]),
-                sha256=str(leaf["sha256"]),
-                patient=str(leaf["patient"]),
-                resource_type=str(leaf["type"]),
-                source=str(leaf["source"]),
-                time=str(leaf["time"]),
-                leaf_index=first_index + offset,
-            )
-            self._all.append(anchor)
-            current = self._latest.get(anchor.record)
-            # Log order decides: a later leaf is the newer version.
-            if current is None or anchor.leaf_index > current.leaf_index:
-                self._latest[anchor.record] = anchor
-            if anchor.patient:
-                self._by_patient[anchor.patient].add(anchor.record)
+            for anchor in anchors_of_leaf(leaf, first_index + offset):
+                self._all.append(anchor)
+                current = self._latest.get(anchor.record)
+                # Log order decides: a later leaf is the newer version.
+                if current is None or anchor.leaf_index > current.leaf_index:
+                    self._latest[anchor.record] = anchor
+                if anchor.patient:
+                    self._by_patient[anchor.patient].add(anchor.record)
 
     def latest(self, record: str) -> RecordAnchor | None:
         """The latest anchored version of a record, or None."""

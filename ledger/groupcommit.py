@@ -4,6 +4,9 @@
 function together (at most ``max_items`` items, waiting at most ``max_delay`` seconds for more
 while a call is already in flight there is nothing to wait for: the next batch forms meanwhile).
 Each caller gets back the results of its own items, or the exception of the batch call.
+With ``concurrency`` above 1, up to that many batch calls run at once (for backends whose
+writes are independent, like blob and key stores; never for the ledger, whose appends are
+ordered).
 """
 
 from __future__ import annotations
@@ -35,8 +38,13 @@ class GroupCommitter(Generic[T, R]):
         max_items: int = 256,
         max_delay: float = 0.002,
         on_batch: Callable[[int], None] | None = None,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self._fn = fn
+        self._slots = asyncio.Semaphore(concurrency)
+        self._calls: set[asyncio.Task[None]] = set()
         self.name = name
         self._max_items = max_items
         self._max_delay = max_delay
@@ -49,11 +57,15 @@ class GroupCommitter(Generic[T, R]):
         self._task = asyncio.create_task(self._run(), name=f"group-commit-{self.name}")
 
     async def stop(self) -> None:
-        """Stop the task; queued submissions fail with RuntimeError."""
+        """Stop the task; queued submissions and calls in flight fail with RuntimeError."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for call in list(self._calls):
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
         while not self._queue.empty():
             w = self._queue.get_nowait()
             if not w.future.done():
@@ -88,6 +100,18 @@ class GroupCommitter(Generic[T, R]):
                     w = self._queue.get_nowait()
                 group.append(w)
                 count += len(w.items)
+            await self._slots.acquire()
+            call = asyncio.create_task(self._call(group), name=f"group-commit-{self.name}-call")
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+            if self._slots.locked():
+                # Every slot busy: wait for one before forming the next batch, so that it
+                # grows meanwhile (and with concurrency 1 batches are strictly sequential).
+                await self._slots.acquire()
+                self._slots.release()
+
+    async def _call(self, group: list[_Waiting[T, R]]) -> None:
+        try:
             items = [item for w in group for item in w.items]
             try:
                 results = list(await self._fn(items))
@@ -102,7 +126,7 @@ class GroupCommitter(Generic[T, R]):
                 for w in group:
                     if not w.future.done():
                         w.future.set_exception(exc)
-                continue
+                return
             if self._on_batch is not None:
                 self._on_batch(len(items))
             pos = 0
@@ -110,3 +134,5 @@ class GroupCommitter(Generic[T, R]):
                 if not w.future.done():
                     w.future.set_result(results[pos : pos + len(w.items)])
                 pos += len(w.items)
+        finally:
+            self._slots.release()

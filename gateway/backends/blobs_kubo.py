@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import httpx
 
+from gateway.backends.car import batch_car
 from gateway.backends.cid import cid_v1_raw
 from gateway.errors import BackendError, BlobNotFoundError
 
@@ -49,36 +50,20 @@ class KuboBlobStore:
         return response
 
     async def put_many(self, blocks: Sequence[bytes]) -> list[str]:
-        """Store and pin all blocks in one call; return their CIDs. Raises BackendError."""
+        """Store all blocks in one call under one pinned batch root; return their CIDs.
+
+        Raises BackendError.
+        """
         if not blocks:
             return []
-        expected = [cid_v1_raw(b) for b in blocks]
-        files = [("file", (f"b{i}", b, "application/octet-stream")) for i, b in enumerate(blocks)]
-        r = await self._post(
-            "/block/put",
-            params={
-                "cid-codec": "raw",
-                "mhtype": "sha2-256",
-                "pin": "true",
-                # Kubo refuses blocks over 2 MiB by default (bitswap cannot move them); a large
-                # FHIR resource (a Binary, a DocumentReference) is still one ciphertext here.
-                "allow-big-block": "true",
-            },
-            files=files,
-        )
-        if r.status_code != 200:
-            raise BackendError(f"block/put answered {r.status_code}: {r.text[:200]}", backend=NAME)
-        try:
-            got = [json.loads(line)["Key"] for line in r.text.splitlines() if line.strip()]
-        except (ValueError, KeyError) as exc:
-            raise BackendError("block/put answered something unexpected", backend=NAME) from exc
-        if got != expected:
+        cids = [cid_v1_raw(b) for b in blocks]
+        root, car = batch_car(cids, blocks)
+        roots = await self.import_car(car)
+        if roots != [root]:
             raise BackendError(
-                f"block/put returned {len(got)} CIDs that do not match the {len(expected)} "
-                "computed locally",
-                backend=NAME,
+                f"dag/import pinned {roots[:3]} instead of the batch root {root}", backend=NAME
             )
-        return expected
+        return cids
 
     async def get(self, cid: str) -> bytes:
         """The block's bytes. Raises BlobNotFoundError, BackendError."""
@@ -93,7 +78,6 @@ class KuboBlobStore:
     async def import_car(self, car: bytes) -> list[str]:
         """Import a CARv1 archive with ``dag/import`` (roots pinned); return root CIDs, any order.
 
-        The alternative batched write path (one call, many blocks, each its own CID and pin).
         Raises BackendError when Kubo refuses the archive or fails to pin a root.
         """
         r = await self._post(
@@ -121,8 +105,9 @@ class KuboBlobStore:
         return roots
 
     async def is_pinned(self, cid: str) -> bool:
-        """Whether the block is pinned. Raises BackendError."""
-        r = await self._post("/pin/ls", params={"arg": cid, "type": "recursive"})
+        """Whether the block is pinned, itself or through a pinned batch root (Kubo's
+        "indirect" pin). Raises BackendError."""
+        r = await self._post("/pin/ls", params={"arg": cid, "type": "all"})
         return r.status_code == 200 and cid in r.text
 
     async def ping(self) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import fcntl
 import os
 import struct
+import threading
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ class FileLog:
         self._end = 0
         self._opened = False
         self._lock = asyncio.Lock()
+        # The in-memory index (_records, _ids, _end) is updated by appends and by the scans of
+        # readers, which run in worker threads: one thread at a time.
+        self._index_lock = threading.RLock()
 
     @property
     def max_message_bytes(self) -> int:
@@ -157,27 +161,30 @@ class FileLog:
             os.fsync(w.fileno())
 
     def _open_sync(self) -> None:
-        if self._opened:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                self._scan_from(f, repair=True)
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        self._opened = True
+        with self._index_lock:
+            if self._opened:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a+b") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                try:
+                    self._scan_from(f, repair=True)
+                finally:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            self._opened = True
 
-    def _refresh(self) -> None:
+    def _refresh(self) -> list[RecordInfo]:
+        """Index what other processes appended; a snapshot of the index."""
         self._open_sync()
-        with open(self.path, "rb") as f:
+        with self._index_lock, open(self.path, "rb") as f:
             self._scan_from(f, repair=False)
+            return list(self._records)
 
     # -- the protocol ----------------------------------------------------------------------
 
     def _append_sync(self, data: bytes, expected_last_seq: int, msg_id: str) -> int:
         self._open_sync()
-        with open(self.path, "a+b") as f:
+        with self._index_lock, open(self.path, "a+b") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 self._scan_from(f, repair=True)
@@ -216,24 +223,23 @@ class FileLog:
     async def last_seq(self) -> int:
         """Sequence of the last record. Raises BackendError."""
         try:
-            await asyncio.to_thread(self._refresh)
+            records = await asyncio.to_thread(self._refresh)
         except OSError as exc:
             raise BackendError(f"cannot read {self.path}: {exc}", backend=NAME) from exc
-        return len(self._records)
+        return len(records)
 
     def records(self) -> list[RecordInfo]:
         """Where every record is (for audit reports). Raises BackendError."""
         try:
-            self._refresh()
+            return self._refresh()
         except OSError as exc:
             raise BackendError(f"cannot read {self.path}: {exc}", backend=NAME) from exc
-        return list(self._records)
 
     def _read_sync(self, start_seq: int, count: int) -> list[LogEntry]:
-        self._refresh()
+        records = self._refresh()
         out = []
         with open(self.path, "rb") as f:
-            for info in self._records[start_seq - 1 : start_seq - 1 + count]:
+            for info in records[start_seq - 1 : start_seq - 1 + count]:
                 f.seek(info.offset)
                 raw = f.read(info.length)
                 body = raw[_HEADER.size :]

@@ -1,5 +1,7 @@
 """A small MLLP client: send a message, wait for its ACK. Used by tests, benchmarks, tools.
 
+In enhanced acknowledgement mode a message may be answered by two frames (commit ACK, then
+application ACK): :meth:`MLLPClient.send` returns the first, :meth:`MLLPClient.receive` the next.
 Raises ConnectionError when the server closes without answering, TimeoutError on timeout.
 """
 
@@ -28,12 +30,19 @@ class MLLPClient:
         )
 
     async def send(self, message: bytes) -> bytes:
-        """Send one message and return the content of the next frame received."""
+        """Send one message and return the content of the next frame received.
+
+        Raises ConnectionError (closed without an answer), TimeoutError.
+        """
         if self._writer is None:
             await self.connect()
         assert self._reader is not None and self._writer is not None
         self._writer.write(frame(message))
         await self._writer.drain()
+        return await self.receive()
+
+    async def receive(self) -> bytes:
+        """The content of the next frame from the server. Raises ConnectionError, TimeoutError."""
         return await asyncio.wait_for(self._next_frame(), self.timeout)
 
     async def _next_frame(self) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.backends.protocols import StateStore
@@ -27,9 +28,9 @@ class New:
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    """Accepted before: send this ACK again."""
+    """Accepted before: send these ACKs again."""
 
-    ack: bytes
+    acks: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +71,15 @@ class Deduplicator:
             return Conflict()
         if record["s"] == "busy":
             return InProgress()
-        return Replay(bytes.fromhex(record["ack"]))
+        return Replay(tuple(bytes.fromhex(a) for a in record["acks"]))
 
-    async def finish(self, facility: str, control_id: str, content_hash: str, ack: bytes) -> None:
-        """Record the accepted message and its ACK (for replays)."""
-        record = json.dumps({"h": content_hash, "s": "done", "ack": ack.hex()}).encode()
-        await self._state.set(_key(facility, control_id), record, ttl=ACCEPTED_TTL_S)
+    async def finish(
+        self, facility: str, control_id: str, content_hash: str, acks: Sequence[bytes]
+    ) -> None:
+        """Record the accepted message and its ACKs (for replays)."""
+        record = {"h": content_hash, "s": "done", "acks": [a.hex() for a in acks]}
+        encoded = json.dumps(record).encode()
+        await self._state.set(_key(facility, control_id), encoded, ttl=ACCEPTED_TTL_S)
 
     async def abort(self, facility: str, control_id: str) -> None:
         """Release the claim of a message that was not accepted, so a retry is processed."""

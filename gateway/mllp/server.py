@@ -1,11 +1,14 @@
 """The MLLP listener: asyncio streams, many connections, messages in order on each one.
 
 For every complete frame the handler is awaited before the next frame of that connection is
-read, so a connection's messages are processed strictly in order; connections are independent.
-The handler returns the reply bytes, ``b""`` for no reply, or ``None`` to close the connection
-without an answer (what to do when nothing truthful can be said). An oversize frame is answered
-by ``on_oversize`` (an AR ACK), bytes outside frames are dropped and logged, an idle connection
-is closed after ``idle_timeout``. Logs carry the peer and sizes, never message content.
+handled, so a connection's messages are processed (and answered) strictly in order; connections
+are independent. The handler returns the reply messages, each sent in its own frame (an empty
+list: no reply), or ``None`` to close the connection without an answer (what to do when nothing
+truthful can be said). A handler that raises is logged and its connection closed; the server
+goes on serving the others. An oversize frame is answered by ``on_oversize`` (an AR ACK) and
+the decoder resynchronises at the next start block, bytes outside frames are dropped and
+logged, an idle connection is closed after ``idle_timeout``. Logs carry the peer and sizes,
+never message content.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.mllp.framing import Discarded, Frame, FrameDecoder, Oversize, frame
@@ -28,8 +31,8 @@ class ConnectionInfo:
     peer: str
 
 
-Handler = Callable[[bytes, ConnectionInfo], Awaitable[bytes | None]]
-OversizeHandler = Callable[[bytes, int], bytes]
+Handler = Callable[[bytes, ConnectionInfo], Awaitable[Sequence[bytes] | None]]
+OversizeHandler = Callable[[bytes, int], Sequence[bytes]]
 
 
 class MLLPServer:
@@ -106,19 +109,27 @@ class MLLPServer:
                             extra={"peer": info.peer, "limit": event.limit},
                         )
                         if self._on_oversize is not None:
-                            writer.write(frame(self._on_oversize(event.head, event.limit)))
+                            for reply in self._on_oversize(event.head, event.limit):
+                                writer.write(frame(reply))
                             await writer.drain()
                         continue
                     assert isinstance(event, Frame)
                     try:
-                        reply = await self._handler(event.data, info)
-                    except Exception:
-                        log.exception("mllp handler failed", extra={"peer": info.peer})
+                        replies = await self._handler(event.data, info)
+                    except Exception as exc:
+                        log.error(
+                            "mllp handler failed: connection closed without an answer",
+                            extra={"peer": info.peer, "error": type(exc).__name__},
+                        )
                         return
-                    if reply is None:
+                    if replies is None:
+                        log.warning(
+                            "mllp no answer possible: connection closed", extra={"peer": info.peer}
+                        )
                         return
-                    if reply:
+                    for reply in replies:
                         writer.write(frame(reply))
+                    if replies:
                         await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             log.info("mllp connection lost", extra={"peer": info.peer})

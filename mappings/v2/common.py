@@ -82,7 +82,7 @@ def stable_id(options: ConversionOptions, resource_type: str, *parts: str) -> st
     """A FHIR id (32 hex digits) derived from the institution and source identifiers."""
     data = "\x1f".join((options.institution, resource_type, *parts)).encode()
     if options.id_secret is not None:
-        return hmac.new(options.id_secret, data, hashlib.sha256).hexdigest()[:32]
+        return hmac.digest(options.id_secret, data, "sha256").hex()[:32]
     return hashlib.sha256(data).hexdigest()[:32]
 
 

@@ -7,6 +7,7 @@ Redis, shared by workers).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -97,9 +98,19 @@ async def test_every_fixture_is_acknowledged_and_readable(hl7gw: App, path: Path
         assert r.status_code == 200, (resource["resourceType"], r.text)
         got = {k: v for k, v in r.json().items() if k != "meta"}
         assert got == {k: v for k, v in resource.items() if k != "meta"}
-    # The original message is stored too, encrypted, as a Binary linked by a Provenance.
-    kinds = hl7gw.gw.index.leaf_kinds
-    assert kinds["record"] == len(expected) + 2
+    # One ciphertext and one leaf for the whole message; the original message is stored too,
+    # encrypted, as a Binary linked by a Provenance to everything produced from it.
+    assert hl7gw.gw.index.leaf_kinds["record"] == 1
+    anchors = hl7gw.gw.index.all_versions()
+    assert len(anchors) == len(expected) + 2
+    assert len({(a.cid, a.leaf_index, a.container) for a in anchors}) == 1
+    by_type = {a.resource_type: a for a in anchors}
+    binary = await hl7gw.gw.pipeline.read_anchor(by_type["Binary"])
+    assert base64.b64decode(binary["data"]) == raw
+    provenance = await hl7gw.gw.pipeline.read_anchor(by_type["Provenance"])
+    targets = {t["reference"] for t in provenance["target"]}
+    assert targets == {f"{r['resourceType']}/{r['id']}" for r in expected}
+    assert provenance["entity"][0]["what"]["reference"] == f"Binary/{binary['id']}"
 
 
 async def test_chinese_name_survives_gb18030_round_trip(hl7gw: App) -> None:
@@ -231,28 +242,119 @@ class FailingBlobs:
         return getattr(self.inner, name)
 
 
+class FailingLog:
+    """Wraps a LogBackend; fails every append while ``down`` (the ledger's log is out)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.down, self.name = inner, False, "failing-log"
+
+    async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
+        if self.down:
+            raise BackendError("injected outage", backend="failing-log")
+        seq: int = await self.inner.append(data, expected_last_seq=expected_last_seq, msg_id=msg_id)
+        return seq
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("failing", ["blobs", "log"])
 async def test_backend_outage_gives_ae_then_retry_succeeds(
-    profile: str, tmp_path: Path, request: pytest.FixtureRequest
+    profile: str, failing: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     services = request.getfixturevalue("services") if profile == "production" else None
     settings = _settings(profile, tmp_path, services)
     _, master = load_secrets(settings)
     real = build_backends(settings, master_key=master)
-    blobs = FailingBlobs(real.blobs)
-    backends = Backends(blobs=blobs, log=real.log, state=real.state, keys=real.keys)  # type: ignore[arg-type]
+    blobs, log = FailingBlobs(real.blobs), FailingLog(real.log)
+    blobs.down = failing == "blobs"
+    backends = Backends(blobs=blobs, log=log, state=real.state, keys=real.keys)  # type: ignore[arg-type]
     app = create_app(settings, backends=backends)
     raw = (HL7 / "oru_r01_lab.hl7").read_bytes()
     async with app.router.lifespan_context(app):
         a = App(app)
+        log.down = failing == "log"  # after start: the gateway came up, then the log failed
         size = a.gw.ledger.size
-        ack = await a.send(raw)
-        assert msa(ack)[1] in ("AE", "CE") and err(ack)[3].startswith("207^")
-        assert a.gw.ledger.size == size, "something was anchored although the ACK was AE"
-        blobs.down = False
-        ack = await a.send(raw)
-        assert msa(ack)[1] in ("AA", "CA")
+        try:
+            ack: bytes | None = await a.send(raw)
+        except ConnectionError:
+            ack = None  # closed without an answer: also allowed, nothing was acknowledged
+        if ack is not None:
+            assert msa(ack)[1] in ("AE", "CE") and err(ack)[3].startswith("207^")
+            assert b"MSA|AA" not in ack and b"MSA|CA" not in ack
+        assert a.gw.ledger.size == size, "something was anchored although nothing was ACKed"
+        blobs.down = log.down = False
+        ack = None
+        for _ in range(20):  # the sender's retries, until the gateway has recovered
+            try:
+                ack = await a.send(raw)
+            except ConnectionError:
+                await asyncio.sleep(0.5)
+                continue
+            if msa(ack)[1] in ("AA", "CA"):
+                break
+            await asyncio.sleep(0.5)
+        assert ack is not None and msa(ack)[1] in ("AA", "CA")
         assert a.gw.ledger.size > size
+        # The accepted message is now a duplicate: replayed, not stored again.
+        size = a.gw.ledger.size
+        assert await a.send(raw) == ack and a.gw.ledger.size == size
         await a.http.aclose()
+
+
+@pytest.mark.services
+async def test_kubo_stopped_mid_run_then_back(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """With IPFS (Kubo) down the message is not acknowledged AA (AE 207, or a close) and
+    nothing is anchored; after Kubo restarts the sender's retry is accepted and readable."""
+    services = request.getfixturevalue("services")
+    settings = _settings("production", tmp_path, services)
+    app = create_app(settings)
+    raw = (HL7 / "orm_o01_lab.hl7").read_bytes()
+    async with app.router.lifespan_context(app):
+        a = App(app)
+        size = a.gw.ledger.size
+        services.stop_kubo()
+        try:
+            try:
+                ack: bytes | None = await a.send(raw)
+            except ConnectionError:
+                ack = None
+            if ack is not None:
+                assert msa(ack)[1] == "AE" and err(ack)[3].startswith("207^")
+            assert a.gw.ledger.size == size
+        finally:
+            services.start_kubo()
+        first = await a.send(raw)
+        assert msa(first)[1] == "AA"
+        assert a.gw.ledger.size > size
+        expected = convert(parse(raw), options=a.app.state.hl7.options).resources
+        for resource in expected:
+            r = await a.http.get(f"/fhir/{resource['resourceType']}/{resource['id']}")
+            assert r.status_code == 200
+        await a.http.aclose()
+
+
+ENHANCED = (
+    b"MSH|^~\\&|LIS|HOSPA|GW|ALLIANCE|20260315113000+0800||ADT^A04|E-1|P|2.5.1|||AL|AL\r"
+    b"EVN|A04|20260315113000+0800\rPID|1||E100^^^HOSPA^MR||Wu^Li\rPV1|1|O\r"
+)
+
+
+async def test_enhanced_mode_commit_then_application_ack(hl7gw: App) -> None:
+    async with MLLPClient("127.0.0.1", hl7gw.port, timeout=30) as c:
+        commit = await c.send(ENHANCED)
+        application = await c.receive()
+        assert msa(commit)[1:3] == ["CA", "E-1"] and msa(application)[1:3] == ["AA", "E-1"]
+        # A duplicate replays both, each in its own frame.
+        assert await c.send(ENHANCED) == commit
+        assert await c.receive() == application
+    silent = ENHANCED.replace(b"|AL|AL\r", b"|NE|NE\r").replace(b"|E-1|", b"|E-2|")
+    r = await hl7gw.http.post(
+        "/hl7v2", content=silent, headers={"content-type": "x-application/hl7-v2+er7"}
+    )
+    assert r.status_code == 204 and r.content == b""
 
 
 @pytest.mark.services

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+import rfc8785
 
 from ledger.errors import LeafFormatError
 from ledger.leaves import KINDS, decode_leaf, encode_leaf
@@ -52,6 +53,17 @@ GOOD: dict[str, dict[str, Any]] = {
 }
 
 
+ENTRY = {"record": "a", "type": "Patient", "version": 1}
+CONTAINER = {
+    **GOOD["record"],
+    "type": "Bundle",
+    "contains": [
+        {"record": "8d1e", "type": "Patient", "version": 3},
+        {"record": "77aa", "type": "Observation", "version": 1},
+    ],
+}
+
+
 def test_all_kinds_covered() -> None:
     assert set(GOOD) == set(KINDS)
 
@@ -65,6 +77,15 @@ def test_roundtrip_canonical(kind: str) -> None:
     keys = list(json.loads(data))
     assert keys == sorted(keys)
     assert b" " not in data and b"\n" not in data
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields"), [*sorted(GOOD.items()), ("record", CONTAINER)], ids=str
+)
+def test_encoding_is_exactly_rfc8785(kind: str, fields: dict[str, Any]) -> None:
+    """The fast encoder gives the bytes of the reference RFC 8785 implementation."""
+    assert encode_leaf(kind, fields) == rfc8785.dumps({"v": 1, "kind": kind, **fields})
+    assert decode_leaf(encode_leaf(kind, fields))["kind"] == kind
 
 
 def test_non_canonical_rejected() -> None:
@@ -90,6 +111,16 @@ def test_non_canonical_rejected() -> None:
         ("record", {"record": "has space"}, "record"),
         ("record", {"type": "observation"}, "type"),
         ("record", {"cid": "Qm123"}, "cid"),
+        ("record", {"contains": []}, "contains"),
+        ("record", {"contains": [{"record": "a", "type": "Patient"}]}, "contains"),
+        ("record", {"contains": [{"record": "a", "type": "Patient", "version": 0}]}, "contains"),
+        (
+            "record",
+            {"contains": [{"record": "a", "type": "Patient", "version": 1, "name": "Li"}]},
+            "contains",
+        ),
+        ("record", {"contains": [{**ENTRY, "record": "Wu Li"}]}, "contains"),
+        ("record", {"contains": [ENTRY] * 201}, "contains"),
         ("access", {"purpose": "MARKETING"}, "purpose"),
         ("access", {"decision": "maybe"}, "decision"),
         ("access", {"records": []}, "records"),

@@ -53,6 +53,30 @@ async def test_local_and_kubo_give_the_same_cid(services: Any, tmp_path: Path) -
         await kubo.close()
 
 
+@pytest.mark.services
+async def test_kubo_batches_survive_garbage_collection(services: Any) -> None:
+    """Every block of a batch is kept by the batch root's recursive pin: a ``repo/gc`` (which
+    removes every unpinned block) leaves them all readable, while an unpinned block goes."""
+    kubo = KuboBlobStore(base_url=services.kubo_url, timeout=120)
+    try:
+        blocks = [os.urandom(n) for n in (10, 5000, 70_000)]
+        cids = await kubo.put_many(blocks)
+        loose = os.urandom(64)
+        r = await kubo._client.post(
+            "/block/put", params={"cid-codec": "raw", "pin": "false"}, files={"f": loose}
+        )
+        assert r.status_code == 200 and await kubo.get(cid_v1_raw(loose)) == loose
+        gc = await kubo._client.post("/repo/gc", timeout=120)
+        assert gc.status_code == 200, gc.text[:200]
+        for cid, data in zip(cids, blocks, strict=True):
+            assert await kubo.is_pinned(cid)
+            assert await kubo.get(cid) == data
+        with pytest.raises(BlobNotFoundError):
+            await kubo.get(cid_v1_raw(loose))
+    finally:
+        await kubo.close()
+
+
 async def test_duplicates_within_one_batch(blobs: Any) -> None:
     a, b = os.urandom(40), os.urandom(41)
     assert await blobs.put_many([a, b, a]) == [cid_v1_raw(a), cid_v1_raw(b), cid_v1_raw(a)]
