@@ -125,8 +125,11 @@ def start_gateway(env: dict[str, str], port: int, log: Path) -> subprocess.Popen
     raise SystemExit(f"gateway did not start: {log.read_text()[-2000:]}")
 
 
-async def kubo_baseline(url: str, seconds: float, clients: int, per_call: int = 1) -> float:
-    """Blocks/s of raw Kubo block/put of 1 KiB blocks, ``per_call`` blocks per call."""
+async def kubo_baseline(
+    url: str, seconds: float, clients: int, per_call: int = 1, size: int = 1024
+) -> float:
+    """Blocks/s of raw Kubo block/put (each pinned) of ``size``-byte blocks, ``per_call``
+    blocks per call, ``clients`` calls in flight."""
     count = 0
     deadline = time.monotonic() + seconds
 
@@ -135,7 +138,7 @@ async def kubo_baseline(url: str, seconds: float, clients: int, per_call: int = 
         async with httpx.AsyncClient(base_url=url, timeout=30) as c:
             while time.monotonic() < deadline:
                 files = [
-                    ("file", (f"b{i}", os.urandom(1024), "application/octet-stream"))
+                    ("file", (f"b{i}", os.urandom(size), "application/octet-stream"))
                     for i in range(per_call)
                 ]
                 r = await c.post(

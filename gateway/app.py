@@ -175,6 +175,7 @@ def create_app(
 
     ingest = HL7Ingest(gw)
     app.state.hl7 = ingest
+    app.state.start_hooks.append(ingest.start)
     app.include_router(ops_api.build_router(gw))
     app.include_router(fhir_api.build_router(gw))
     app.include_router(ledger_api.build_router(gw))
@@ -192,4 +193,5 @@ def create_app(
         app.state.mllp = mllp
         app.state.start_hooks.append(mllp.start)
         app.state.stop_hooks.append(mllp.close)
+    app.state.stop_hooks.append(ingest.stop)  # after the listener: nothing left to answer
     return app

@@ -12,6 +12,7 @@ processed normally once the backend is back).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -24,14 +25,14 @@ from zoneinfo import ZoneInfo
 from gateway.crypto import pseudonym
 from gateway.errors import BackendError
 from gateway.fhir import patient_pseudonym_of_patient
+from gateway.hl7_workers import ConversionWorkers, Converted, Failed, Outcome
 from gateway.mllp.ack import AckCode, Header, acks_to_send, build_ack, read_header
-from gateway.mllp.dedup import Conflict, Deduplicator, InProgress, Replay
+from gateway.mllp.dedup import Conflict, Deduplicator, InProgress, New, Replay
 from gateway.runtime import Gateway
 from ledger.errors import LedgerError
 from mappings.errors import MappingError, MessageContentError
 from mappings.terminology import Terminology
 from mappings.v2.common import ConversionOptions, stable_id
-from mappings.v2.convert import convert
 from mappings.v2.parse import parse
 
 log = logging.getLogger("gateway.hl7")
@@ -68,7 +69,21 @@ class HL7Ingest:
             id_secret=hmac.new(gw.pseudonym_key, b"hl7-resource-ids", hashlib.sha256).digest(),
         )
         self.dedup = Deduplicator(gw.backends.state)
+        self.converter = ConversionWorkers(self.options, workers=s.hl7_convert_workers)
         self._tz = ZoneInfo(s.default_tz)
+        self._finishing: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Start the conversion workers and the de-duplication state's grouping."""
+        await self.converter.start()
+        self.dedup.start()
+
+    async def stop(self) -> None:
+        """Stop them (after the listeners have closed and the last acceptances are recorded)."""
+        if self._finishing:
+            await asyncio.wait(list(self._finishing), timeout=10)
+        await self.dedup.stop()
+        await self.converter.stop()
 
     def _now(self) -> datetime:
         return datetime.now(self._tz)
@@ -134,11 +149,17 @@ class HL7Ingest:
             return self._ack(header, "reject", _Internal(), "message cannot be parsed")
         facility = msg.sending_facility_id or header.sending_facility
         digest = hashlib.sha256(raw).hexdigest()
+        # The conversion (in a worker process) runs while the claim is made; for the rare
+        # duplicate its result is simply dropped.
+        conversion = asyncio.ensure_future(self.converter.convert(raw))
         try:
             decision = await self.dedup.begin(facility, msg.control_id, digest)
         except BackendError:
+            conversion.cancel()
             log.error("hl7 de-duplication state unavailable", extra=extra)
             return None
+        if not isinstance(decision, New):
+            conversion.cancel()
         if isinstance(decision, Replay):
             log.info("hl7 duplicate: original ACK replayed", extra=extra)
             return list(decision.acks)
@@ -154,18 +175,36 @@ class HL7Ingest:
             log.info("hl7 copy of a message still being processed: AE", extra=extra)
             return self._ack(header, "error", _Internal(), "message is being processed; retry")
         try:
-            acks, accepted = await self._process(raw, msg, header, extra)
+            acks, accepted = await self._process(raw, msg, header, extra, await conversion)
         except BaseException:
             await self._release(facility, msg.control_id)
             raise
         if accepted:
-            try:
-                await self.dedup.finish(facility, msg.control_id, digest, acks)
-            except BackendError:
-                log.error("hl7 accepted but could not record it for de-duplication", extra=extra)
+            # Recorded after the answer is built, off the answer's path: until it lands, a
+            # copy of the message is told "being processed" (AE, the sender retries), never
+            # stored twice; if it cannot land, that is logged (as it would be in line).
+            self._remember(facility, msg.control_id, digest, acks, extra)
         else:
             await self._release(facility, msg.control_id)
         return acks
+
+    def _remember(
+        self,
+        facility: str,
+        control_id: str,
+        digest: str,
+        acks: list[bytes],
+        extra: dict[str, Any],
+    ) -> None:
+        async def finish() -> None:
+            try:
+                await self.dedup.finish(facility, control_id, digest, acks)
+            except (BackendError, RuntimeError):
+                log.error("hl7 accepted but could not record it for de-duplication", extra=extra)
+
+        task = asyncio.create_task(finish(), name="hl7-dedup-finish")
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     async def _release(self, facility: str, control_id: str) -> None:
         try:
@@ -174,23 +213,22 @@ class HL7Ingest:
             log.error("hl7 could not release a de-duplication claim")
 
     async def _process(
-        self, raw: bytes, msg: Any, header: Header, extra: dict[str, Any]
+        self, raw: bytes, msg: Any, header: Header, extra: dict[str, Any], result: Outcome
     ) -> tuple[list[bytes], bool]:
-        try:
-            result = convert(msg, options=self.options)
-        except MappingError as exc:
-            outcome: Literal["error", "reject"] = "reject" if exc.ack_code == "AR" else "error"
-            log.info("hl7 message not processed", extra={**extra, "hl7_code": exc.hl7_code})
-            return self._ack(header, outcome, exc, str(exc)), False
-        except Exception as exc:  # a defect in the conversion: say so, do not drop the link
-            log.error(
-                "hl7 conversion failed unexpectedly",
-                extra={**extra, "error": type(exc).__name__},
-            )
+        if isinstance(result, Failed):
+            outcome: Literal["error", "reject"] = "reject" if result.ack_code == "AR" else "error"
+            log.info("hl7 message not processed", extra={**extra, "hl7_code": result.hl7_code})
+            return self._ack(header, outcome, result, result.text), False
+        if not isinstance(result, Converted):  # a defect, or a worker died: say so, stay up
+            log.error("hl7 conversion failed unexpectedly", extra={**extra, "error": result.error})
             return self._ack(header, "error", _Internal(), "internal error in conversion"), False
         try:
             resources, patient, container_id = self._records(
-                raw, msg, result.resources, result.patient_identifiers, result.master_identifier
+                raw,
+                msg,
+                result.resource_list(),
+                list(result.patient_identifiers),
+                result.master_identifier,
             )
         except MessageContentError as exc:
             return self._ack(header, "error", exc, str(exc)), False

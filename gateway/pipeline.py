@@ -73,7 +73,7 @@ class ReadRecord:
 
 #: Blob (and key) batches written at once: a store takes the next batch while the last one's
 #: fsyncs run, which keeps the ledger, the slowest ordered stage, fed.
-BLOB_CALLS_IN_FLIGHT = 3
+BLOB_CALLS_IN_FLIGHT = 2
 
 
 def canonical_json(resource: dict[str, Any]) -> bytes:

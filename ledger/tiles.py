@@ -56,6 +56,7 @@ class _LevelFiles:
         self.crc_path = directory / f"level-{level:02d}.crc"
         self.bin: BinaryIO = open(self.bin_path, "a+b")  # noqa: SIM115 - closed by TreeStore
         self.crc: BinaryIO = open(self.crc_path, "a+b")  # noqa: SIM115
+        self.dirty = True  # new files: their directory entries need a sync too
 
     def read(self) -> tuple[bytes, bytes]:
         self.bin.seek(0)
@@ -67,11 +68,16 @@ class _LevelFiles:
             fh.flush()
             fh.truncate(entries * width)
             fh.seek(0, os.SEEK_END)
+        self.dirty = True
 
-    def flush(self) -> None:
+    def unsynced(self) -> list[int]:
+        """Hand buffered writes to the OS; the descriptors to fsync (none if clean)."""
+        if not self.dirty:
+            return []
         for fh in (self.bin, self.crc):
             fh.flush()
-            os.fsync(fh.fileno())
+        self.dirty = False
+        return [self.bin.fileno(), self.crc.fileno()]
 
     def close(self) -> None:
         self.bin.close()
@@ -89,6 +95,7 @@ class TreeStore:
         self._index: dict[bytes, int] | None = None
         self._size = 0
         self._closed = False
+        self._new_files = True  # directory entries not yet synced
 
     # ---- construction ------------------------------------------------------------------
 
@@ -117,6 +124,7 @@ class TreeStore:
         assert self._dir is not None
         while len(self._files) <= level:
             self._files.append(_LevelFiles(self._dir, len(self._files)))
+            self._new_files = True
         return self._files[level]
 
     def _load(self) -> None:
@@ -282,6 +290,7 @@ class TreeStore:
                 if end == first:
                     continue
                 files = self._level_files(level)
+                files.dirty = True
                 files.bin.write(lv[first * H : end * H])
                 files.crc.write(
                     b"".join(_crc(level, i, lv[i * H : (i + 1) * H]) for i in range(first, end))
@@ -317,18 +326,31 @@ class TreeStore:
         self._size = size
 
     def flush(self) -> None:
-        """Make everything appended durable (flush and fsync every file). Raises LedgerError."""
+        """Make everything appended durable: fsync the files written since the last flush
+        (an append of a few leaves touches a few levels, not all of them) and, when files
+        were created, the directory. Raises LedgerError."""
         try:
-            for files in self._files:
-                files.flush()
-            if self._dir is not None:
-                fd = os.open(self._dir, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            for fd in self.unsynced():
+                os.fsync(fd)
+            self.sync_directory()
         except OSError as err:
             raise LedgerError(f"{self._dir}: cannot flush tree store: {err.strerror}") from err
+
+    def unsynced(self) -> list[int]:
+        """Hand everything appended to the OS and return the file descriptors that must be
+        fsynced to make it durable (the caller may sync them in parallel, then call
+        :meth:`sync_directory`). Raises OSError."""
+        return [fd for files in self._files for fd in files.unsynced()]
+
+    def sync_directory(self) -> None:
+        """fsync the directory if level files were created since the last time. Raises OSError."""
+        if self._dir is not None and self._new_files:
+            fd = os.open(self._dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._new_files = False
 
     def close(self) -> None:
         """Flush and close the files. Raises LedgerError when the final flush fails."""

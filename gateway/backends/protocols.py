@@ -84,6 +84,10 @@ class LogBackend(Protocol):
         ...
 
 
+#: (key, value, TTL in seconds or None) for the batched state operations.
+StateItem = tuple[str, bytes, float | None]
+
+
 @runtime_checkable
 class StateStore(Protocol):
     """Shared hot state: dedup, caches, counters. Values are bytes; TTLs in seconds."""
@@ -100,6 +104,16 @@ class StateStore(Protocol):
 
     async def set_if_absent(self, key: str, value: bytes, *, ttl: float | None = None) -> bool:
         """Set only if absent; True when this call set it. Raises BackendError."""
+        ...
+
+    async def claim_many(self, items: Sequence[StateItem]) -> list[bytes | None]:
+        """For each (key, value, ttl): set it only if absent, all in one round trip. Per item,
+        None when this call set it, else the value already there. Not retried after a
+        connection error (it may have been applied). Raises BackendError."""
+        ...
+
+    async def set_many(self, items: Sequence[StateItem]) -> None:
+        """Set each (key, value, ttl) unconditionally, in one round trip. Raises BackendError."""
         ...
 
     async def delete(self, key: str) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+
+from gateway.backends.protocols import StateItem
 
 
 class MemoryStateStore:
@@ -41,6 +44,21 @@ class MemoryStateStore:
             return False
         self._data[key] = (value, self._expiry(ttl))
         return True
+
+    async def claim_many(self, items: Sequence[StateItem]) -> list[bytes | None]:
+        """Per item: set if absent (None), else the value present."""
+        out: list[bytes | None] = []
+        for key, value, ttl in items:
+            current = self._live(key)
+            if current is None:
+                self._data[key] = (value, self._expiry(ttl))
+            out.append(current)
+        return out
+
+    async def set_many(self, items: Sequence[StateItem]) -> None:
+        """Set each unconditionally."""
+        for key, value, ttl in items:
+            self._data[key] = (value, self._expiry(ttl))
 
     async def delete(self, key: str) -> None:
         """Remove the key."""

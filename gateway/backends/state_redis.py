@@ -5,11 +5,12 @@ Keys are prefixed (``gw:<institution>:``). Raises BackendError (backend "redis")
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from gateway.backends.protocols import StateItem
 from gateway.backends.redis_common import call, connect
 
 NAME = "redis"
@@ -48,6 +49,33 @@ class RedisStateStore:
                 "set", lambda: self._r.set(self._k(key), value, px=_px(ttl), nx=True), retry=False
             )
         )
+
+    async def claim_many(self, items: Sequence[StateItem]) -> list[bytes | None]:
+        """``SET key value NX GET PX ttl`` for each item in one pipeline (Redis 7: returns the
+        value already there, or nil when this command set it). Not retried."""
+
+        async def run() -> list[Any]:
+            pipe = self._r.pipeline(transaction=False)
+            for key, value, ttl in items:
+                pipe.set(self._k(key), value, px=_px(ttl), nx=True, get=True)
+            return list(await pipe.execute())
+
+        if not items:
+            return []
+        results = await self._call("claim", run, retry=False)
+        return [None if r is None else bytes(r) for r in results]
+
+    async def set_many(self, items: Sequence[StateItem]) -> None:
+        """SET of each item in one pipeline (idempotent: retried once after a lost link)."""
+
+        async def run() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            for key, value, ttl in items:
+                pipe.set(self._k(key), value, px=_px(ttl))
+            await pipe.execute()
+
+        if items:
+            await self._call("set", run)
 
     async def delete(self, key: str) -> None:
         """DEL."""

@@ -6,6 +6,9 @@ replayed and is not stored again; the same control id with different content is 
 worker; process memory in the embedded profile). Keys hash the facility and control id, so
 nothing of the message appears in them. A second copy arriving while the first is still being
 processed is told so (the sender retries) rather than processed twice.
+
+The claims and the acceptances of concurrent messages are grouped: one Redis round trip
+(a pipeline of ``SET NX GET``, or of ``SET``) for all the messages that arrive together.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.backends.protocols import StateStore
+from gateway.backends.protocols import StateItem, StateStore
+from ledger.groupcommit import GroupCommitter
 
 IN_PROGRESS_TTL_S = 120.0
 ACCEPTED_TTL_S = 7 * 24 * 3600.0
@@ -52,20 +56,43 @@ def _key(facility: str, control_id: str) -> str:
 
 
 class Deduplicator:
-    """Begin/finish/abort around the processing of one message. Raises BackendError."""
+    """Begin/finish/abort around the processing of one message. Raises BackendError.
+
+    :meth:`start` (inside the running loop) before use, :meth:`stop` after.
+    """
 
     def __init__(self, state: StateStore) -> None:
         self._state = state
+        # Acceptances being recorded right now (key -> (content hash, ACKs)): a copy arriving
+        # meanwhile at this gateway is answered from here rather than told to retry.
+        self._recording: dict[str, tuple[str, tuple[bytes, ...]]] = {}
+        self._claims: GroupCommitter[StateItem, bytes | None] = GroupCommitter(
+            state.claim_many, name="dedup-claims", max_delay=0.0005, concurrency=2
+        )
+        self._accepts: GroupCommitter[StateItem, None] = GroupCommitter(
+            self._set_many, name="dedup-accepts", max_delay=0.0005, concurrency=2
+        )
+
+    async def _set_many(self, items: list[StateItem]) -> list[None]:
+        await self._state.set_many(items)
+        return [None] * len(items)
+
+    def start(self) -> None:
+        """Start the grouping tasks."""
+        self._claims.start()
+        self._accepts.start()
+
+    async def stop(self) -> None:
+        """Stop the grouping tasks."""
+        await self._claims.stop()
+        await self._accepts.stop()
 
     async def begin(self, facility: str, control_id: str, content_hash: str) -> Decision:
         """Claim the message, or say why not."""
-        key = _key(facility, control_id)
         claim = json.dumps({"h": content_hash, "s": "busy"}).encode()
-        if await self._state.set_if_absent(key, claim, ttl=IN_PROGRESS_TTL_S):
+        (raw,) = await self._claims.submit([(_key(facility, control_id), claim, IN_PROGRESS_TTL_S)])
+        if raw is None:
             return New()
-        raw = await self._state.get(key)
-        if raw is None:  # expired between the two calls
-            return await self.begin(facility, control_id, content_hash)
         record = json.loads(raw)
         if record["h"] != content_hash:
             return Conflict()
@@ -77,9 +104,14 @@ class Deduplicator:
         self, facility: str, control_id: str, content_hash: str, acks: Sequence[bytes]
     ) -> None:
         """Record the accepted message and its ACKs (for replays)."""
+        key = _key(facility, control_id)
         record = {"h": content_hash, "s": "done", "acks": [a.hex() for a in acks]}
         encoded = json.dumps(record).encode()
-        await self._state.set(_key(facility, control_id), encoded, ttl=ACCEPTED_TTL_S)
+        self._recording[key] = (content_hash, tuple(acks))
+        try:
+            await self._accepts.submit([(key, encoded, ACCEPTED_TTL_S)])
+        finally:
+            self._recording.pop(key, None)
 
     async def abort(self, facility: str, control_id: str) -> None:
         """Release the claim of a message that was not accepted, so a retry is processed."""

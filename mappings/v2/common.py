@@ -10,15 +10,15 @@ every error carries the segment, occurrence and field where it was found.
 from __future__ import annotations
 
 import hashlib
-import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from mappings.errors import MappingError, MessageContentError
 from mappings.terminology import Terminology
 from mappings.v2 import datatypes as dt
-from mappings.v2.parse import ParsedMessage, Rep, Segment, comp
+from mappings.v2.parse import ParsedMessage, Rep, Segment, comp, comps
 
 __all__ = [
     "Context",
@@ -33,6 +33,10 @@ T = TypeVar("T")
 
 V2_TABLE = "http://terminology.hl7.org/CodeSystem/v2-{}"
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+
+_SHA256_BLOCK = 64
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
 
 _CLASS: dict[str, tuple[str, str]] = {
     "E": ("EMER", "emergency"),
@@ -56,6 +60,10 @@ class ConversionOptions:
     universal id -> system URI. ``strict_codes``: reject local clinical codes the dictionary
     cannot map (103) instead of keeping them as sent. ``id_secret``: when set, resource ids
     are HMAC-SHA256 instead of SHA-256 of their source identifiers.
+
+    ``memo`` (not an argument, not copied by ``dataclasses.replace``) memoises conversions
+    that depend only on these options and on values that recur from message to message
+    (coded concepts, reference ranges); see :meth:`Context.memoised`.
     """
 
     default_tz: str = "Asia/Shanghai"
@@ -66,6 +74,13 @@ class ConversionOptions:
     authority_systems: Mapping[str, str] = field(default_factory=dict)
     strict_codes: bool = False
     id_secret: bytes | None = None
+    memo: dict[tuple[str, ...], Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+
+#: Entries kept in ``ConversionOptions.memo`` before it is emptied and refilled.
+MEMO_SIZE = 4096
 
 
 @dataclass
@@ -78,11 +93,33 @@ class ConversionResult:
     message_type: str
 
 
+@lru_cache(maxsize=16)
+def _hmac_pads(secret: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """SHA-256 states after the inner and outer HMAC key blocks of ``secret`` (RFC 2104).
+
+    Copying them is about three times faster than ``hmac.digest``, which sets up the
+    OpenSSL digest again on every call.
+    """
+    key = hashlib.sha256(secret).digest() if len(secret) > _SHA256_BLOCK else secret
+    key = key.ljust(_SHA256_BLOCK, b"\0")
+    inner = hashlib.sha256(key.translate(_IPAD))
+    outer = hashlib.sha256(key.translate(_OPAD))
+    return inner, outer
+
+
 def stable_id(options: ConversionOptions, resource_type: str, *parts: str) -> str:
-    """A FHIR id (32 hex digits) derived from the institution and source identifiers."""
+    """A FHIR id (32 hex digits) derived from the institution and source identifiers.
+
+    With ``options.id_secret`` it is HMAC-SHA256 (same value as ``hmac.digest``).
+    """
     data = "\x1f".join((options.institution, resource_type, *parts)).encode()
     if options.id_secret is not None:
-        return hmac.digest(options.id_secret, data, "sha256").hex()[:32]
+        inner_pad, outer_pad = _hmac_pads(options.id_secret)
+        inner = inner_pad.copy()
+        inner.update(data)
+        outer = outer_pad.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()[:32]
     return hashlib.sha256(data).hexdigest()[:32]
 
 
@@ -107,6 +144,7 @@ class Context:
         self.options = options
         self.tz = options.default_tz
         self.term = options.terminology
+        self.memo = options.memo
         self.systems = options.authority_systems
         self.facility = msg.sending_facility_id or msg.msh.text(3)
         if not self.facility:
@@ -114,6 +152,7 @@ class Context:
                 "sending facility (MSH-4) is empty", segment="MSH", segment_index=1, field=4
             )
         self.resources: list[JsonDict] = []
+        self._positions: dict[str, int] = {}  # reference -> index in resources
         self.patient_ref: str | None = None
         self.encounter_ref: str | None = None
         self.organization_ref: str | None = None
@@ -129,13 +168,12 @@ class Context:
     def add(self, resource: JsonDict) -> str:
         """Append a resource (replacing one with the same id); return its reference."""
         ref = f"{resource['resourceType']}/{resource['id']}"
-        for i, existing in enumerate(self.resources):
-            if existing["resourceType"] == resource["resourceType"] and (
-                existing["id"] == resource["id"]
-            ):
-                self.resources[i] = resource
-                return ref
-        self.resources.append(resource)
+        position = self._positions.get(ref)
+        if position is None:
+            self._positions[ref] = len(self.resources)
+            self.resources.append(resource)
+        else:
+            self.resources[position] = resource
         return ref
 
     @staticmethod
@@ -163,21 +201,30 @@ class Context:
         value = seg.text(n, component)
         if not value:
             return None
-        return self.at(seg, n, lambda: dt.to_datetime(value, default_tz=self.tz))
+        try:  # self.at inlined: this is on the hot path
+            return dt.to_datetime(value, default_tz=self.tz)
+        except MappingError as exc:
+            raise exc.locate(seg.name, seg.index, n) from exc.__cause__
 
     def instant(self, seg: Segment, n: int, component: int = 1) -> str | None:
         """Field ``n`` -> FHIR instant, or ``None`` when absent or without a time."""
         value = seg.text(n, component)
         if not value:
             return None
-        return self.at(seg, n, lambda: dt.to_instant(value, default_tz=self.tz))
+        try:
+            return dt.to_instant(value, default_tz=self.tz)
+        except MappingError as exc:
+            raise exc.locate(seg.name, seg.index, n) from exc.__cause__
 
     def date(self, seg: Segment, n: int) -> str | None:
         """Field ``n`` -> FHIR date, or ``None`` when absent."""
         value = seg.text(n)
         if not value:
             return None
-        return self.at(seg, n, lambda: dt.to_date(value))
+        try:
+            return dt.to_date(value)
+        except MappingError as exc:
+            raise exc.locate(seg.name, seg.index, n) from exc.__cause__
 
     def concept(
         self, seg: Segment, n: int, rep: Rep | None = None, *, clinical: bool = False
@@ -191,33 +238,53 @@ class Context:
             rep = seg.rep(n)
         if rep is None:
             return None
-        codings = dt.cwe_codings(rep, facility=self.facility, aliases=self.term.aliases)
+        # Everything but the strict_codes check depends only on CWE.1-9 and the facility.
+        key = ("CWE", self.facility, *comps(rep, 9))
+        found = self.memo.get(key)
+        if found is None:
+            found = self.memoised(key, self._concept_parts(rep))
+        codings, mapped, text = found
+        if codings and clinical and not mapped and self.options.strict_codes:
+            standard = set(dt.CODING_SYSTEMS.values())
+            if not any(c["system"] in standard for c in codings):
+                raise MessageContentError(
+                    "local code has no mapping in the unified dictionary",
+                    hl7_code="103",
+                    segment=seg.name,
+                    segment_index=seg.index,
+                    field=n,
+                )
         out: JsonDict = {}
         if codings:
-            extra: list[JsonDict] = []
-            for coding in codings:
-                for mapped in self.term.translate(coding["system"], coding["code"]):
-                    if mapped not in codings and mapped not in extra:
-                        extra.append(mapped)
-                if "display" not in coding:
-                    display = self.term.display(coding["system"], coding["code"])
-                    if display:
-                        coding["display"] = display
-            if clinical and self.options.strict_codes and not extra:
-                standard = set(dt.CODING_SYSTEMS.values())
-                if not any(c["system"] in standard for c in codings):
-                    raise MessageContentError(
-                        "local code has no mapping in the unified dictionary",
-                        hl7_code="103",
-                        segment=seg.name,
-                        segment_index=seg.index,
-                        field=n,
-                    )
-            out["coding"] = codings + extra
-        text = comp(rep, 9) or comp(rep, 2)
+            out["coding"] = [dict(c) for c in codings]  # copies: the memo is shared
         if text:
             out["text"] = text
         return out or None
+
+    def _concept_parts(self, rep: Rep) -> tuple[tuple[JsonDict, ...], bool, str]:
+        """(codings as sent then standard ones, whether any standard one was added, text)."""
+        codings = dt.cwe_codings(rep, facility=self.facility, aliases=self.term.aliases)
+        extra: list[JsonDict] = []
+        for coding in codings:
+            for mapped in self.term.translate(coding["system"], coding["code"]):
+                if mapped not in codings and mapped not in extra:
+                    extra.append(mapped)
+            if "display" not in coding:
+                display = self.term.display(coding["system"], coding["code"])
+                if display:
+                    coding["display"] = display
+        return tuple(codings + extra), bool(extra), comp(rep, 9) or comp(rep, 2)
+
+    def memoised(self, key: tuple[str, ...], value: T) -> T:
+        """Store ``value`` in the options' memo under ``key`` (a tuple of strings starting
+        with the kind of value) and return it. Memoised values are shared between messages:
+        callers copy them before they end up in a resource.
+        """
+        memo = self.memo
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        memo[key] = value
+        return value
 
     def table_concept(self, seg: Segment, n: int, table: str) -> JsonDict | None:
         """An IS/ID field of an HL7 table -> CodeableConcept in that v2 table's system."""
@@ -270,13 +337,10 @@ class Context:
         identifiers: list[JsonDict] = []
         for n in (3, 2, 4):
             for rep in pid.reps(n):
-                ident = self.at(
-                    pid,
-                    n,
-                    lambda rep=rep: dt.identifier(  # type: ignore[misc]
-                        rep, facility=self.facility, systems=self.systems
-                    ),
-                )
+                try:
+                    ident = dt.identifier(rep, facility=self.facility, systems=self.systems)
+                except MappingError as exc:
+                    raise exc.locate(pid.name, pid.index, n) from exc.__cause__
                 if ident is not None and ident not in identifiers:
                     identifiers.append(ident)
         if not identifiers:

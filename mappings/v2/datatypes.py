@@ -27,7 +27,7 @@ from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mappings.errors import MappingError, MessageContentError
-from mappings.v2.parse import Rep, comp
+from mappings.v2.parse import Rep, comp, comps
 
 __all__ = [
     "INTERPRETATION_SYSTEM",
@@ -70,6 +70,7 @@ _NM = re.compile(r"\s*([+-])?(\d*)(?:\.(\d*))?\s*\Z")
 _OID = re.compile(r"[0-2](\.(0|[1-9]\d*))+\Z")
 
 
+@lru_cache(maxsize=1024)
 def _urn_part(value: str) -> str:
     return quote(value, safe="-._~")
 
@@ -90,7 +91,12 @@ def _zone(name: str) -> ZoneInfo:
         raise MappingError("the configured default time zone is unknown") from exc
 
 
+@lru_cache(maxsize=4096)
 def _split_dtm(value: str) -> tuple[str | None, ...]:
+    """The parts of a DTM (year ... fraction, offset); memoised, errors are not.
+
+    Raises MessageContentError (102) for a malformed or impossible value.
+    """
     match = _DTM.match(value.strip())
     if match is None:
         raise MessageContentError("not a valid HL7 date/time", hl7_code="102")
@@ -126,6 +132,12 @@ def to_datetime(value: str, *, default_tz: str) -> str:
 
     Raises MessageContentError (102) for a malformed or impossible value.
     """
+    return _to_datetime(value, default_tz)
+
+
+@lru_cache(maxsize=4096)
+def _to_datetime(value: str, default_tz: str) -> str:
+    """:func:`to_datetime`, memoised per (value, zone); errors are not memoised."""
     year, month, day, hour, minute, second, frac, offset = _split_dtm(value)
     if month is None:
         return year or ""
@@ -186,6 +198,17 @@ def authority_system(
     return None
 
 
+def _hd(rep: Rep, index: int) -> tuple[str, str, str]:
+    """The HD (namespace, universal id, its type) held in component ``index`` of ``rep``."""
+    subs = rep[index - 1] if index <= len(rep) else []
+    count = len(subs)
+    return (
+        subs[0] if count > 0 else "",
+        subs[1] if count > 1 else "",
+        subs[2] if count > 2 else "",
+    )
+
+
 def _type_concept(code: str) -> JsonDict:
     return {"coding": [{"system": V2_0203, "code": code}]}
 
@@ -194,17 +217,16 @@ def identifier(
     rep: Rep, *, facility: str, systems: Mapping[str, str], kind: str = "id"
 ) -> JsonDict | None:
     """CX -> Identifier; an empty assigning authority is scoped to the sending facility."""
-    value = comp(rep, 1)
+    value, _check, _scheme, _authority, type_code, _facility, start, end = comps(rep, 8)
     if not value:
         return None
-    system = authority_system(comp(rep, 4, 1), comp(rep, 4, 2), comp(rep, 4, 3), systems)
+    namespace, universal_id, universal_type = _hd(rep, 4)
+    system = authority_system(namespace, universal_id, universal_type, systems)
     out: JsonDict = {}
-    type_code = comp(rep, 5)
     if type_code:
         out["type"] = _type_concept(type_code)
     out["system"] = system or facility_system(facility, kind)
     out["value"] = value
-    start, end = comp(rep, 7), comp(rep, 8)
     if start or end:
         period: JsonDict = {}
         if start:
@@ -212,8 +234,8 @@ def identifier(
         if end:
             period["end"] = to_date(end)
         out["period"] = period
-    if comp(rep, 4, 1):
-        out["assigner"] = {"display": comp(rep, 4, 1)}
+    if namespace:
+        out["assigner"] = {"display": namespace}
     return out
 
 
@@ -227,12 +249,11 @@ def ei_identifier(
 ) -> JsonDict | None:
     """EI -> Identifier: a universal id (EI.3/4) or configured namespace gives the system;
     otherwise the number is scoped to the sending facility, ``kind`` and namespace (EI.2)."""
-    value = comp(rep, 1)
+    value, namespace, universal_id, universal_type = comps(rep, 4)
     if not value:
         return None
-    namespace = comp(rep, 2)
-    if comp(rep, 3) or namespace in systems:
-        system = authority_system(namespace, comp(rep, 3), comp(rep, 4), systems)
+    if universal_id or namespace in systems:
+        system = authority_system(namespace, universal_id, universal_type, systems)
     else:  # an application's own numbers: scoped to the facility, then the application
         system = facility_system(facility, f"{kind}:{namespace}" if namespace else kind)
     out: JsonDict = {}
@@ -270,14 +291,13 @@ def name_display(family: str, given: list[str], prefix: str = "", suffix: str = 
 
 def human_name(rep: Rep) -> JsonDict | None:
     """XPN -> HumanName, or ``None`` when no name part was sent."""
-    family = comp(rep, 1)
-    given = [g for g in (comp(rep, 2), *comp(rep, 3).split(" ")) if g] if rep else []
-    suffix = [s for s in (comp(rep, 4), comp(rep, 6)) if s]
-    prefix = comp(rep, 5)
+    family, first, middle, suffix1, prefix, degree, use_code = comps(rep, 7)
+    given = [g for g in (first, *middle.split(" ")) if g]
+    suffix = [s for s in (suffix1, degree) if s]
     if not family and not given:
         return None
     out: JsonDict = {}
-    use = _NAME_USE.get(comp(rep, 7).upper())
+    use = _NAME_USE.get(use_code.upper())
     if use:
         out["use"] = use
     if family:
@@ -351,15 +371,15 @@ def xcn_reference(rep: Rep | None, *, facility: str, systems: Mapping[str, str])
     if rep is None:
         return None
     out: JsonDict = {}
-    value = comp(rep, 1)
+    value, family, given1, given2, suffix, prefix = comps(rep, 6)
     if value:
-        system = authority_system(comp(rep, 9, 1), comp(rep, 9, 2), comp(rep, 9, 3), systems)
+        system = authority_system(*_hd(rep, 9), systems)
         out["identifier"] = {
             "system": system or facility_system(facility, "practitioner"),
             "value": value,
         }
-    given = [g for g in (comp(rep, 3), comp(rep, 4)) if g]
-    display = name_display(comp(rep, 2), given, comp(rep, 6), comp(rep, 5))
+    given = [g for g in (given1, given2) if g]
+    display = name_display(family, given, prefix, suffix)
     if display:
         out["display"] = display
     return out or None
@@ -399,23 +419,27 @@ def coding_system(name: str, *, facility: str, aliases: Mapping[str, str]) -> st
 
 def cwe_codings(rep: Rep | None, *, facility: str, aliases: Mapping[str, str]) -> list[JsonDict]:
     """CWE/CE -> its codings (primary, then alternate), each as sent."""
+    code, display, system, alt_code, alt_display, alt_system, version, alt_version = comps(rep, 8)
     out: list[JsonDict] = []
-    for base in (1, 4):
-        code = comp(rep, base)
-        if not code:
-            continue
-        coding: JsonDict = {
-            "system": coding_system(comp(rep, base + 2), facility=facility, aliases=aliases),
-            "code": code,
-        }
-        version = comp(rep, 7 if base == 1 else 8)
-        if version:
-            coding["version"] = version
-        display = comp(rep, base + 1)
-        if display:
-            coding["display"] = display
-        out.append(coding)
+    if code:
+        out.append(_coding(code, display, system, version, facility, aliases))
+    if alt_code:
+        out.append(_coding(alt_code, alt_display, alt_system, alt_version, facility, aliases))
     return out
+
+
+def _coding(
+    code: str, display: str, system: str, version: str, facility: str, aliases: Mapping[str, str]
+) -> JsonDict:
+    coding: JsonDict = {
+        "system": coding_system(system, facility=facility, aliases=aliases),
+        "code": code,
+    }
+    if version:
+        coding["version"] = version
+    if display:
+        coding["display"] = display
+    return coding
 
 
 # ---------------------------------------------------------------- numbers and quantities
@@ -480,6 +504,9 @@ def ucum(unit: str) -> str | None:
 
 def decimal(value: str) -> int | float:
     """HL7 NM -> a JSON number. Raises MessageContentError (102) if not numeric."""
+    whole, dot, frac = value.partition(".")
+    if value.isascii() and whole.isdigit() and (not dot or frac.isdigit()):
+        return float(value) if dot else int(value)  # the usual case, without the regex
     match = _NM.match(value)
     if match is None or not (match.group(2) or match.group(3)):
         raise MessageContentError("not a valid numeric (NM) value", hl7_code="102")
@@ -494,18 +521,23 @@ def quantity(value: str, unit_rep: Rep | None) -> JsonDict:
     Raises MessageContentError (102) for a non-numeric value.
     """
     out: JsonDict = {"value": decimal(value)}
-    unit = comp(unit_rep, 1)
+    unit, text, unit_system = comps(unit_rep, 3)
     if unit:
-        text = comp(unit_rep, 2) or unit
+        text, code = _unit(unit, text, unit_system)
         out["unit"] = text
-        if comp(unit_rep, 3).upper() == "UCUM":
-            code: str | None = unit
-        else:
-            code = ucum(unit) or ucum(text)
         if code:
             out["system"] = UCUM_SYSTEM
             out["code"] = code
     return out
+
+
+@lru_cache(maxsize=1024)
+def _unit(unit: str, text: str, unit_system: str) -> tuple[str, str | None]:
+    """CWE unit (identifier, text, coding system) -> (unit text, UCUM code or ``None``)."""
+    text = text or unit
+    if unit_system.upper() == "UCUM":
+        return text, unit
+    return text, ucum(unit) or ucum(text)
 
 
 _COMPARATORS = {"<": "<", "<=": "<=", ">": ">", ">=": ">="}
@@ -516,7 +548,7 @@ def sn_value(rep: Rep, unit_rep: Rep | None) -> tuple[str, Any]:
 
     Raises MessageContentError (102) for non-numeric parts.
     """
-    comparator, num1, sep, num2 = comp(rep, 1), comp(rep, 2), comp(rep, 3), comp(rep, 4)
+    comparator, num1, sep, num2 = comps(rep, 4)
     if not num1 and not num2:
         raise MessageContentError("structured numeric (SN) without a number", hl7_code="102")
     if sep in ("-", "") and num2 and not comparator:

@@ -18,11 +18,11 @@ import base64
 import binascii
 from typing import Any
 
-from mappings.errors import MessageContentError
+from mappings.errors import MappingError, MessageContentError
 from mappings.imaging import DICOM_MODALITIES, RADIOLOGY_SECTIONS, imaging_study
 from mappings.v2 import datatypes as dt
 from mappings.v2.common import Context, JsonDict, group_after
-from mappings.v2.parse import Rep, Segment, comp
+from mappings.v2.parse import Rep, Segment, comp, comps
 
 __all__ = ["convert_oru", "report_status", "specimen"]
 
@@ -83,6 +83,14 @@ def _obx_code(obx: Segment) -> str:
     return obx.text(3, 1) or obx.text(3, 1, 2)
 
 
+def _upper_code(obx: Segment, codes: dict[int, str]) -> str:
+    """OBX-3 code in upper case, read once per OBX (``codes``: position -> code)."""
+    code = codes.get(obx.position)
+    if code is None:
+        code = codes[obx.position] = _obx_code(obx).upper()
+    return code
+
+
 def ed_attachment(rep: Rep, *, where: str = "OBX-5") -> JsonDict:
     """ED -> Attachment (base64 data kept as sent after a check; other encodings encoded).
 
@@ -108,38 +116,54 @@ def ed_attachment(rep: Rep, *, where: str = "OBX-5") -> JsonDict:
     return {"contentType": content_type, "data": base64.b64encode(raw).decode("ascii")}
 
 
-def observation_value(ctx: Context, obx: Segment) -> tuple[str, Any] | None:
+def observation_value(
+    ctx: Context, obx: Segment, vtype: str | None = None
+) -> tuple[str, Any] | None:
     """OBX-5 by OBX-2 -> (``value[x]`` key, value), or ``None`` when no value was sent.
 
+    ``vtype`` is OBX-2 in upper case when the caller has already read it.
     Raises MessageContentError (102) for a value that does not fit its type.
     """
     reps = obx.reps(5)
     if not reps:
         return None
-    vtype = obx.text(2).upper()
-    unit = obx.rep(6)
+    if vtype is None:
+        vtype = obx.text(2).upper()
+    return _located_value(ctx, obx, vtype, reps, obx.rep(6))
 
-    def convert() -> tuple[str, Any] | None:
-        first = reps[0]
-        if vtype == "NM":
-            return "valueQuantity", dt.quantity(comp(first, 1), unit)
-        if vtype == "SN":
-            return dt.sn_value(first, unit)
-        if vtype in ("CE", "CWE", "CNE", "CF"):
-            concept = ctx.concept(obx, 5, rep=first)
-            return ("valueCodeableConcept", concept) if concept else None
-        if vtype in ("DT", "DTM", "TS"):
-            return "valueDateTime", dt.to_datetime(comp(first, 1), default_tz=ctx.tz)
-        if vtype == "TM":
-            raw = comp(first, 1).split("+")[0].split("-")[0].split(".")[0]
-            if not raw.isdigit() or len(raw) not in (2, 4, 6):
-                raise MessageContentError("not a valid time (TM)", hl7_code="102")
-            raw = raw.ljust(6, "0")
-            return "valueTime", f"{raw[:2]}:{raw[2:4]}:{raw[4:6]}"
-        text = "\n".join(t for r in reps if (t := _text_of(r, obx)))
-        return ("valueString", text) if text else None
 
-    return ctx.at(obx, 5, convert)
+def _located_value(
+    ctx: Context, obx: Segment, vtype: str, reps: list[Rep], unit: Rep | None
+) -> tuple[str, Any] | None:
+    """:func:`_typed_value`, locating its MappingError at OBX-5."""
+    try:  # ctx.at inlined: this is on the hot path
+        return _typed_value(ctx, obx, vtype, reps, unit)
+    except MappingError as exc:
+        raise exc.locate(obx.name, obx.index, 5) from exc.__cause__
+
+
+def _typed_value(
+    ctx: Context, obx: Segment, vtype: str, reps: list[Rep], unit: Rep | None
+) -> tuple[str, Any] | None:
+    """OBX-5 (``reps``, not empty) as OBX-2 ``vtype`` says, with OBX-6 ``unit``."""
+    first = reps[0]
+    if vtype == "NM":
+        return "valueQuantity", dt.quantity(comp(first, 1), unit)
+    if vtype == "SN":
+        return dt.sn_value(first, unit)
+    if vtype in ("CE", "CWE", "CNE", "CF"):
+        concept = ctx.concept(obx, 5, rep=first)
+        return ("valueCodeableConcept", concept) if concept else None
+    if vtype in ("DT", "DTM", "TS"):
+        return "valueDateTime", dt.to_datetime(comp(first, 1), default_tz=ctx.tz)
+    if vtype == "TM":
+        raw = comp(first, 1).split("+")[0].split("-")[0].split(".")[0]
+        if not raw.isdigit() or len(raw) not in (2, 4, 6):
+            raise MessageContentError("not a valid time (TM)", hl7_code="102")
+        raw = raw.ljust(6, "0")
+        return "valueTime", f"{raw[:2]}:{raw[2:4]}:{raw[4:6]}"
+    text = "\n".join(t for r in reps if (t := _text_of(r, obx)))
+    return ("valueString", text) if text else None
 
 
 def specimen(ctx: Context, spm: Segment) -> str:
@@ -200,11 +224,11 @@ def _order_identifiers(ctx: Context, obr: Segment, orc: Segment | None) -> list[
     return out
 
 
-def _is_radiology(obr: Segment, group: list[Segment]) -> bool:
+def _is_radiology(obr: Segment, group: list[Segment], codes: dict[int, str]) -> bool:
     if obr.text(24).upper() in RADIOLOGY_SECTIONS:
         return True
     return any(
-        s.name == "ZDS" or (s.name == "OBX" and _obx_code(s).upper() in STUDY_UID_CODES)
+        s.name == "ZDS" or (s.name == "OBX" and _upper_code(s, codes) in STUDY_UID_CODES)
         for s in group
     )
 
@@ -233,7 +257,8 @@ def convert_oru(ctx: Context) -> None:
 
 
 def _convert_order(ctx: Context, obr: Segment, orc: Segment | None, group: list[Segment]) -> None:
-    radiology = _is_radiology(obr, group)
+    obx_codes: dict[int, str] = {}  # OBX position -> OBX-3 code in upper case, read once
+    radiology = _is_radiology(obr, group, obx_codes)
     identifiers = _order_identifiers(ctx, obr, orc)
     if identifiers:
         report_key: tuple[str, ...] = (identifiers[0]["system"], identifiers[0]["value"])
@@ -265,7 +290,7 @@ def _convert_order(ctx: Context, obr: Segment, orc: Segment | None, group: list[
     for seg in group:
         if seg.name == "ZDS" and seg.text(1):
             study_uid = seg.text(1)
-        elif seg.name == "OBX" and _obx_code(seg).upper() in STUDY_UID_CODES and seg.text(5):
+        elif seg.name == "OBX" and _upper_code(seg, obx_codes) in STUDY_UID_CODES and seg.text(5):
             study_uid = seg.text(5)
     results: list[str] = []
     text_sections: list[str] = []
@@ -284,24 +309,26 @@ def _convert_order(ctx: Context, obr: Segment, orc: Segment | None, group: list[
             continue
         current_obs = None
         vtype = seg.text(2).upper()
-        obx_code = _obx_code(seg)
-        if obx_code.upper() in STUDY_UID_CODES:
+        obx_code = obx_codes[seg.position]
+        if obx_code in STUDY_UID_CODES:
             continue
         if vtype == "ED":
             for rep in seg.reps(5):
                 forms.append(ctx.at(seg, 5, lambda rep=rep: ed_attachment(rep)))  # type: ignore[misc]
             continue
         if radiology and vtype in ("TX", "FT", "ST"):
-            value = observation_value(ctx, seg)
+            value = observation_value(ctx, seg, vtype)
             if value is not None:
                 text_sections.append(value[1])
-                if obx_code.upper().endswith("IMP"):
+                if obx_code.endswith("IMP"):
                     conclusion.append(value[1])
             continue
         sub_id = seg.text(4)
         occurrence_key = f"{seg.raw(3)}|{sub_id}"
         seen[occurrence_key] = seen.get(occurrence_key, 0) + 1
-        obs = _observation(ctx, seg, report_key, seen[occurrence_key], radiology, effective)
+        obs = _observation(
+            ctx, seg, report_key, seen[occurrence_key], radiology, effective, vtype, sub_id
+        )
         if specimens:
             obs["specimen"] = {"reference": specimens[0]}
         current_obs = obs
@@ -381,7 +408,10 @@ def _observation(
     occurrence: int,
     radiology: bool,
     report_effective: str | None,
+    vtype: str,
+    sub_id: str,
 ) -> JsonDict:
+    """OBX -> Observation; ``vtype`` and ``sub_id`` are OBX-2 (upper case) and OBX-4."""
     status = dt.observation_status(obx.text(11))
     if status is None:
         if ctx.options.strict_codes:
@@ -403,7 +433,7 @@ def _observation(
         )
     obs: JsonDict = {
         "resourceType": "Observation",
-        "id": ctx.id("Observation", *report_key, obx.raw(3), obx.text(4), str(occurrence)),
+        "id": ctx.id("Observation", *report_key, obx.raw(3), sub_id, str(occurrence)),
         "status": status,
         "category": [_CATEGORY_IMAGING if radiology else _CATEGORY_LAB],
         "code": code,
@@ -420,10 +450,14 @@ def _observation(
         obs["performer"] = [{"display": performer}]
     elif ctx.organization_ref:
         obs["performer"] = [{"reference": ctx.organization_ref}]
-    value = observation_value(ctx, obx)
+    # observation_value, keeping OBX-6 for the reference range (read only with a value, as
+    # there an unreadable OBX-6 is not located at OBX-7)
+    reps = obx.reps(5)
+    unit = obx.rep(6) if reps else None
+    value = _located_value(ctx, obx, vtype, reps, unit) if reps else None
     if value is not None:
         obs[value[0]] = value[1]
-    flags = [dt.interpretation(comp(r, 1)) for r in obx.reps(8) if comp(r, 1)]
+    flags = [dt.interpretation(flag) for r in obx.reps(8) if (flag := comp(r, 1))]
     if flags:
         obs["interpretation"] = flags
     method = ctx.concept(obx, 17)
@@ -431,7 +465,22 @@ def _observation(
         obs["method"] = method
     ref_text = obx.text(7)
     if ref_text:
-        ref_range = ctx.at(obx, 7, lambda: dt.reference_range(ref_text, obx.rep(6)))
+        try:
+            ref_range = _reference_range(ctx, ref_text, unit if reps else obx.rep(6))
+        except MappingError as exc:
+            raise exc.locate(obx.name, obx.index, 7) from exc.__cause__
         if ref_range:
             obs["referenceRange"] = [ref_range]
     return obs
+
+
+def _reference_range(ctx: Context, text: str, unit: Rep | None) -> JsonDict | None:
+    """:func:`dt.reference_range`, memoised per (text, unit) in the options' memo."""
+    key = ("RANGE", text, *comps(unit, 3))  # the components dt.quantity reads
+    found: JsonDict | None = ctx.memo.get(key)
+    if found is None:
+        found = ctx.memoised(key, dt.reference_range(text, unit))
+        if found is None:
+            return None
+    # copies (Quantity values are flat dicts): the memo is shared between messages
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in found.items()}

@@ -25,6 +25,7 @@ __all__ = [
     "Rep",
     "Segment",
     "comp",
+    "comps",
     "decode",
     "detect_charset",
     "parse",
@@ -71,6 +72,20 @@ def comp(rep: Rep | None, index: int, sub: int = 1) -> str:
         return ""
     subs = rep[index - 1]
     return subs[sub - 1] if sub <= len(subs) else ""
+
+
+def comps(rep: Rep | None, count: int) -> list[str]:
+    """Subcomponent 1 of components 1..``count`` of a repetition, padded with ``""``.
+
+    ``comps(rep, 3)`` is ``[comp(rep, 1), comp(rep, 2), comp(rep, 3)]`` in one call, for
+    unpacking a data type's components.
+    """
+    if rep is None:
+        return [""] * count
+    out = [subs[0] if subs else "" for subs in rep[:count]]
+    if len(out) < count:
+        out += [""] * (count - len(out))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +221,35 @@ class Segment:
 
     def text(self, n: int, component: int = 1, sub: int = 1) -> str:
         """Like :meth:`value` for the first repetition, with not-sent and null both ``""``."""
-        return self.value(n, component, sub) or ""
+        # The hottest accessor of the converters: value() inlined for repetition 1.
+        fields = self.fields
+        if n >= len(fields):
+            return ""
+        part = fields[n]
+        if part == "" or part == '""':
+            return ""
+        if n <= 2 and self.name == "MSH":
+            return part
+        enc = self.enc
+        part = part.partition(enc.repetition)[0]
+        if component == 1:
+            part = part.partition(enc.component)[0]
+        else:
+            comps = part.split(enc.component)
+            if component > len(comps):
+                return ""
+            part = comps[component - 1]
+        if enc.subcomponent and enc.subcomponent in part:
+            subs = part.split(enc.subcomponent)
+            if sub > len(subs):
+                return ""
+            part = subs[sub - 1]
+        elif sub > 1:
+            return ""
+        if part == "" or part == '""':
+            return ""
+        escape = enc.escape
+        return enc.unescape(part) if escape and escape in part else part
 
     def reps(self, n: int) -> list[Rep]:
         """All repetitions of field ``n``, decoded; ``[]`` when absent or explicit null.
@@ -217,29 +260,52 @@ class Segment:
         if n >= len(self.fields):
             return []
         raw = self.fields[n]
-        if raw in ("", '""'):
+        if raw == "" or raw == '""':
             return []
         enc = self.enc
+        component, subcomponent = enc.component, enc.subcomponent
         out: list[Rep] = []
+        if (not enc.escape or enc.escape not in raw) and '""' not in raw:
+            # Fast path, the usual case: nothing to unescape, no explicit nulls.
+            for part in raw.split(enc.repetition):
+                if part == "":
+                    continue
+                if subcomponent and subcomponent in part:
+                    out.append([c.split(subcomponent) for c in part.split(component)])
+                else:
+                    out.append([[c] for c in part.split(component)])
+            return out
         unescape = enc.unescape
-        for part in raw.split(enc.repetition) if enc.repetition in raw else (raw,):
+        for part in raw.split(enc.repetition):
             if part == "":
                 continue
             rep: Rep = []
-            for c in part.split(enc.component):
-                if enc.subcomponent and enc.subcomponent in c:
-                    rep.append(
-                        [unescape(s) if s != '""' else "" for s in c.split(enc.subcomponent)]
-                    )
+            for c in part.split(component):
+                if subcomponent and subcomponent in c:
+                    rep.append([unescape(s) if s != '""' else "" for s in c.split(subcomponent)])
                 else:
                     rep.append([unescape(c) if c != '""' else ""])
             out.append(rep)
         return out
 
     def rep(self, n: int) -> Rep | None:
-        """First repetition of field ``n`` (see :meth:`reps`), or ``None``."""
-        reps = self.reps(n)
-        return reps[0] if reps else None
+        """First repetition of field ``n`` (see :meth:`reps`), or ``None``.
+
+        Raises ParseError (102) for a malformed escape sequence in any repetition.
+        """
+        fields = self.fields
+        if n >= len(fields):
+            return None
+        raw = fields[n]
+        enc = self.enc
+        first = raw.partition(enc.repetition)[0]
+        if first == "" or (enc.escape and enc.escape in raw) or '""' in raw:
+            reps = self.reps(n)  # empty, escaped or null parts: the general case
+            return reps[0] if reps else None
+        subcomponent = enc.subcomponent
+        if subcomponent and subcomponent in first:
+            return [c.split(subcomponent) for c in first.split(enc.component)]
+        return [[c] for c in first.split(enc.component)]
 
 
 class ParsedMessage:

@@ -112,6 +112,41 @@ async def test_two_writers_racing_derive_identical_trees() -> None:
     await b.stop()
 
 
+async def test_a_writer_alone_on_the_log_is_not_held_back() -> None:
+    """With no other writer in its trust list the fairness gap does not apply."""
+    alone = Ledger(
+        log=MemoryLog(),
+        tree=TreeStore.memory(),
+        signer=SIGNERS["hosp-a"],
+        trusted=TrustedKeys.of([SIGNERS["hosp-a"]]),
+        origin="test/ledger",
+        conflict_error=LogConflictError,
+        fair_gap=0.5,
+    )
+    await alone.start(follow_interval=None)
+    try:
+        start = asyncio.get_running_loop().time()
+        for i in range(5):
+            await alone.append([f"alone-{i}".encode()])
+        assert asyncio.get_running_loop().time() - start < 0.4, "a lone writer was held back"
+    finally:
+        await alone.stop()
+
+
+async def test_fairness_gap_applies_when_another_writer_may_write() -> None:
+    """Another writer in the trust list: the gap applies from the first batch, before that
+    writer has been seen (it may be losing every race)."""
+    a = make(MemoryLog(), "hosp-a", fair_gap=0.3)
+    await a.start(follow_interval=None)
+    try:
+        start = asyncio.get_running_loop().time()
+        for i in range(3):
+            await a.append([f"a-{i}".encode()])
+        assert asyncio.get_running_loop().time() - start >= 0.55, "no gap between own batches"
+    finally:
+        await a.stop()
+
+
 async def test_retried_batch_with_same_msg_id_is_not_appended_twice() -> None:
     log = MemoryLog()
     ledger = make(log)

@@ -42,3 +42,22 @@ async def test_values_are_bytes_and_keys_are_isolated(state: Any) -> None:
     await state.set("a", b"\x00\xff")
     assert await state.get("a") == b"\x00\xff"
     assert await state.get("b") is None
+
+
+async def test_claim_many_sets_only_the_absent_and_returns_what_was_there(state: Any) -> None:
+    await state.set("taken", b"old")
+    got = await state.claim_many([("free", b"a", 0.3), ("taken", b"b", None), ("free", b"c", None)])
+    # The second claim of "free" in the same batch sees the first one's value.
+    assert got == [None, b"old", b"a"]
+    assert await state.get("free") == b"a" and await state.get("taken") == b"old"
+    await asyncio.sleep(0.5)
+    assert await state.get("free") is None, "the TTL of a claim was not applied"
+    assert await state.claim_many([]) == []
+
+
+async def test_set_many_overwrites_with_ttls(state: Any) -> None:
+    await state.set("x", b"0")
+    await state.set_many([("x", b"1", None), ("y", b"2", 0.3)])
+    assert (await state.get("x"), await state.get("y")) == (b"1", b"2")
+    await asyncio.sleep(0.5)
+    assert await state.get("y") is None and await state.get("x") == b"1"
