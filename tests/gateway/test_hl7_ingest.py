@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -21,7 +22,7 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.backends.protocols import Backends
-from gateway.errors import BackendError
+from gateway.errors import BackendError, IntegrityError
 from gateway.mllp.client import MLLPClient
 from gateway.mllp.framing import END, START
 from gateway.runtime import build_backends, load_secrets
@@ -382,3 +383,48 @@ async def test_redis_stopped_mid_run_then_back(
         assert msa(first)[1] in ("AA", "CA")
         assert await a.send(raw) == first
         await a.http.aclose()
+
+
+async def test_hl7_containers_pass_the_audit_and_a_damaged_one_is_named(tmp_path: Path) -> None:
+    """`gateway verify --blobs` re-hashes each message's container against its leaf; a flipped
+    byte in one container is reported with its record and CID, and its resources no longer
+    read (IntegrityError, not silently wrong data)."""
+    settings = _settings("embedded", tmp_path, None)
+    app = create_app(settings)
+    raws = [(HL7 / name).read_bytes() for name in ("oru_r01_lab.hl7", "adt_a04_escapes.hl7")]
+    async with app.router.lifespan_context(app):
+        a = App(app)
+        for raw in raws:
+            assert msa(await a.send(raw))[1] in ("AA", "CA")
+        anchors = a.gw.index.all_versions()
+        await a.http.aclose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_INSTITUTION"] = settings.institution
+
+    data_dir = str(settings.data_dir)
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "verify", "--blobs", "--data-dir", data_dir],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+
+    ok = verify()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "blobs: 2 ciphertexts re-hashed" in ok.stdout
+    victim = anchors[0]
+    path = settings.data_dir / "blocks" / victim.cid[-2:] / victim.cid
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    bad = verify()
+    assert bad.returncode != 0
+    assert victim.cid in bad.stdout and victim.container is not None
+    assert victim.container in bad.stdout
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        with pytest.raises(IntegrityError, match=victim.cid):
+            await app.state.gateway.pipeline.read_anchor(victim)
