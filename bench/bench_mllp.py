@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import kubo_baseline, pct, start_gateway  # noqa: E402
+from bench.bench_ingest import kubo_baseline, kubo_batch_root, pct, start_gateway  # noqa: E402
 from bench.bench_parse import rate  # noqa: E402
 from bench.report import write_section  # noqa: E402
 from gateway.demo import free_port  # noqa: E402
@@ -66,29 +66,6 @@ async def load(port: int, seconds: float, connections: int, raw: bytes) -> dict[
         "p99_ms": pct(latencies, 0.99) * 1000,
         "not_accepted": other,
     }
-
-
-async def kubo_batch_root(url: str, seconds: float, clients: int, per_call: int) -> float:
-    """Blocks/s of the gateway's own Kubo write path: ``put_many`` (one ``dag/import`` of
-    ``per_call`` 8 KiB blocks under one pinned batch root), ``clients`` calls in flight."""
-    from gateway.backends.blobs_kubo import KuboBlobStore
-
-    store = KuboBlobStore(base_url=url, timeout=60)
-    count = 0
-    deadline = time.monotonic() + seconds
-
-    async def worker() -> None:
-        nonlocal count
-        while time.monotonic() < deadline:
-            await store.put_many([os.urandom(8192) for _ in range(per_call)])
-            count += per_call
-
-    start = time.monotonic()
-    try:
-        await asyncio.gather(*(worker() for _ in range(clients)))
-    finally:
-        await store.close()
-    return count / (time.monotonic() - start)
 
 
 async def main() -> None:
