@@ -17,6 +17,7 @@ import httpx
 
 from gateway.backends.car import batch_car
 from gateway.backends.cid import cid_v1_raw
+from gateway.backends.http1 import StreamTransport
 from gateway.errors import BackendError, BlobNotFoundError
 
 NAME = "kubo"
@@ -38,8 +39,10 @@ class KuboBlobStore:
         self._client = httpx.AsyncClient(
             base_url=f"{self.base_url}/api/v0",
             timeout=timeout,
-            transport=transport,
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            # Kubo is local and called dozens of times a second: the lean HTTP/1.1 transport
+            # (every call made here is idempotent, as its one retry on a stale idle
+            # connection requires). Another transport can be injected (tests).
+            transport=transport or StreamTransport(timeout=timeout),
         )
 
     async def _post(self, path: str, **kwargs: object) -> httpx.Response:
@@ -104,10 +107,12 @@ class KuboBlobStore:
             raise BackendError("dag/import answered something unexpected", backend=NAME) from exc
         return roots
 
-    async def is_pinned(self, cid: str) -> bool:
-        """Whether the block is pinned, itself or through a pinned batch root (Kubo's
-        "indirect" pin). Raises BackendError."""
-        r = await self._post("/pin/ls", params={"arg": cid, "type": "all"})
+    async def is_pinned(self, cid: str, *, indirect: bool = False) -> bool:
+        """Whether the block is pinned itself (a recursive pin: a CAR root), or with
+        ``indirect`` also through a pinned batch root; the indirect check walks every pinned
+        DAG, so it is slow on a large repository. Raises BackendError."""
+        kind = "all" if indirect else "recursive"
+        r = await self._post("/pin/ls", params={"arg": cid, "type": kind})
         return r.status_code == 200 and cid in r.text
 
     async def ping(self) -> None:
