@@ -67,6 +67,7 @@ class StreamTransport(httpx.AsyncBaseTransport):
             conn = idle.pop()
             if not conn[1].is_closing() and not conn[0].at_eof():
                 return conn
+            conn[1].close()  # closed by the server meanwhile: release it
         return None
 
     async def _connect(self, host: str, port: int, timeout: float) -> _Conn:

@@ -99,6 +99,29 @@ async def test_a_stale_pooled_connection_is_replaced_once(
     assert len(seen) == 3
 
 
+async def test_connections_closed_by_the_server_while_idle_are_released(
+    server: tuple[list[Reply], list[bytes], int],
+) -> None:
+    """A pooled connection the server closed is dropped and closed, not leaked (a leak
+    would surface as a ResourceWarning, an error under this suite's warning filter)."""
+    replies, _seen, port = server
+    replies += [
+        fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"),
+        lambda _r: None,
+    ]
+    transport = StreamTransport()
+    async with httpx.AsyncClient(transport=transport, base_url=f"http://127.0.0.1:{port}") as c:
+        assert (await c.get("/one")).content == b"a"
+        (conn,) = transport._idle[("127.0.0.1", port)]
+        conn[1].write(b"GET /x HTTP/1.1\r\ncontent-length: 0\r\n\r\n")  # server closes
+        for _ in range(100):
+            if conn[0].at_eof():
+                break
+            await conn[0].read(1)
+        assert transport._take("127.0.0.1", port) is None
+        assert conn[1].is_closing()
+
+
 async def test_until_close_body_and_protocol_errors(
     server: tuple[list[Reply], list[bytes], int],
 ) -> None:
