@@ -24,12 +24,17 @@ from gateway.app import create_app
 from gateway.audit import audit
 from gateway.config import Settings
 from gateway.fhir import RECEIPT_URL
+from gateway.mllp.ack import acks_to_send, read_header
+from gateway.mllp.client import MLLPClient
 from gateway.runtime import build_backends, load_secrets, load_signer, load_trust
 from ledger.checkpoint import SignedCheckpoint
 from ledger.errors import LedgerError
 from ledger.verify import verify_checkpoint, verify_inclusion
+from mappings.v2.convert import convert
+from mappings.v2.parse import parse
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "fhir" / "demo-bundle.json"
+HL7_FIXTURE = FIXTURE.parent.parent / "hl7v2" / "oru_r01_lab.hl7"
 
 
 def free_port() -> int:
@@ -72,12 +77,12 @@ async def run_demo(*, data_dir: Path | None, keep: bool) -> int:
     """Run the demo; return the exit code."""
     temp = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="gateway-demo-")) if data_dir is None else data_dir
-    port = free_port()
+    port, mllp_port = free_port(), free_port()
     settings = Settings(
         profile="embedded",
         data_dir=root,
         http_port=port,
-        mllp_enabled=False,
+        mllp_port=mllp_port,
         institution="demo-hospital",
     )
     app = create_app(settings)
@@ -130,6 +135,7 @@ async def run_demo(*, data_dir: Path | None, keep: bool) -> int:
                     f"  {response['status']:<12} {location:<60} leaf {leaf_index:>3}  "
                     f"proof ok  read back {'identical' if same else 'DIFFERENT'}"
                 )
+            ok = await _hl7_step(client, mllp_port, app.state.hl7.options) and ok
             cp = (await client.get("/ledger/checkpoint")).json()
             print(
                 f"ledger checkpoint: size {cp['tree_size']} root {cp['root_hash'][:16]}... "
@@ -161,6 +167,28 @@ async def run_demo(*, data_dir: Path | None, keep: bool) -> int:
     if temp and not keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if ok else 1
+
+
+async def _hl7_step(client: httpx.AsyncClient, mllp_port: int, options: Any) -> bool:
+    """Send a lab result over MLLP as a LIS would; read what it produced back over FHIR."""
+    raw = HL7_FIXTURE.read_bytes()
+    expected = acks_to_send(read_header(raw), "accept")  # its MSH-15/16 say which
+    async with MLLPClient("127.0.0.1", mllp_port, timeout=30) as mllp:
+        acks = [await mllp.send(raw)]
+        while len(acks) < len(expected):
+            acks.append(await mllp.receive())
+    codes = [a.split(b"\r")[1].split(b"|")[1].decode() for a in acks]
+    print(f"sent {HL7_FIXTURE.name} over MLLP: {' then '.join(codes)} (stored and anchored)")
+    ok = codes == list(expected)
+    for resource in convert(parse(raw), options=options).resources:
+        path = f"{resource['resourceType']}/{resource['id']}"
+        back = await client.get(f"/fhir/{path}")
+        same = back.status_code == 200 and _strip_server_fields(
+            back.json()
+        ) == _strip_server_fields(resource)
+        ok = ok and same
+        print(f"  read back {path:<52} {'identical' if same else 'DIFFERENT'}")
+    return ok
 
 
 def _resolve_refs(resource: dict[str, Any], result: dict[str, Any], bundle: dict[str, Any]) -> Any:
