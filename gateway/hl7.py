@@ -180,9 +180,10 @@ class HL7Ingest:
             await self._release(facility, msg.control_id)
             raise
         if accepted:
-            # Recorded after the answer is built, off the answer's path: until it lands, a
-            # copy of the message is told "being processed" (AE, the sender retries), never
-            # stored twice; if it cannot land, that is logged (as it would be in line).
+            # Recorded after the answer is built, off the answer's path. Until it lands a copy
+            # of the message is never stored twice: at this gateway it gets the same ACKs
+            # (from memory), at another worker "being processed" (AE, the sender retries). If
+            # it cannot land, that is logged, as it would be in line.
             self._remember(facility, msg.control_id, digest, acks, extra)
         else:
             await self._release(facility, msg.control_id)
