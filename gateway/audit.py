@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from gateway.backends.protocols import Backends
 from gateway.crypto import sha256_hex
 from gateway.errors import BackendError, BlobNotFoundError, LogConflictError
-from gateway.views import RecordAnchor
+from gateway.views import RecordAnchor, anchor_of_leaf
 from ledger.checkpoint import Signer, TrustedKeys
 from ledger.errors import LeafFormatError, LedgerError
 from ledger.leaves import decode_leaf
@@ -101,19 +101,7 @@ async def audit(
                     report.problems.append(f"log message {seq}, leaf {first + offset}: {exc}")
                 continue
             if blobs and leaf["kind"] == "record":
-                anchors.append(
-                    RecordAnchor(
-                        record=str(leaf["record"]),
-                        version=int(leaf["version"]),
-                        cid=str(leaf["cid"]),
-                        sha256=str(leaf["sha256"]),
-                        patient=str(leaf["patient"]),
-                        resource_type=str(leaf["type"]),
-                        source=str(leaf["source"]),
-                        time=str(leaf["time"]),
-                        leaf_index=first + offset,
-                    )
-                )
+                anchors.append(anchor_of_leaf(leaf, first + offset))
         if progress is not None:
             progress(seq, total)
 

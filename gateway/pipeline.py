@@ -76,6 +76,47 @@ class ReadRecord:
 BLOB_CALLS_IN_FLIGHT = 2
 
 
+#: A resource carried by a sealed record: (the resource, its record id, its version).
+_Member = tuple[dict[str, Any], str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """One sealed record version, ready to store and anchor."""
+
+    record: str
+    version: int
+    patient: str
+    type: str
+    blob: bytes
+    key: WrappedKey
+    members: list[_Member]
+
+
+@dataclass(frozen=True, slots=True)
+class _Stamp:
+    """The times one store call writes: ``meta.lastUpdated`` and the leaves' ``time``."""
+
+    last_updated: str
+    leaf_time: str
+
+    @classmethod
+    def now(cls) -> _Stamp:
+        now = datetime.now(UTC)
+        return cls(
+            now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+
+    def apply(self, resource: dict[str, Any], version: int) -> None:
+        """Set ``meta.versionId`` and ``meta.lastUpdated`` (other meta kept)."""
+        resource["meta"] = {
+            **(resource.get("meta") or {}),
+            "versionId": str(version),
+            "lastUpdated": self.last_updated,
+        }
+
+
 def canonical_json(resource: dict[str, Any]) -> bytes:
     """Deterministic JSON of a resource (sorted keys, no insignificant whitespace)."""
     return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
@@ -174,69 +215,24 @@ class RecordPipeline:
         return current + 1
 
     async def store(self, inputs: Sequence[RecordInput]) -> list[StoredRecord]:
-        """Encrypt, store and anchor resources; return once all of it is durable.
+        """Encrypt, store and anchor resources, one record each; return once all of it is
+        durable.
 
         The resources are updated in place with ``meta.versionId`` and ``meta.lastUpdated``.
         Raises BackendError, LedgerError.
         """
-        now = datetime.now(UTC)
-        last_updated = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        leaf_time = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-        blobs: list[bytes] = []
-        wrapped: list[WrappedKey] = []
-        prepared: list[tuple[RecordInput, str, int, str]] = []
+        stamp = _Stamp.now()
+        units = []
         for item in inputs:
             res = item.resource
-            rtype, rid = str(res["resourceType"]), str(res["id"])
-            rec = self.record_of(rtype, rid)
+            rtype = str(res["resourceType"])
+            rec = self.record_of(rtype, str(res["id"]))
             version = self._next_version(rec)
-            meta = dict(res.get("meta") or {})
-            meta["versionId"] = str(version)
-            meta["lastUpdated"] = last_updated
-            res["meta"] = meta
-            kek_id, kek = await self._kek(item.patient)
-            aad = associated_data(rec, version, item.patient, rtype, kek_id)
-            sealed = seal(canonical_json(res), kek=kek, aad=aad)
-            blobs.append(sealed.blob)
-            wrapped.append(WrappedKey(f"{rec}.{version}", kek_id, sealed.wrapped_key))
-            prepared.append((item, rec, version, kek_id))
-        cids, _ = await asyncio.gather(
-            self._blob_commit.submit(blobs), self._key_commit.submit(wrapped)
-        )
-        leaves = [
-            encode_leaf(
-                "record",
-                {
-                    "record": rec,
-                    "version": version,
-                    "cid": cid,
-                    "sha256": sha256_hex(blob),
-                    "patient": item.patient,
-                    "type": str(item.resource["resourceType"]),
-                    "source": self.institution,
-                    "dictionary": self.dictionary_version,
-                    "time": leaf_time,
-                },
+            stamp.apply(res, version)
+            units.append(
+                await self._seal(res, rec, version, item.patient, rtype, [(res, rec, version)])
             )
-            for (item, rec, version, _kid), cid, blob in zip(prepared, cids, blobs, strict=True)
-        ]
-        results = await self.ledger.append(leaves)
-        return [
-            StoredRecord(
-                resource_type=str(item.resource["resourceType"]),
-                resource_id=str(item.resource["id"]),
-                version=version,
-                record=rec,
-                cid=cid,
-                last_updated=last_updated,
-                leaf_index=r.index,
-                tree_size=r.tree_size,
-                root=r.root,
-                checkpoint=r.checkpoint,
-                created=version == 1,
-            )
-            for (item, rec, version, _kid), cid, r in zip(prepared, cids, results, strict=True)
-        ]
+        return await self._anchor(units, stamp, contained=False)
 
     async def store_group(
         self, resources: Sequence[dict[str, Any]], *, patient: str, container_id: str
@@ -256,70 +252,83 @@ class RecordPipeline:
         keys = [(str(r["resourceType"]), str(r["id"])) for r in resources]
         if len(set(keys)) != len(keys):
             raise ValueError("a resource appears twice in one group")
-        chunks = [resources[i : i + MAX_CONTAINED] for i in range(0, len(resources), MAX_CONTAINED)]
-        now = datetime.now(UTC)
-        last_updated = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        leaf_time = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-        kek_id, kek = await self._kek(patient)
-        blobs: list[bytes] = []
-        wrapped: list[WrappedKey] = []
-        groups: list[tuple[str, int, list[tuple[dict[str, Any], str, int]]]] = []
-        for n, chunk in enumerate(chunks):
-            bundle_id = container_id if n == 0 else f"{container_id}-{n + 1}"
+        stamp = _Stamp.now()
+        units = []
+        for n in range(0, len(resources), MAX_CONTAINED):
+            bundle_id = container_id if n == 0 else f"{container_id}-{n // MAX_CONTAINED + 1}"
             container = self.record_of(CONTAINER_TYPE, bundle_id)
             container_version = self._next_version(container)
-            members: list[tuple[dict[str, Any], str, int]] = []
-            for res in chunk:
+            members: list[_Member] = []
+            for res in resources[n : n + MAX_CONTAINED]:
                 rec = self.record_of(str(res["resourceType"]), str(res["id"]))
                 version = self._next_version(rec)
-                res["meta"] = {
-                    **(res.get("meta") or {}),
-                    "versionId": str(version),
-                    "lastUpdated": last_updated,
-                }
+                stamp.apply(res, version)
                 members.append((res, rec, version))
-            bundle = {
+            bundle: dict[str, Any] = {
                 "resourceType": CONTAINER_TYPE,
                 "id": bundle_id,
-                "meta": {"versionId": str(container_version), "lastUpdated": last_updated},
                 "type": "collection",
                 "entry": [
                     {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r}
                     for r, _rec, _v in members
                 ],
             }
-            aad = associated_data(container, container_version, patient, CONTAINER_TYPE, kek_id)
-            sealed = seal(canonical_json(bundle), kek=kek, aad=aad)
-            blobs.append(sealed.blob)
-            key_name = f"{container}.{container_version}"
-            wrapped.append(WrappedKey(key_name, kek_id, sealed.wrapped_key))
-            groups.append((container, container_version, members))
-        cids, _ = await asyncio.gather(
-            self._blob_commit.submit(blobs), self._key_commit.submit(wrapped)
+            stamp.apply(bundle, container_version)
+            units.append(
+                await self._seal(
+                    bundle, container, container_version, patient, CONTAINER_TYPE, members
+                )
+            )
+        return await self._anchor(units, stamp, contained=True)
+
+    async def _seal(
+        self,
+        plain: dict[str, Any],
+        rec: str,
+        version: int,
+        patient: str,
+        rtype: str,
+        members: list[_Member],
+    ) -> _Unit:
+        """Encrypt one record version under a fresh data key wrapped by the patient's KEK."""
+        kek_id, kek = await self._kek(patient)
+        sealed = seal(
+            canonical_json(plain),
+            kek=kek,
+            aad=associated_data(rec, version, patient, rtype, kek_id),
         )
-        leaves = [
-            encode_leaf(
-                "record",
-                {
-                    "record": container,
-                    "version": container_version,
-                    "cid": cid,
-                    "sha256": sha256_hex(blob),
-                    "patient": patient,
-                    "type": CONTAINER_TYPE,
-                    "source": self.institution,
-                    "dictionary": self.dictionary_version,
-                    "time": leaf_time,
-                    "contains": [
-                        {"record": rec, "type": str(r["resourceType"]), "version": v}
-                        for r, rec, v in members
-                    ],
-                },
-            )
-            for (container, container_version, members), cid, blob in zip(
-                groups, cids, blobs, strict=True
-            )
-        ]
+        key = WrappedKey(f"{rec}.{version}", kek_id, sealed.wrapped_key)
+        return _Unit(rec, version, patient, rtype, sealed.blob, key, members)
+
+    async def _anchor(
+        self, units: list[_Unit], stamp: _Stamp, *, contained: bool
+    ) -> list[StoredRecord]:
+        """Store the ciphertexts and wrapped keys (grouped with other callers'), then anchor one
+        ``record`` leaf per unit (with ``contains`` when ``contained``); one StoredRecord per
+        resource carried."""
+        cids, _ = await asyncio.gather(
+            self._blob_commit.submit([u.blob for u in units]),
+            self._key_commit.submit([u.key for u in units]),
+        )
+        leaves = []
+        for unit, cid in zip(units, cids, strict=True):
+            fields: dict[str, Any] = {
+                "record": unit.record,
+                "version": unit.version,
+                "cid": cid,
+                "sha256": sha256_hex(unit.blob),
+                "patient": unit.patient,
+                "type": unit.type,
+                "source": self.institution,
+                "dictionary": self.dictionary_version,
+                "time": stamp.leaf_time,
+            }
+            if contained:
+                fields["contains"] = [
+                    {"record": rec, "type": str(r["resourceType"]), "version": v}
+                    for r, rec, v in unit.members
+                ]
+            leaves.append(encode_leaf("record", fields))
         results = await self.ledger.append(leaves)
         return [
             StoredRecord(
@@ -328,15 +337,15 @@ class RecordPipeline:
                 version=v,
                 record=rec,
                 cid=cid,
-                last_updated=last_updated,
+                last_updated=stamp.last_updated,
                 leaf_index=result.index,
                 tree_size=result.tree_size,
                 root=result.root,
                 checkpoint=result.checkpoint,
                 created=v == 1,
             )
-            for (_c, _cv, members), cid, result in zip(groups, cids, results, strict=True)
-            for r, rec, v in members
+            for unit, cid, result in zip(units, cids, results, strict=True)
+            for r, rec, v in unit.members
         ]
 
     async def read(self, resource_type: str, resource_id: str) -> ReadRecord:

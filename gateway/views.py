@@ -49,10 +49,10 @@ class RecordAnchor:
 CONTAINER_TYPE = "Bundle"
 
 
-def anchors_of_leaf(leaf: dict[str, object], leaf_index: int) -> list[RecordAnchor]:
-    """The record anchors a decoded ``record`` leaf establishes: itself, or the records it
-    contains (a container is not itself a record a reader asks for)."""
-    base = RecordAnchor(
+def anchor_of_leaf(leaf: dict[str, object], leaf_index: int) -> RecordAnchor:
+    """The anchor of the ciphertext a decoded ``record`` leaf names (for a container, the
+    container itself)."""
+    return RecordAnchor(
         record=str(leaf["record"]),
         version=int(str(leaf["version"])),
         cid=str(leaf["cid"]),
@@ -63,6 +63,12 @@ def anchors_of_leaf(leaf: dict[str, object], leaf_index: int) -> list[RecordAnch
         time=str(leaf["time"]),
         leaf_index=leaf_index,
     )
+
+
+def anchors_of_leaf(leaf: dict[str, object], leaf_index: int) -> list[RecordAnchor]:
+    """The record anchors a decoded ``record`` leaf establishes: itself, or the records it
+    contains (a container is not itself a record a reader asks for)."""
+    base = anchor_of_leaf(leaf, leaf_index)
     contains = leaf.get("contains")
     if not isinstance(contains, list):
         return [base]

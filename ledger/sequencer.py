@@ -196,6 +196,7 @@ class Ledger:
         try:
             fds = self.tree.unsynced()
             await asyncio.gather(*(asyncio.to_thread(os.fsync, fd) for fd in fds))
+            self.tree.mark_synced()  # only once every fsync succeeded: a failed one is retried
             await asyncio.to_thread(self.tree.sync_directory)
         except OSError as err:
             raise LedgerError(f"cannot sync the stored tree: {err.strerror}") from err

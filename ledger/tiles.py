@@ -76,7 +76,6 @@ class _LevelFiles:
             return []
         for fh in (self.bin, self.crc):
             fh.flush()
-        self.dirty = False
         return [self.bin.fileno(), self.crc.fileno()]
 
     def close(self) -> None:
@@ -332,6 +331,7 @@ class TreeStore:
         try:
             for fd in self.unsynced():
                 os.fsync(fd)
+            self.mark_synced()
             self.sync_directory()
         except OSError as err:
             raise LedgerError(f"{self._dir}: cannot flush tree store: {err.strerror}") from err
@@ -339,8 +339,14 @@ class TreeStore:
     def unsynced(self) -> list[int]:
         """Hand everything appended to the OS and return the file descriptors that must be
         fsynced to make it durable (the caller may sync them in parallel, then call
-        :meth:`sync_directory`). Raises OSError."""
+        :meth:`mark_synced` and :meth:`sync_directory`). Raises OSError."""
         return [fd for files in self._files for fd in files.unsynced()]
+
+    def mark_synced(self) -> None:
+        """Record that the descriptors :meth:`unsynced` returned were fsynced (call nothing
+        that writes in between). Raises nothing."""
+        for files in self._files:
+            files.dirty = False
 
     def sync_directory(self) -> None:
         """fsync the directory if level files were created since the last time. Raises OSError."""
