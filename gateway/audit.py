@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from gateway.backends.protocols import Backends
 from gateway.crypto import sha256_hex
 from gateway.errors import BackendError, BlobNotFoundError, LogConflictError
+from gateway.packing import cut
 from gateway.views import RecordAnchor, anchor_of_leaf
 from ledger.checkpoint import Signer, TrustedKeys
 from ledger.errors import LeafFormatError, LedgerError
@@ -172,18 +173,22 @@ def _check_stored(report: AuditReport, stored: TreeStore, ledger: Ledger) -> Non
 async def _check_blobs(
     report: AuditReport, backends: Backends, anchors: Sequence[RecordAnchor]
 ) -> None:
+    # The records of one pack are anchored next to each other: keep the last block fetched.
+    last: tuple[str, bytes] | None = None
     for anchor in anchors:
         report.records_checked += 1
         where = f"record {anchor.record} v{anchor.version} (leaf {anchor.leaf_index})"
         try:
-            data = await backends.blobs.get(anchor.cid)
+            if last is None or last[0] != anchor.cid:
+                last = (anchor.cid, await backends.blobs.get(anchor.cid))
         except BlobNotFoundError:
-            report.problems.append(f"{where}: ciphertext {anchor.cid} missing")
+            report.problems.append(f"{where}: ciphertext {anchor.where} missing")
             continue
         except BackendError as exc:
             report.problems.append(f"blob store: {exc}")
             break
-        if sha256_hex(data) != anchor.sha256:
+        data = cut(last[1], anchor.byte_range)
+        if data is None or sha256_hex(data) != anchor.sha256:
             report.problems.append(
-                f"{where}: ciphertext {anchor.cid} does not match its anchored SHA-256"
+                f"{where}: ciphertext {anchor.where} does not match its anchored SHA-256"
             )

@@ -193,8 +193,13 @@ def prepare_bundle(
     return prepared
 
 
+def institution_pseudonym(key: bytes, institution: str) -> str:
+    """The pseudonym records that belong to no patient (an Organization) are filed under."""
+    return pseudonym(key, "urn:alliance:institution", institution)
+
+
 def patient_pseudonym_of_patient(
-    resource: dict[str, Any], *, key: bytes, master_system: str, institution: str
+    resource: dict[str, Any], *, key: bytes, master_system: str | None, institution: str
 ) -> str:
     """Pseudonym of a Patient resource: its master identifier, else its first identifier.
 
@@ -234,20 +239,30 @@ def b64(data: bytes) -> str:
 
 
 def receipt_extension(
-    *, leaf_index: int, tree_size: int, root: bytes, proof: list[bytes], checkpoint: bytes, cid: str
+    *,
+    leaf_index: int,
+    tree_size: int,
+    root: bytes,
+    proof: list[bytes],
+    checkpoint: bytes,
+    cid: str,
+    byte_range: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """The ledger receipt of one stored record, as a FHIR extension (see docs/api.md)."""
-    return {
-        "url": RECEIPT_URL,
-        "extension": [
-            {"url": "leafIndex", "valueUnsignedInt": leaf_index},
-            {"url": "treeSize", "valuePositiveInt": tree_size},
-            {"url": "rootHash", "valueBase64Binary": b64(root)},
-            {"url": "inclusionProof", "valueBase64Binary": b64(b"".join(proof))},
-            {"url": "checkpoint", "valueBase64Binary": b64(checkpoint)},
-            {"url": "cid", "valueString": cid},
-        ],
-    }
+    parts: list[dict[str, Any]] = [
+        {"url": "leafIndex", "valueUnsignedInt": leaf_index},
+        {"url": "treeSize", "valuePositiveInt": tree_size},
+        {"url": "rootHash", "valueBase64Binary": b64(root)},
+        {"url": "inclusionProof", "valueBase64Binary": b64(b"".join(proof))},
+        {"url": "checkpoint", "valueBase64Binary": b64(checkpoint)},
+        {"url": "cid", "valueString": cid},
+    ]
+    if byte_range is not None:
+        parts += [
+            {"url": "byteOffset", "valueUnsignedInt": byte_range[0]},
+            {"url": "byteLength", "valuePositiveInt": byte_range[1]},
+        ]
+    return {"url": RECEIPT_URL, "extension": parts}
 
 
 def operation_outcome(

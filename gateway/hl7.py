@@ -13,31 +13,26 @@ processed normally once the backend is back).
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from gateway.crypto import pseudonym
 from gateway.errors import BackendError
-from gateway.fhir import patient_pseudonym_of_patient
 from gateway.hl7_workers import ConversionWorkers, Converted, Failed, Outcome
 from gateway.mllp.ack import AckCode, Header, acks_to_send, build_ack, read_header
 from gateway.mllp.dedup import Conflict, Deduplicator, InProgress, New, Replay
 from gateway.runtime import Gateway
 from ledger.errors import LedgerError
-from mappings.errors import MappingError, MessageContentError
+from mappings.errors import MappingError
 from mappings.terminology import Terminology
-from mappings.v2.common import ConversionOptions, stable_id
+from mappings.v2.common import ConversionOptions
 from mappings.v2.parse import parse
 
 log = logging.getLogger("gateway.hl7")
-
-HL7_MEDIA_TYPE = "x-application/hl7-v2+er7"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +64,12 @@ class HL7Ingest:
             id_secret=hmac.new(gw.pseudonym_key, b"hl7-resource-ids", hashlib.sha256).digest(),
         )
         self.dedup = Deduplicator(gw.backends.state)
-        self.converter = ConversionWorkers(self.options, workers=s.hl7_convert_workers)
+        self.converter = ConversionWorkers(
+            self.options, pseudonym_key=gw.pseudonym_key, workers=s.hl7_convert_workers
+        )
         self._tz = ZoneInfo(s.default_tz)
         self._finishing: set[asyncio.Task[None]] = set()
+        self._stored_by_type: dict[str, Any] = {}  # records_stored's child per resource type
 
     async def start(self) -> None:
         """Start the conversion workers and the de-duplication state's grouping."""
@@ -175,7 +173,7 @@ class HL7Ingest:
             log.info("hl7 copy of a message still being processed: AE", extra=extra)
             return self._ack(header, "error", _Internal(), "message is being processed; retry")
         try:
-            acks, accepted = await self._process(raw, msg, header, extra, await conversion)
+            acks, accepted = await self._process(header, extra, await conversion)
         except BaseException:
             await self._release(facility, msg.control_id)
             raise
@@ -214,7 +212,7 @@ class HL7Ingest:
             log.error("hl7 could not release a de-duplication claim")
 
     async def _process(
-        self, raw: bytes, msg: Any, header: Header, extra: dict[str, Any], result: Outcome
+        self, header: Header, extra: dict[str, Any], result: Outcome
     ) -> tuple[list[bytes], bool]:
         if isinstance(result, Failed):
             outcome: Literal["error", "reject"] = "reject" if result.ack_code == "AR" else "error"
@@ -224,18 +222,8 @@ class HL7Ingest:
             log.error("hl7 conversion failed unexpectedly", extra={**extra, "error": result.error})
             return self._ack(header, "error", _Internal(), "internal error in conversion"), False
         try:
-            resources, patient, container_id = self._records(
-                raw,
-                msg,
-                result.resource_list(),
-                list(result.patient_identifiers),
-                result.master_identifier,
-            )
-        except MessageContentError as exc:
-            return self._ack(header, "error", exc, str(exc)), False
-        try:
             stored = await self.gw.pipeline.store_group(
-                resources, patient=patient, container_id=container_id
+                result.entries, patient=result.patient, container_id=result.container_id
             )
         except (BackendError, LedgerError) as exc:
             log.error(
@@ -245,67 +233,14 @@ class HL7Ingest:
             return self._ack(
                 header, "error", _Internal(), "storage temporarily unavailable; retry"
             ), False
+        counted = self.gw.metrics.records_stored
         for s in stored:
-            self.gw.metrics.records_stored.labels(s.resource_type).inc()
+            child = self._stored_by_type.get(s.resource_type)
+            if child is None:
+                child = self._stored_by_type[s.resource_type] = counted.labels(s.resource_type)
+            child.inc()
         log.info(
             "hl7 message stored",
             extra={**extra, "records": len(stored), "last_leaf": stored[-1].leaf_index},
         )
         return self._ack(header, "accept"), True
-
-    def _records(
-        self,
-        raw: bytes,
-        msg: Any,
-        resources: list[dict[str, Any]],
-        identifiers: list[tuple[str, str]],
-        master: tuple[str, str] | None,
-    ) -> tuple[list[dict[str, Any]], str, str]:
-        """The resources to store (converted ones, the original as Binary, the Provenance),
-        the patient's pseudonym and the id of the container they are stored in."""
-        settings = self.gw.settings
-        patient_res = next((r for r in resources if r.get("resourceType") == "Patient"), None)
-        if patient_res is not None:
-            patient = patient_pseudonym_of_patient(
-                patient_res,
-                key=self.gw.pseudonym_key,
-                master_system=settings.master_id_system,
-                institution=settings.institution,
-            )
-        elif master is not None or identifiers:
-            system, value = master or identifiers[0]
-            patient = pseudonym(self.gw.pseudonym_key, system, value)
-        else:
-            patient = self.gw.pipeline.no_patient
-        facility = msg.sending_facility_id or "unknown"
-        binary_id = stable_id(self.options, "Binary", facility, msg.control_id)
-        binary = {
-            "resourceType": "Binary",
-            "id": binary_id,
-            "contentType": HL7_MEDIA_TYPE,
-            "data": base64.b64encode(raw).decode("ascii"),
-        }
-        org = next((r for r in resources if r.get("resourceType") == "Organization"), None)
-        who = {"reference": f"Organization/{org['id']}"} if org else {"display": facility}
-        provenance = {
-            "resourceType": "Provenance",
-            "id": stable_id(self.options, "Provenance", facility, msg.control_id),
-            "target": [{"reference": f"{r['resourceType']}/{r['id']}"} for r in resources]
-            or [{"reference": f"Binary/{binary_id}"}],
-            "recorded": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "activity": {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-                        "code": "CREATE",
-                    }
-                ]
-            },
-            "agent": [{"who": who}],
-            "entity": [{"role": "source", "what": {"reference": f"Binary/{binary_id}"}}],
-        }
-        container_id = stable_id(self.options, "Bundle", facility, msg.control_id)
-        # A resource produced twice (the same Specimen under two OBR) is stored once, as its
-        # last form, exactly as two consecutive stores would have left it.
-        unique = {(r["resourceType"], r["id"]): r for r in (*resources, binary, provenance)}
-        return list(unique.values()), patient, container_id

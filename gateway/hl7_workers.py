@@ -3,10 +3,15 @@
 Converting one message is pure CPU work (about as much as everything else the gateway does for
 it together), and one Python process runs on one core. So the gateway hands the raw messages of
 concurrent senders, grouped, to a pool of worker processes (``hl7_convert_workers``; 0 converts
-in the gateway's own process) and gets back, per message, either the resources as JSON bytes
-or the conversion's error with everything an acknowledgement needs. The worker's code is the
-same pure ``mappings`` function the tests check; nothing but the raw message goes in and
-nothing but FHIR JSON or an error description comes out.
+in the gateway's own process) and gets back, per message, either everything the record pipeline
+stores for it, ready to seal, or the conversion's error with everything an acknowledgement
+needs. Ready to seal means: the converted resources plus the original message as a ``Binary``
+and the ``Provenance`` linking them (so nothing that was received is lost), each with its
+ledger record id and serialised as JSON without ``meta`` (the pipeline sets ``meta`` when it
+assigns versions), the patient's pseudonym and the id of the container they are stored in.
+The worker runs the same pure ``mappings`` function the tests check; the raw message goes in,
+and FHIR JSON, pseudonyms and record ids (HMACs under the gateway's pseudonym key, which the
+worker is given at start) or an error description come out.
 
 A worker that dies takes its batch with it: the batch's messages are answered AE 207 (nothing
 was stored; the senders retry) and the pool is replaced. Raises nothing to callers.
@@ -15,37 +20,45 @@ was stored; the senders retry) and the pool is replaced. Raises nothing to calle
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import multiprocessing
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from gateway.crypto import pseudonym, record_id
+from gateway.fhir import institution_pseudonym, patient_pseudonym_of_patient
+from gateway.pipeline import PreparedResource
 from ledger.groupcommit import GroupCommitter
 from mappings.errors import MappingError
-from mappings.v2.common import ConversionOptions
+from mappings.v2.common import ConversionOptions, ConversionResult, stable_id
 from mappings.v2.convert import convert
-from mappings.v2.parse import parse
+from mappings.v2.parse import ParsedMessage, parse
 
 log = logging.getLogger("gateway.hl7")
 
 
+HL7_MEDIA_TYPE = "x-application/hl7-v2+er7"
+
+
 @dataclass(frozen=True, slots=True)
 class Converted:
-    """The resources produced from one message, and what pseudonymisation needs."""
+    """Everything one message is stored as: its entries (distinct type/id pairs, in order),
+    the patient's pseudonym and the id of the container (collection Bundle) they go in."""
 
-    resources: bytes  # JSON array of the resources
-    patient_identifiers: tuple[tuple[str, str], ...]
-    master_identifier: tuple[str, str] | None
+    entries: tuple[PreparedResource, ...]
+    patient: str
+    container_id: str
 
-    def resource_list(self) -> list[dict[str, Any]]:
-        """The resources as dicts."""
-        out: list[dict[str, Any]] = orjson.loads(self.resources)
-        return out
+    def resources(self) -> list[dict[str, Any]]:
+        """The entries' resources as dicts (without ``meta``)."""
+        return [orjson.loads(e.body) for e in self.entries]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,22 +85,82 @@ class Crashed:
 Outcome = Converted | Failed | Crashed
 
 _OPTIONS: ConversionOptions | None = None
+_KEY = b""
 
 
-def _init_worker(options: ConversionOptions) -> None:
-    global _OPTIONS
-    _OPTIONS = options
+def _init_worker(options: ConversionOptions, pseudonym_key: bytes) -> None:
+    global _OPTIONS, _KEY
+    _OPTIONS, _KEY = options, pseudonym_key
 
 
-def convert_one(raw: bytes, options: ConversionOptions) -> Outcome:
-    """Parse and convert one message. Pure; never raises."""
-    try:
-        result = convert(parse(raw), options=options)
-        return Converted(
-            orjson.dumps(result.resources),
-            tuple(result.patient_identifiers),
-            result.master_identifier,
+def prepare(
+    raw: bytes,
+    msg: ParsedMessage,
+    result: ConversionResult,
+    options: ConversionOptions,
+    pseudonym_key: bytes,
+) -> Converted:
+    """What a converted message is stored as: its resources, the original message as a Binary
+    and the Provenance linking them, under the patient's pseudonym. Pure."""
+    resources = result.resources
+    patient_res = next((r for r in resources if r.get("resourceType") == "Patient"), None)
+    if patient_res is not None:
+        patient = patient_pseudonym_of_patient(
+            patient_res,
+            key=pseudonym_key,
+            master_system=options.master_id_system,
+            institution=options.institution,
         )
+    elif result.master_identifier is not None or result.patient_identifiers:
+        system, value = result.master_identifier or result.patient_identifiers[0]
+        patient = pseudonym(pseudonym_key, system, value)
+    else:
+        patient = institution_pseudonym(pseudonym_key, options.institution)
+    facility = msg.sending_facility_id or "unknown"
+    binary_id = stable_id(options, "Binary", facility, msg.control_id)
+    binary = {
+        "resourceType": "Binary",
+        "id": binary_id,
+        "contentType": HL7_MEDIA_TYPE,
+        "data": base64.b64encode(raw).decode("ascii"),
+    }
+    org = next((r for r in resources if r.get("resourceType") == "Organization"), None)
+    who = {"reference": f"Organization/{org['id']}"} if org else {"display": facility}
+    provenance = {
+        "resourceType": "Provenance",
+        "id": stable_id(options, "Provenance", facility, msg.control_id),
+        "target": [{"reference": f"{r['resourceType']}/{r['id']}"} for r in resources]
+        or [{"reference": f"Binary/{binary_id}"}],
+        "recorded": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "activity": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                    "code": "CREATE",
+                }
+            ]
+        },
+        "agent": [{"who": who}],
+        "entity": [{"role": "source", "what": {"reference": f"Binary/{binary_id}"}}],
+    }
+    # A resource produced twice (the same Specimen under two OBR) is stored once, as its
+    # last form, exactly as two consecutive stores would have left it. The pipeline sets
+    # ``meta``; the converters never do (a test checks every fixture).
+    unique = {(r["resourceType"], r["id"]): r for r in (*resources, binary, provenance)}
+    if any("meta" in r for r in unique.values()):
+        raise ValueError("a converted resource carries meta")
+    entries = tuple(
+        PreparedResource(rtype, rid, record_id(pseudonym_key, rtype, rid), orjson.dumps(r))
+        for (rtype, rid), r in unique.items()
+    )
+    return Converted(entries, patient, stable_id(options, "Bundle", facility, msg.control_id))
+
+
+def convert_one(raw: bytes, options: ConversionOptions, pseudonym_key: bytes) -> Outcome:
+    """Parse, convert and prepare one message for storage. Pure; never raises."""
+    try:
+        msg = parse(raw)
+        return prepare(raw, msg, convert(msg, options=options), options, pseudonym_key)
     except MappingError as exc:
         return Failed(
             ack_code=exc.ack_code,
@@ -106,15 +179,16 @@ def convert_one(raw: bytes, options: ConversionOptions) -> Outcome:
 def convert_batch(raws: Sequence[bytes]) -> list[Outcome]:
     """Worker entry point: convert each message with the options given at start-up."""
     assert _OPTIONS is not None, "conversion worker not initialised"
-    return [convert_one(raw, _OPTIONS) for raw in raws]
+    return [convert_one(raw, _OPTIONS, _KEY) for raw in raws]
 
 
 class ConversionWorkers:
     """Converts messages in ``workers`` processes (0: in this process), grouping concurrent
     messages into one task. :meth:`start` inside the running loop, :meth:`stop` after."""
 
-    def __init__(self, options: ConversionOptions, *, workers: int) -> None:
+    def __init__(self, options: ConversionOptions, *, pseudonym_key: bytes, workers: int) -> None:
         self.options = options
+        self._key = pseudonym_key
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
         self._group: GroupCommitter[bytes, Outcome] = GroupCommitter(
@@ -132,7 +206,7 @@ class ConversionWorkers:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.options,),
+            initargs=(self.options, self._key),
         )
 
     async def start(self) -> None:
@@ -162,7 +236,7 @@ class ConversionWorkers:
 
     async def _run_batch(self, raws: list[bytes]) -> list[Outcome]:
         if self._pool is None:
-            return [convert_one(raw, self.options) for raw in raws]
+            return [convert_one(raw, self.options, self._key) for raw in raws]
         pool = self._pool
         try:
             outcomes: list[Outcome] = await asyncio.get_running_loop().run_in_executor(

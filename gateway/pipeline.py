@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -25,12 +25,13 @@ from gateway.backends.protocols import Backends, WrappedKey
 from gateway.crypto import (
     associated_data,
     open_sealed,
-    pseudonym,
     record_id,
     seal,
     sha256_hex,
 )
 from gateway.errors import BlobNotFoundError, IntegrityError, NotFoundError
+from gateway.fhir import institution_pseudonym
+from gateway.packing import Location, build_packs, cut
 from gateway.views import CONTAINER_TYPE, RecordAnchor, RecordIndex
 from ledger.checkpoint import SignedCheckpoint
 from ledger.groupcommit import GroupCommitter
@@ -46,8 +47,7 @@ class RecordInput:
     patient: str
 
 
-@dataclass(frozen=True, slots=True)
-class StoredRecord:
+class StoredRecord(NamedTuple):
     """What a stored record's sender gets back: where it is and its receipt."""
 
     resource_type: str
@@ -55,6 +55,7 @@ class StoredRecord:
     version: int
     record: str
     cid: str
+    byte_range: tuple[int, int] | None
     last_updated: str
     leaf_index: int
     tree_size: int
@@ -76,8 +77,18 @@ class ReadRecord:
 BLOB_CALLS_IN_FLIGHT = 2
 
 
-#: A resource carried by a sealed record: (the resource, its record id, its version).
-_Member = tuple[dict[str, Any], str, int]
+class PreparedResource(NamedTuple):
+    """A resource ready to be stored in a container: its type, id, ledger record id
+    (:meth:`RecordPipeline.record_of`) and its JSON object without ``meta`` (set when stored)."""
+
+    type: str
+    id: str
+    record: str
+    body: bytes
+
+
+#: A resource carried by a sealed record: (type, id, record id, version).
+_Member = tuple[str, str, str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +119,13 @@ class _Stamp:
             now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
 
+    def meta_json(self, version: int) -> bytes:
+        """``"meta":{...}`` with this stamp's ``lastUpdated`` and ``versionId`` ``version``."""
+        return b'"meta":{"lastUpdated":"%s","versionId":"%d"}' % (
+            self.last_updated.encode(),
+            version,
+        )
+
     def apply(self, resource: dict[str, Any], version: int) -> None:
         """Set ``meta.versionId`` and ``meta.lastUpdated`` (other meta kept)."""
         resource["meta"] = {
@@ -120,6 +138,23 @@ class _Stamp:
 def canonical_json(resource: dict[str, Any]) -> bytes:
     """Deterministic JSON of a resource (sorted keys, no insignificant whitespace)."""
     return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
+
+
+def container_json(bundle_id: str, meta: bytes, entries: Sequence[tuple[str, bytes]]) -> bytes:
+    """The JSON of a collection Bundle ``bundle_id`` with ``meta`` (``"meta":{...}``) whose
+    entries are the (``fullUrl``, resource JSON) pairs given, assembled from the parts' bytes:
+    a container's resources arrive serialised (from the conversion workers) and are not
+    parsed again. Raises ValueError for a part that is not a JSON object."""
+    parts = []
+    for full_url, resource in entries:
+        if not (resource.startswith(b'{"') and resource.endswith(b"}")):
+            raise ValueError(f"entry {full_url} is not a JSON object with members")
+        parts.append(b'{"fullUrl":%s,"resource":%s}' % (orjson.dumps(full_url), resource))
+    return b'{"resourceType":"Bundle","id":%s,%s,"type":"collection","entry":[%s]}' % (
+        orjson.dumps(bundle_id),
+        meta,
+        b",".join(parts),
+    )
 
 
 class RecordPipeline:
@@ -146,12 +181,12 @@ class RecordPipeline:
         self.dictionary_version = dictionary_version
         # Records that belong to no patient (an Organization, a Practitioner) are filed under
         # the institution's own pseudonym.
-        self.no_patient = pseudonym(pseudonym_key, "urn:alliance:institution", institution)
+        self.no_patient = institution_pseudonym(pseudonym_key, institution)
         self._versions: dict[str, int] = {}
         self._keks: dict[str, tuple[str, bytes]] = {}
         self._kek_locks: dict[str, asyncio.Lock] = {}
-        self._blob_commit: GroupCommitter[bytes, str] = GroupCommitter(
-            self._b.blobs.put_many,
+        self._blob_commit: GroupCommitter[bytes, Location] = GroupCommitter(
+            self._put_packed,
             name="blobs",
             max_items=batch_max_items,
             max_delay=batch_max_delay,
@@ -175,6 +210,12 @@ class RecordPipeline:
         """Stop the group-commit tasks."""
         await self._blob_commit.stop()
         await self._key_commit.stop()
+
+    async def _put_packed(self, blobs: list[bytes]) -> list[Location]:
+        """Store a batch's ciphertexts as packs (see :mod:`gateway.packing`)."""
+        packs, where = build_packs(blobs)
+        cids = await self._b.blobs.put_many(packs)
+        return [Location(cids[n], byte_range) for n, byte_range in where]
 
     async def _put_keys(self, keys: list[WrappedKey]) -> list[None]:
         await self._b.keys.put_wrapped_keys(keys)
@@ -225,32 +266,33 @@ class RecordPipeline:
         units = []
         for item in inputs:
             res = item.resource
-            rtype = str(res["resourceType"])
-            rec = self.record_of(rtype, str(res["id"]))
+            rtype, rid = str(res["resourceType"]), str(res["id"])
+            rec = self.record_of(rtype, rid)
             version = self._next_version(rec)
             stamp.apply(res, version)
+            members = [(rtype, rid, rec, version)]
             units.append(
-                await self._seal(res, rec, version, item.patient, rtype, [(res, rec, version)])
+                await self._seal(canonical_json(res), rec, version, item.patient, rtype, members)
             )
         return await self._anchor(units, stamp, contained=False)
 
     async def store_group(
-        self, resources: Sequence[dict[str, Any]], *, patient: str, container_id: str
+        self, resources: Sequence[PreparedResource], *, patient: str, container_id: str
     ) -> list[StoredRecord]:
         """Store the resources of one source message as one ciphertext and one leaf.
 
-        The resources (all of one patient, distinct type/id pairs) become the entries of a
-        collection Bundle ``container_id``, sealed as one record under a fresh data key and
+        The resources (all of one patient, distinct type/id pairs, each serialised without
+        ``meta``) become, with ``meta.versionId`` and ``meta.lastUpdated`` set, the entries of
+        a collection Bundle ``container_id``, sealed as one record under a fresh data key and
         anchored by one ``record`` leaf whose ``contains`` lists each resource's record id,
         type and version; every resource is then readable (and versioned) as if stored alone.
         One block, one wrapped key and one leaf instead of one per resource: what makes an HL7
         message of a dozen resources cheap to store. More than MAX_CONTAINED resources go in
         several containers (``container_id``, ``container_id-2``, ...).
         Returns once all of it is durable. Raises BackendError, LedgerError, ValueError (a
-        type/id pair twice).
+        type/id pair twice, a resource that is not a JSON object).
         """
-        keys = [(str(r["resourceType"]), str(r["id"])) for r in resources]
-        if len(set(keys)) != len(keys):
+        if len({(r.type, r.id) for r in resources}) != len(resources):
             raise ValueError("a resource appears twice in one group")
         stamp = _Stamp.now()
         units = []
@@ -259,31 +301,24 @@ class RecordPipeline:
             container = self.record_of(CONTAINER_TYPE, bundle_id)
             container_version = self._next_version(container)
             members: list[_Member] = []
-            for res in resources[n : n + MAX_CONTAINED]:
-                rec = self.record_of(str(res["resourceType"]), str(res["id"]))
-                version = self._next_version(rec)
-                stamp.apply(res, version)
-                members.append((res, rec, version))
-            bundle: dict[str, Any] = {
-                "resourceType": CONTAINER_TYPE,
-                "id": bundle_id,
-                "type": "collection",
-                "entry": [
-                    {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r}
-                    for r, _rec, _v in members
-                ],
-            }
-            stamp.apply(bundle, container_version)
+            entries = []
+            for r in resources[n : n + MAX_CONTAINED]:
+                version = self._next_version(r.record)
+                members.append((r.type, r.id, r.record, version))
+                entries.append(
+                    (f"{r.type}/{r.id}", b"{%s,%s" % (stamp.meta_json(version), r.body[1:]))
+                )
+            plain = container_json(bundle_id, stamp.meta_json(container_version), entries)
             units.append(
                 await self._seal(
-                    bundle, container, container_version, patient, CONTAINER_TYPE, members
+                    plain, container, container_version, patient, CONTAINER_TYPE, members
                 )
             )
         return await self._anchor(units, stamp, contained=True)
 
     async def _seal(
         self,
-        plain: dict[str, Any],
+        plain: bytes,
         rec: str,
         version: int,
         patient: str,
@@ -293,7 +328,7 @@ class RecordPipeline:
         """Encrypt one record version under a fresh data key wrapped by the patient's KEK."""
         kek_id, kek = await self._kek(patient)
         sealed = seal(
-            canonical_json(plain),
+            plain,
             kek=kek,
             aad=associated_data(rec, version, patient, rtype, kek_id),
         )
@@ -306,16 +341,16 @@ class RecordPipeline:
         """Store the ciphertexts and wrapped keys (grouped with other callers'), then anchor one
         ``record`` leaf per unit (with ``contains`` when ``contained``); one StoredRecord per
         resource carried."""
-        cids, _ = await asyncio.gather(
+        locations, _ = await asyncio.gather(
             self._blob_commit.submit([u.blob for u in units]),
             self._key_commit.submit([u.key for u in units]),
         )
         leaves = []
-        for unit, cid in zip(units, cids, strict=True):
+        for unit, at in zip(units, locations, strict=True):
             fields: dict[str, Any] = {
                 "record": unit.record,
                 "version": unit.version,
-                "cid": cid,
+                "cid": at.cid,
                 "sha256": sha256_hex(unit.blob),
                 "patient": unit.patient,
                 "type": unit.type,
@@ -323,20 +358,23 @@ class RecordPipeline:
                 "dictionary": self.dictionary_version,
                 "time": stamp.leaf_time,
             }
+            if at.byte_range is not None:
+                fields["range"] = list(at.byte_range)
             if contained:
                 fields["contains"] = [
-                    {"record": rec, "type": str(r["resourceType"]), "version": v}
-                    for r, rec, v in unit.members
+                    {"record": rec, "type": rtype, "version": v}
+                    for rtype, _rid, rec, v in unit.members
                 ]
             leaves.append(encode_leaf("record", fields))
         results = await self.ledger.append(leaves)
         return [
             StoredRecord(
-                resource_type=str(r["resourceType"]),
-                resource_id=str(r["id"]),
+                resource_type=rtype,
+                resource_id=rid,
                 version=v,
                 record=rec,
-                cid=cid,
+                cid=at.cid,
+                byte_range=at.byte_range,
                 last_updated=stamp.last_updated,
                 leaf_index=result.index,
                 tree_size=result.tree_size,
@@ -344,8 +382,8 @@ class RecordPipeline:
                 checkpoint=result.checkpoint,
                 created=v == 1,
             )
-            for unit, cid, result in zip(units, cids, results, strict=True)
-            for r, rec, v in unit.members
+            for unit, at, result in zip(units, locations, results, strict=True)
+            for rtype, rid, rec, v in unit.members
         ]
 
     async def read(self, resource_type: str, resource_id: str) -> ReadRecord:
@@ -363,7 +401,7 @@ class RecordPipeline:
     async def read_anchor(self, anchor: RecordAnchor) -> dict[str, Any]:
         """Fetch, check and decrypt one anchored record version. Raises as :meth:`read`."""
         try:
-            blob = await self._b.blobs.get(anchor.cid)
+            block = await self._b.blobs.get(anchor.cid)
         except BlobNotFoundError as exc:
             raise IntegrityError(
                 f"record {anchor.record} version {anchor.version}: ciphertext {anchor.cid} "
@@ -371,10 +409,11 @@ class RecordPipeline:
                 record=anchor.record,
                 cid=anchor.cid,
             ) from exc
-        if sha256_hex(blob) != anchor.sha256:
+        blob = cut(block, anchor.byte_range)
+        if blob is None or sha256_hex(blob) != anchor.sha256:
             raise IntegrityError(
-                f"record {anchor.record} version {anchor.version}: ciphertext {anchor.cid} does "
-                f"not match its anchor at leaf {anchor.leaf_index}",
+                f"record {anchor.record} version {anchor.version}: ciphertext "
+                f"{anchor.where} does not match its anchor at leaf {anchor.leaf_index}",
                 record=anchor.record,
                 cid=anchor.cid,
             )

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ledger.leaves import decode_leaf
 
 
-@dataclass(frozen=True, slots=True)
-class RecordAnchor:
+class RecordAnchor(NamedTuple):
     """One anchored version of a record.
 
     A record stored in a container (the collection Bundle of everything one HL7 message
@@ -23,6 +22,8 @@ class RecordAnchor:
     ``sha256``, ``leaf_index``), is sealed under the container's record id and version
     (``container``, ``container_version``: they name the data key and the associated data) and
     is entry ``entry`` of the Bundle. A record stored alone has ``container`` None.
+    ``byte_range`` (offset, length) is where the ciphertext lies in block ``cid`` when it was
+    stored in a pack with others (:mod:`gateway.packing`); None when it is the whole block.
     """
 
     record: str
@@ -37,6 +38,15 @@ class RecordAnchor:
     container: str | None = None
     container_version: int = 0
     entry: int = -1
+    byte_range: tuple[int, int] | None = None
+
+    @property
+    def where(self) -> str:
+        """The ciphertext's place, for messages: its block's CID and byte range if any."""
+        if self.byte_range is None:
+            return self.cid
+        offset, length = self.byte_range
+        return f"{self.cid} bytes {offset}+{length}"
 
     @property
     def sealed_as(self) -> tuple[str, int, str]:
@@ -52,6 +62,7 @@ CONTAINER_TYPE = "Bundle"
 def anchor_of_leaf(leaf: dict[str, object], leaf_index: int) -> RecordAnchor:
     """The anchor of the ciphertext a decoded ``record`` leaf names (for a container, the
     container itself)."""
+    span = leaf.get("range")
     return RecordAnchor(
         record=str(leaf["record"]),
         version=int(str(leaf["version"])),
@@ -62,6 +73,7 @@ def anchor_of_leaf(leaf: dict[str, object], leaf_index: int) -> RecordAnchor:
         source=str(leaf["source"]),
         time=str(leaf["time"]),
         leaf_index=leaf_index,
+        byte_range=(int(span[0]), int(span[1])) if isinstance(span, list) else None,
     )
 
 
@@ -86,6 +98,7 @@ def anchors_of_leaf(leaf: dict[str, object], leaf_index: int) -> list[RecordAnch
             container=base.record,
             container_version=base.version,
             entry=position,
+            byte_range=base.byte_range,
         )
         for position, item in enumerate(contains)
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -25,6 +26,11 @@ R = TypeVar("R")
 class _Waiting(Generic[T, R]):
     items: list[T]
     future: asyncio.Future[list[R]]
+
+
+def _expire(wake: asyncio.Future[bool]) -> None:
+    if not wake.done():
+        wake.set_result(False)
 
 
 class GroupCommitter(Generic[T, R]):
@@ -49,7 +55,9 @@ class GroupCommitter(Generic[T, R]):
         self._max_items = max_items
         self._max_delay = max_delay
         self._on_batch = on_batch
-        self._queue: asyncio.Queue[_Waiting[T, R]] = asyncio.Queue()
+        self._pending: deque[_Waiting[T, R]] = deque()
+        self._pending_items = 0
+        self._wake: asyncio.Future[bool] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -66,10 +74,11 @@ class GroupCommitter(Generic[T, R]):
             call.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await call
-        while not self._queue.empty():
-            w = self._queue.get_nowait()
+        while self._pending:
+            w = self._pending.popleft()
             if not w.future.done():
                 w.future.set_exception(RuntimeError(f"{self.name} stopped"))
+        self._pending_items = 0
 
     async def submit(self, items: Sequence[T]) -> list[R]:
         """Queue items and wait for their results. Raises whatever the batch call raised."""
@@ -78,28 +87,44 @@ class GroupCommitter(Generic[T, R]):
         if self._task is None or self._task.done():
             raise RuntimeError(f"{self.name} group commit is not running")
         fut: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Waiting(list(items), fut))
+        self._pending.append(_Waiting(list(items), fut))
+        self._pending_items += len(items)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(True)
         return await fut
+
+    async def _more(self, timeout: float | None) -> bool:
+        """Wait until something is submitted (True) or ``timeout`` seconds pass (False).
+        A future and a timer rather than ``wait_for``: no task per wait."""
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[bool] = loop.create_future()
+        self._wake = wake
+        timer = None if timeout is None else loop.call_later(timeout, _expire, wake)
+        try:
+            return await wake
+        finally:
+            self._wake = None
+            if timer is not None:
+                timer.cancel()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            group = [await self._queue.get()]
-            count = len(group[0].items)
+            while not self._pending:
+                await self._more(None)
+            # Wait at most max_delay for more, unless a full batch is already there.
             deadline = loop.time() + self._max_delay
-            while count < self._max_items:
-                if self._queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        w = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
-                        break
-                else:
-                    w = self._queue.get_nowait()
+            while self._pending_items < self._max_items:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await self._more(remaining):
+                    break
+            group = [self._pending.popleft()]
+            count = len(group[0].items)
+            while self._pending and count + len(self._pending[0].items) <= self._max_items:
+                w = self._pending.popleft()
                 group.append(w)
                 count += len(w.items)
+            self._pending_items -= count
             await self._slots.acquire()
             call = asyncio.create_task(self._call(group), name=f"group-commit-{self.name}-call")
             self._calls.add(call)

@@ -100,6 +100,23 @@ def _nullable_token(v: Any) -> str | None:
 
 
 MAX_CONTAINED = 200
+#: Largest block a ``range`` may point into (IPFS peers exchange blocks of up to 2 MiB).
+MAX_BLOCK_BYTES = 2 * 1024 * 1024
+
+
+def _byte_range(v: Any) -> str | None:
+    problem = "must be [offset, length]: integers, offset >= 0, length >= 1, within 2 MiB"
+    if not isinstance(v, list) or len(v) != 2:
+        return problem
+    offset, length = v
+    for n in v:
+        if not isinstance(n, int) or isinstance(n, bool):
+            return problem
+    if offset < 0 or length < 1 or offset + length > MAX_BLOCK_BYTES:
+        return problem
+    return None
+
+
 _ENTRY_KEYS = frozenset({"record", "type", "version"})
 
 
@@ -121,7 +138,14 @@ LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
     "record": {
         "record": FieldSpec(_token, doc="opaque record id"),
         "version": FieldSpec(_positive, doc="record version, from 1"),
-        "cid": FieldSpec(_cid, doc="CIDv1 (raw, sha2-256, base32) of the ciphertext"),
+        "cid": FieldSpec(
+            _cid, doc="CIDv1 (raw, sha2-256, base32) of the block holding the ciphertext"
+        ),
+        "range": FieldSpec(
+            _byte_range,
+            required=False,
+            doc="[offset, length] of the ciphertext in the block (absent: the whole block)",
+        ),
         "sha256": FieldSpec(_hex64, doc="SHA-256 of the ciphertext, hex"),
         "patient": FieldSpec(_hex64, doc="patient pseudonym, hex"),
         "type": FieldSpec(_rtype, doc="FHIR resource type"),
@@ -231,10 +255,21 @@ def encode_leaf(kind: str, fields: Mapping[str, Any]) -> bytes:
     if "v" in fields or "kind" in fields:
         raise LeafFormatError("fields must not contain 'v' or 'kind'", kind=kind)
     _validate(kind, fields)
-    data = orjson.dumps({"v": LEAF_VERSION, "kind": kind, **fields}, option=orjson.OPT_SORT_KEYS)
+    obj = {"v": LEAF_VERSION, "kind": kind, **fields}
+    data = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
     if len(data) > MAX_LEAF_BYTES:
         raise LeafFormatError(f"{kind} leaf is larger than {MAX_LEAF_BYTES} bytes", kind=kind)
+    if len(_ENCODED) >= _ENCODED_MAX:  # only leaves that never reached the log pile up
+        _ENCODED.clear()
+    _ENCODED[data] = obj
     return data
+
+
+# Leaves this process encoded and has not decoded yet, by their bytes: a writer's own leaves
+# come back from the log once (to the views) and need not be parsed and checked again, since
+# equal bytes decode to the object they were encoded from.
+_ENCODED: dict[bytes, dict[str, Any]] = {}
+_ENCODED_MAX = 8192
 
 
 def decode_leaf(data: bytes) -> dict[str, Any]:
@@ -244,8 +279,12 @@ def decode_leaf(data: bytes) -> dict[str, Any]:
     their shape checks, every string is printable ASCII without quotes or backslashes, every
     key is an ASCII field name and every number an integer, so sorted-key compact JSON (orjson)
     and RFC 8785 produce the same bytes; the slower RFC 8785 encoder is consulted only when the
-    fast comparison fails. Raises LeafFormatError.
+    fast comparison fails. A leaf this process encoded (by :func:`encode_leaf`) is returned
+    without parsing it again. Raises LeafFormatError.
     """
+    known = _ENCODED.pop(data, None) if type(data) is bytes else None
+    if known is not None:
+        return dict(known)
     if len(data) > MAX_LEAF_BYTES:
         raise LeafFormatError(f"leaf is larger than {MAX_LEAF_BYTES} bytes")
     try:

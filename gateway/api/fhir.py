@@ -7,7 +7,6 @@ errors and turned into OperationOutcome by the app's single handler.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from typing import Any
 
@@ -177,6 +176,7 @@ def entry_response(
                 proof=proof,
                 checkpoint=checkpoint,
                 cid=stored.cid,
+                byte_range=stored.byte_range,
             )
         ],
     }
@@ -211,10 +211,7 @@ async def store_and_count(gw: Gateway, inputs: list[RecordInput]) -> list[Stored
         except TimeoutError:
             return stored
         cp = final.checkpoint
-        stored = [
-            dataclasses.replace(s, tree_size=cp.size, root=cp.root, checkpoint=final)
-            for s in stored
-        ]
+        stored = [s._replace(tree_size=cp.size, root=cp.root, checkpoint=final) for s in stored]
     return stored
 
 

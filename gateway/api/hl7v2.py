@@ -16,7 +16,8 @@ from fastapi.responses import Response
 
 from gateway.api.common import read_body
 from gateway.errors import BackendError, InvalidInputError
-from gateway.hl7 import HL7_MEDIA_TYPE, HL7Ingest
+from gateway.hl7 import HL7Ingest
+from gateway.hl7_workers import HL7_MEDIA_TYPE
 from mappings.errors import MappingError
 from mappings.v2.parse import decode, detect_charset, split_batch
 

@@ -3,6 +3,7 @@ and a worker that dies costs its batch an AE, not the gateway."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -11,6 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from gateway.crypto import record_id
+from gateway.fhir import patient_pseudonym_of_patient
 from gateway.hl7_workers import ConversionWorkers, Converted, Crashed, Failed, convert_one
 from mappings.errors import MappingError
 from mappings.terminology import Terminology
@@ -28,23 +31,43 @@ OPTIONS = ConversionOptions(
     terminology=Terminology.load_default(),
     id_secret=b"k" * 32,
 )
+KEY = b"p" * 32
 ORU = (HL7 / "oru_r01_lab.hl7").read_bytes()
 NO_PATIENT = b"MSH|^~\\&|LIS|HOSPA|GW|ALLIANCE|20260315113000||ORU^R01|N-1|P|2.5.1\rOBR|1\r"
 
 
-def test_converted_matches_in_process_conversion() -> None:
-    outcome = convert_one(ORU, OPTIONS)
+def test_converted_is_the_conversion_plus_original_and_provenance() -> None:
+    outcome = convert_one(ORU, OPTIONS, KEY)
     assert isinstance(outcome, Converted)
     expected = convert(parse(ORU), options=OPTIONS)
-    assert outcome.resource_list() == orjson.loads(orjson.dumps(expected.resources))
-    assert list(outcome.patient_identifiers) == expected.patient_identifiers
-    assert outcome.master_identifier == expected.master_identifier
+    converted = orjson.loads(orjson.dumps(expected.resources))
+    resources = outcome.resources()
+    assert resources[: len(converted)] == converted
+    binary, provenance = resources[len(converted) :]
+    assert binary["resourceType"] == "Binary"
+    assert base64.b64decode(binary["data"]) == ORU
+    assert provenance["entity"] == [
+        {"role": "source", "what": {"reference": f"Binary/{binary['id']}"}}
+    ]
+    assert len(provenance["target"]) == len(converted)
+    for entry in outcome.entries:
+        assert entry.record == record_id(KEY, entry.type, entry.id)
+        assert b'"meta"' not in entry.body  # the pipeline sets meta
+    patient = next(r for r in converted if r["resourceType"] == "Patient")
+    assert outcome.patient == patient_pseudonym_of_patient(
+        patient, key=KEY, master_system=OPTIONS.master_id_system, institution=OPTIONS.institution
+    )
+    # Stable: the same message gives the same container and resource ids.
+    again = convert_one(ORU, OPTIONS, KEY)
+    assert isinstance(again, Converted)
+    assert again.container_id == outcome.container_id
+    assert [e[:3] for e in again.entries] == [e[:3] for e in outcome.entries]
 
 
 def test_failed_carries_the_mapping_error_exactly() -> None:
     with pytest.raises(MappingError) as err:
         convert(parse(NO_PATIENT), options=OPTIONS)
-    outcome = convert_one(NO_PATIENT, OPTIONS)
+    outcome = convert_one(NO_PATIENT, OPTIONS, KEY)
     assert isinstance(outcome, Failed)
     exc = err.value
     assert (outcome.ack_code, outcome.hl7_code, outcome.text) == (
@@ -61,18 +84,23 @@ def test_failed_carries_the_mapping_error_exactly() -> None:
 
 @pytest.mark.parametrize("workers", [0, 1])
 async def test_pool_and_inline_give_the_same_outcomes(workers: int) -> None:
-    conv = ConversionWorkers(OPTIONS, workers=workers)
+    conv = ConversionWorkers(OPTIONS, pseudonym_key=KEY, workers=workers)
     await conv.start()
     try:
         ok, bad = await conv.convert(ORU), await conv.convert(NO_PATIENT)
     finally:
         await conv.stop()
-    assert ok == convert_one(ORU, OPTIONS)
-    assert bad == convert_one(NO_PATIENT, OPTIONS)
+    inline = convert_one(ORU, OPTIONS, KEY)
+    assert isinstance(ok, Converted) and isinstance(inline, Converted)
+    # Equal but for the Provenance's ``recorded`` time.
+    assert ok.resources()[:-1] == inline.resources()[:-1]
+    assert ok.entries[-1][:3] == inline.entries[-1][:3]
+    assert (ok.patient, ok.container_id) == (inline.patient, inline.container_id)
+    assert bad == convert_one(NO_PATIENT, OPTIONS, KEY)
 
 
 async def test_a_dead_worker_fails_its_batch_and_is_replaced() -> None:
-    conv = ConversionWorkers(OPTIONS, workers=1)
+    conv = ConversionWorkers(OPTIONS, pseudonym_key=KEY, workers=1)
     await conv.start()
     try:
         assert conv._pool is not None
@@ -84,3 +112,11 @@ async def test_a_dead_worker_fails_its_batch_and_is_replaced() -> None:
     finally:
         await conv.stop()
     assert isinstance(await conv.convert(ORU), Crashed), "a stopped converter must say so"
+
+
+@pytest.mark.parametrize("path", sorted(HL7.glob("*.hl7")), ids=lambda p: p.name)
+def test_every_fixture_is_prepared_or_refused_never_crashes(path: Path) -> None:
+    """Preparing refuses a converted resource with ``meta`` (the pipeline sets it): no fixture
+    may hit that, nor any other defect."""
+    outcome = convert_one(path.read_bytes(), OPTIONS, KEY)
+    assert isinstance(outcome, Converted | Failed), outcome

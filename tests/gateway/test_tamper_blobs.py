@@ -31,8 +31,10 @@ async def test_tampered_ciphertext_is_named_never_served(tmp_path: Path, mode: s
         assert isinstance(store, LocalBlobStore)
         path = store.path_of(anchor.cid)
         if mode == "flip-byte":
+            # A byte of this record's own ciphertext (its range, when its block is a pack).
+            offset, length = anchor.byte_range or (0, path.stat().st_size)
             data = bytearray(path.read_bytes())
-            data[len(data) // 2] ^= 0x01
+            data[offset + length // 2] ^= 0x01
             path.write_bytes(bytes(data))
         else:
             path.unlink()
@@ -43,9 +45,17 @@ async def test_tampered_ciphertext_is_named_never_served(tmp_path: Path, mode: s
         assert anchor.record in outcome["issue"][0]["diagnostics"]
         assert anchor.cid in outcome["issue"][0]["diagnostics"]
         assert "王" not in bad.text and "HC-3301" not in bad.text
-        # Other records are still served.
+        # The bundle's records were stored in one pack: a flipped byte spoils one record only,
+        # a deleted block every record in it, each named.
         other = r.json()["entry"][1]["response"]["location"].rsplit("/_history", 1)[0]
-        assert (await client.get(f"/fhir/{other}")).status_code == 200
+        other_anchor = gw.index.latest(gw.pipeline.record_of(*other.split("/")))
+        assert other_anchor.cid == anchor.cid and anchor.byte_range is not None
+        other_read = await client.get(f"/fhir/{other}")
+        if mode == "flip-byte":
+            assert other_read.status_code == 200
+        else:
+            assert other_read.status_code == 500
+            assert other_anchor.record in other_read.json()["issue"][0]["diagnostics"]
         await client.aclose()
     env = {
         "GATEWAY_DATA_DIR": str(settings.data_dir),
