@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_ingest import kubo_baseline, kubo_batch_root, pct, start_gateway  # noqa: E402
 from bench.bench_parse import rate  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.report import CpuMeter, children_of, machine_busy, write_section  # noqa: E402
 from gateway.demo import free_port  # noqa: E402
 from gateway.mllp.client import MLLPClient  # noqa: E402
 from tests.services.harness import services_from_env_or_start  # noqa: E402
@@ -122,11 +122,26 @@ async def main() -> None:
                 http_port, mllp_port = free_port(), free_port()
                 env["GATEWAY_MLLP_PORT"] = str(mllp_port)
                 proc = start_gateway(env, http_port, Path(tmp) / "gateway.log")
+                groups = {
+                    "gateway process": [proc.pid],
+                    "conversion worker": children_of(proc.pid),
+                    "Kubo": [services.pid("kubo")],
+                    "NATS (3 nodes)": [services.pid(f"nats-n{i}") for i in (1, 2, 3)],
+                    "Redis": [services.pid("redis")],
+                    "load generator (this script)": [os.getpid()],
+                }
                 try:
-                    rounds = [
-                        await load(mllp_port, args.seconds, args.connections, raw)
-                        for _ in range(args.rounds)
-                    ]
+                    rounds = []
+                    for _ in range(args.rounds):
+                        meter = CpuMeter(
+                            {k: [p for p in v if p is not None] for k, v in groups.items()}
+                        )
+                        meter.start()
+                        busy = machine_busy()
+                        result = await load(mllp_port, args.seconds, args.connections, raw)
+                        result["machine_busy"] = busy()
+                        result.update({f"cpu:{k}": v for k, v in meter.stop().items()})
+                        rounds.append(result)
                     results[profile] = median_round(rounds)
                 finally:
                     proc.terminate()
@@ -153,6 +168,21 @@ async def main() -> None:
         f"| {r['p99_ms']:.0f} ms | {r['not_accepted']:.0f} |"
         for p, r in results.items()
     ]
+    prod = results.get("production")
+    if prod is not None:
+        n = prod["messages"]
+        lines += [
+            "",
+            "Where the machine's CPU went in that production round, per message ACKed (both "
+            f"cores were {prod['machine_busy'] * 100:.0f}% busy; at 1,000 messages/s the "
+            "machine has 2,000 µs of CPU per message in all):",
+            "",
+            "| process | CPU per message |",
+            "| --- | ---: |",
+        ]
+        cpu = {k[4:]: v for k, v in prod.items() if k.startswith("cpu:")}
+        lines += [f"| {k} | {v / n * 1e6:,.0f} µs |" for k, v in cpu.items()]
+        lines += [f"| **all of these** | **{sum(cpu.values()) / n * 1e6:,.0f} µs** |"]
     lines += [
         "",
         "Bare parse rates in the same run (one core, median of 3 rounds):",

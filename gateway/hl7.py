@@ -30,7 +30,7 @@ from ledger.errors import LedgerError
 from mappings.errors import MappingError
 from mappings.terminology import Terminology
 from mappings.v2.common import ConversionOptions
-from mappings.v2.parse import parse
+from mappings.v2.parse import parse_header
 
 log = logging.getLogger("gateway.hl7")
 
@@ -136,7 +136,9 @@ class HL7Ingest:
         header = read_header(raw)
         extra = {"control_id": header.control_id[:40], "peer": peer, "bytes": len(raw)}
         try:
-            msg = parse(raw)
+            # The header only: the conversion worker parses the whole message (and answers AR
+            # for what cannot be parsed there).
+            msg = parse_header(raw)
         except MappingError as exc:
             log.info("hl7 message rejected", extra={**extra, "hl7_code": exc.hl7_code})
             return self._ack(header, "reject", exc, str(exc))

@@ -113,11 +113,19 @@ class _Stamp:
 
     @classmethod
     def now(cls) -> _Stamp:
-        now = datetime.now(UTC)
-        return cls(
-            now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        """The stamp of the current millisecond (made once per millisecond: formatting dates
+        is a visible cost when hundreds of messages a second are stored)."""
+        ms = time.time_ns() // 1_000_000
+        last = _last_stamp[0]
+        if last is not None and last[0] == ms:
+            return last[1]
+        when = datetime.fromtimestamp(ms / 1000, UTC)
+        stamp = cls(
+            when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            when.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
+        _last_stamp[0] = (ms, stamp)
+        return stamp
 
     def meta_json(self, version: int) -> bytes:
         """``"meta":{...}`` with this stamp's ``lastUpdated`` and ``versionId`` ``version``."""
@@ -135,21 +143,30 @@ class _Stamp:
         }
 
 
+_last_stamp: list[tuple[int, _Stamp] | None] = [None]
+
+
 def canonical_json(resource: dict[str, Any]) -> bytes:
     """Deterministic JSON of a resource (sorted keys, no insignificant whitespace)."""
     return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
 
 
+def with_meta(body: bytes, meta: bytes) -> bytes:
+    """The JSON object ``body`` (serialised without ``meta``) with ``meta`` (``"meta":{...}``)
+    as its first member: a container's resources arrive serialised from the conversion workers
+    and are not parsed again. Raises ValueError when ``body`` is not an object with members."""
+    if not (body.startswith(b'{"') and body.endswith(b"}")):
+        raise ValueError("a prepared resource is not a JSON object with members")
+    return b"{%s,%s" % (meta, body[1:])
+
+
 def container_json(bundle_id: str, meta: bytes, entries: Sequence[tuple[str, bytes]]) -> bytes:
     """The JSON of a collection Bundle ``bundle_id`` with ``meta`` (``"meta":{...}``) whose
-    entries are the (``fullUrl``, resource JSON) pairs given, assembled from the parts' bytes:
-    a container's resources arrive serialised (from the conversion workers) and are not
-    parsed again. Raises ValueError for a part that is not a JSON object."""
-    parts = []
-    for full_url, resource in entries:
-        if not (resource.startswith(b'{"') and resource.endswith(b"}")):
-            raise ValueError(f"entry {full_url} is not a JSON object with members")
-        parts.append(b'{"fullUrl":%s,"resource":%s}' % (orjson.dumps(full_url), resource))
+    entries are the (``fullUrl``, resource JSON) pairs given, assembled from their bytes."""
+    parts = [
+        b'{"fullUrl":%s,"resource":%s}' % (orjson.dumps(full_url), resource)
+        for full_url, resource in entries
+    ]
     return b'{"resourceType":"Bundle","id":%s,%s,"type":"collection","entry":[%s]}' % (
         orjson.dumps(bundle_id),
         meta,
@@ -305,9 +322,7 @@ class RecordPipeline:
             for r in resources[n : n + MAX_CONTAINED]:
                 version = self._next_version(r.record)
                 members.append((r.type, r.id, r.record, version))
-                entries.append(
-                    (f"{r.type}/{r.id}", b"{%s,%s" % (stamp.meta_json(version), r.body[1:]))
-                )
+                entries.append((f"{r.type}/{r.id}", with_meta(r.body, stamp.meta_json(version))))
             plain = container_json(bundle_id, stamp.meta_json(container_version), entries)
             units.append(
                 await self._seal(

@@ -11,6 +11,7 @@ Raises BackendError (backend "kubo"), BlobNotFoundError.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Sequence
 
 import httpx
@@ -83,10 +84,12 @@ class KuboBlobStore:
 
         Raises BackendError when Kubo refuses the archive or fails to pin a root.
         """
+        body, content_type = multipart_file("batch.car", car, "application/vnd.ipld.car")
         r = await self._post(
             "/dag/import",
             params={"pin-roots": "true", "allow-big-block": "true"},
-            files=[("file", ("batch.car", car, "application/vnd.ipld.car"))],
+            content=body,
+            headers={"Content-Type": content_type},
         )
         if r.status_code != 200:
             raise BackendError(f"dag/import answered {r.status_code}: {r.text[:200]}", backend=NAME)
@@ -124,3 +127,23 @@ class KuboBlobStore:
     async def close(self) -> None:
         """Close the HTTP client."""
         await self._client.aclose()
+
+
+def multipart_file(filename: str, data: bytes, media_type: str) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body holding one file field, and its Content-Type.
+
+    Built in one piece: httpx's multipart encoder costs about a millisecond of the gateway's
+    CPU per batch on a few hundred KiB, which the ingest path pays for every Kubo write. The
+    boundary is random and checked not to occur in the data.
+    """
+    while True:
+        boundary = secrets.token_hex(16)
+        if boundary.encode() not in data:
+            break
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        f"Content-Type: {media_type}\r\n\r\n"
+    ).encode()
+    body = b"".join((head, data, f"\r\n--{boundary}--\r\n".encode()))
+    return body, f"multipart/form-data; boundary={boundary}"

@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from gateway.backends.keys_file import unwrap_kek, wrap_kek
@@ -32,12 +33,13 @@ class RedisKeyStore:
     def __init__(self, *, url: str, prefix: str, master_key: bytes, timeout: float = 5.0) -> None:
         self.prefix = prefix + "keys:"
         self._master = master_key
+        self._timeout = timeout
         self._r: aioredis.Redis = connect(url, timeout)
 
     async def _call(
         self, what: str, command: Callable[[], Awaitable[Any]], *, retry: bool = True
     ) -> Any:
-        return await call(self._r, what, command, backend=NAME, retry=retry)
+        return await call(self._r, what, command, backend=NAME, timeout=self._timeout, retry=retry)
 
     async def kek_for(self, pseudonym: str) -> tuple[str, bytes]:
         """(kek id, KEK) of the patient, created durably on first use."""
@@ -77,7 +79,7 @@ class RedisKeyStore:
         if not keys:
             return
         mapping = {
-            f"{self.prefix}dk:{k.record_id}": json.dumps({"kek": k.kek_id, "w": k.wrapped.hex()})
+            f"{self.prefix}dk:{k.record_id}": orjson.dumps({"kek": k.kek_id, "w": k.wrapped.hex()})
             for k in keys
         }
         await self._call("mset", lambda: self._r.mset(mapping))

@@ -23,6 +23,7 @@ class RedisStateStore:
 
     def __init__(self, *, url: str, prefix: str = "gw:", timeout: float = 5.0) -> None:
         self.prefix = prefix
+        self._timeout = timeout
         self._r: aioredis.Redis = connect(url, timeout)
 
     def _k(self, key: str) -> str:
@@ -31,7 +32,7 @@ class RedisStateStore:
     async def _call(
         self, what: str, command: Callable[[], Awaitable[Any]], *, retry: bool = True
     ) -> Any:
-        return await call(self._r, what, command, backend=NAME, retry=retry)
+        return await call(self._r, what, command, backend=NAME, timeout=self._timeout, retry=retry)
 
     async def get(self, key: str) -> bytes | None:
         """The value or None."""

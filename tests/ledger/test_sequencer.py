@@ -189,3 +189,33 @@ async def test_replay_rejects_a_forged_or_altered_batch() -> None:
     await rogue.stop()
     with pytest.raises(CheckpointSignatureError):
         await make(log2).catch_up()
+
+
+@pytest.mark.parametrize("writer", ["hosp-a", '医院 "quoted"', "tab\there"])
+def test_batch_encoding_is_exactly_rfc8785(writer: str) -> None:
+    """The fast batch encoder gives the reference RFC 8785 bytes, for any writer name."""
+    import base64
+
+    import rfc8785
+
+    from ledger.batch import Batch, decode_batch, encode_batch
+
+    batch = Batch(
+        writer=writer,
+        batch_id="ab" * 32,
+        leaves=(b'{"kind":"record"}', bytes(range(256))),
+        checkpoint=b"\x00signed\xff",
+        nonce=b"\x01" * 16,
+    )
+    data = encode_batch(batch)
+    assert data == rfc8785.dumps(
+        {
+            "v": 1,
+            "writer": writer,
+            "batch": batch.batch_id,
+            "nonce": batch.nonce.hex(),
+            "leaves": [base64.b64encode(x).decode() for x in batch.leaves],
+            "checkpoint": base64.b64encode(batch.checkpoint).decode(),
+        }
+    )
+    assert decode_batch(data) == batch

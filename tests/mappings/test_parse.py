@@ -6,7 +6,7 @@ import pytest
 
 from mappings.errors import ParseError
 from mappings.v2.convert import ConversionOptions, convert
-from mappings.v2.parse import decode, detect_charset, parse, split_batch
+from mappings.v2.parse import decode, detect_charset, parse, parse_header, split_batch
 from tests.mappings.conftest import HL7_DIR
 
 
@@ -140,3 +140,35 @@ def test_split_batch_count_mismatch() -> None:
     assert (info.value.segment, info.value.field) == ("BTS", 1)
     with pytest.raises(ParseError):
         split_batch("PID|1\rMSH|^~\\&|A\r")
+
+
+HEADER_FIELDS = (
+    "sending_facility_id",
+    "control_id",
+    "message_code",
+    "event",
+    "version",
+    "accept_ack_type",
+    "app_ack_type",
+    "charset",
+)
+
+
+@pytest.mark.parametrize("path", sorted(HL7_DIR.glob("*.hl7")), ids=lambda p: p.name)
+@pytest.mark.parametrize("terminator", [b"\r", b"\n", b"\r\n"])
+def test_parse_header_reads_msh_as_parse_does(path: object, terminator: bytes) -> None:
+    raw = path.read_bytes().replace(b"\r", terminator)  # type: ignore[attr-defined]
+    try:
+        whole = parse(raw)
+    except ParseError:
+        return  # a fixture that is meant not to parse: its header is checked elsewhere
+    head = parse_header(raw)
+    assert [getattr(head, f) for f in HEADER_FIELDS] == [getattr(whole, f) for f in HEADER_FIELDS]
+    assert [s.name for s in head.segments] == ["MSH"]
+
+
+def test_parse_header_does_not_see_a_later_bad_segment() -> None:
+    raw = b"MSH|^~\\&|LIS|HOSPA|GW|ALLIANCE|20260315113000||ORU^R01|C-9|P|2.5.1\r12X|bad\r"
+    with pytest.raises(ParseError):
+        parse(raw)
+    assert parse_header(raw).control_id == "C-9"
