@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.backends.keys_file import unwrap_kek, wrap_kek
 from gateway.backends.protocols import WrappedKey
-from gateway.backends.redis_common import call, connect
+from gateway.backends.redis_common import call, connect, pipeline
 from gateway.errors import BackendError, KeyDestroyedError, KeyNotFoundError
 
 NAME = "redis-keys"
@@ -78,11 +78,13 @@ class RedisKeyStore:
         """Store wrapped data keys in one MSET."""
         if not keys:
             return
-        mapping = {
-            f"{self.prefix}dk:{k.record_id}": orjson.dumps({"kek": k.kek_id, "w": k.wrapped.hex()})
-            for k in keys
-        }
-        await self._call("mset", lambda: self._r.mset(mapping))
+        mset = [b"MSET"]
+        for k in keys:
+            mset += [
+                f"{self.prefix}dk:{k.record_id}".encode(),
+                orjson.dumps({"kek": k.kek_id, "w": k.wrapped.hex()}),
+            ]
+        await self._call("mset", lambda: pipeline(self._r, [mset]))
 
     async def get_wrapped_key(self, record_id: str) -> WrappedKey:
         """Raises KeyNotFoundError."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -54,3 +54,31 @@ async def call(
         raise BackendError(f"{what}: no answer within {timeout:g} s", backend=backend) from exc
     except (RedisError, OSError) as exc:
         raise BackendError(f"{what}: {type(exc).__name__}: {exc}", backend=backend) from exc
+
+
+def pack_commands(commands: Sequence[Sequence[bytes]]) -> bytes:
+    """The RESP encoding of ``commands`` (each a sequence of byte-string arguments)."""
+    out = []
+    for args in commands:
+        out.append(b"*%d\r\n" % len(args))
+        for arg in args:
+            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+async def pipeline(client: aioredis.Redis, commands: Sequence[Sequence[bytes]]) -> list[Any]:
+    """Send ``commands`` in one write on one pooled connection and return their raw replies
+    (bytes, integers, None). The hot paths' batches go this way: redis-py's pipeline object
+    costs about three times the CPU per command (36 against 11-14 µs measured here), which
+    the HL7 path pays three times per message. Raises what redis-py raises (an error reply:
+    ResponseError, after which the connection is dropped since later replies are unread)."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        await conn.send_packed_command(pack_commands(commands))
+        return [await conn.read_response(disable_decoding=True) for _ in commands]
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)

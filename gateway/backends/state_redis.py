@@ -11,7 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway.backends.protocols import StateItem
-from gateway.backends.redis_common import call, connect
+from gateway.backends.redis_common import call, connect, pipeline
 
 NAME = "redis"
 
@@ -54,29 +54,22 @@ class RedisStateStore:
     async def claim_many(self, items: Sequence[StateItem]) -> list[bytes | None]:
         """``SET key value NX GET PX ttl`` for each item in one pipeline (Redis 7: returns the
         value already there, or nil when this command set it). Not retried."""
-
-        async def run() -> list[Any]:
-            pipe = self._r.pipeline(transaction=False)
-            for key, value, ttl in items:
-                pipe.set(self._k(key), value, px=_px(ttl), nx=True, get=True)
-            return list(await pipe.execute())
-
         if not items:
             return []
-        results = await self._call("claim", run, retry=False)
+        commands = [
+            (b"SET", self._k(key).encode(), value, b"NX", b"GET", *_px_args(ttl))
+            for key, value, ttl in items
+        ]
+        results = await self._call("claim", lambda: pipeline(self._r, commands), retry=False)
         return [None if r is None else bytes(r) for r in results]
 
     async def set_many(self, items: Sequence[StateItem]) -> None:
         """SET of each item in one pipeline (idempotent: retried once after a lost link)."""
-
-        async def run() -> None:
-            pipe = self._r.pipeline(transaction=False)
-            for key, value, ttl in items:
-                pipe.set(self._k(key), value, px=_px(ttl))
-            await pipe.execute()
-
-        if items:
-            await self._call("set", run)
+        commands = [
+            (b"SET", self._k(key).encode(), value, *_px_args(ttl)) for key, value, ttl in items
+        ]
+        if commands:
+            await self._call("set", lambda: pipeline(self._r, commands))
 
     async def delete(self, key: str) -> None:
         """DEL."""
@@ -98,6 +91,12 @@ class RedisStateStore:
     async def close(self) -> None:
         """Close the connection pool."""
         await self._r.aclose()
+
+
+def _px_args(ttl: float | None) -> tuple[bytes, ...]:
+    """``PX <ms>`` for a TTL, nothing for no expiry."""
+    px = _px(ttl)
+    return () if px is None else (b"PX", b"%d" % px)
 
 
 def _px(ttl: float | None) -> int | None:

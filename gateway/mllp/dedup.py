@@ -14,9 +14,10 @@ The claims and the acceptances of concurrent messages are grouped: one Redis rou
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import orjson
 
 from gateway.backends.protocols import StateItem, StateStore
 from ledger.groupcommit import GroupCommitter
@@ -89,11 +90,11 @@ class Deduplicator:
 
     async def begin(self, facility: str, control_id: str, content_hash: str) -> Decision:
         """Claim the message, or say why not."""
-        claim = json.dumps({"h": content_hash, "s": "busy"}).encode()
+        claim = orjson.dumps({"h": content_hash, "s": "busy"})
         (raw,) = await self._claims.submit([(_key(facility, control_id), claim, IN_PROGRESS_TTL_S)])
         if raw is None:
             return New()
-        record = json.loads(raw)
+        record = orjson.loads(raw)
         if record["h"] != content_hash:
             return Conflict()
         if record["s"] == "busy":
@@ -106,7 +107,7 @@ class Deduplicator:
         """Record the accepted message and its ACKs (for replays)."""
         key = _key(facility, control_id)
         record = {"h": content_hash, "s": "done", "acks": [a.hex() for a in acks]}
-        encoded = json.dumps(record).encode()
+        encoded = orjson.dumps(record)
         self._recording[key] = (content_hash, tuple(acks))
         try:
             await self._accepts.submit([(key, encoded, ACCEPTED_TTL_S)])
