@@ -14,7 +14,8 @@ and FHIR JSON, pseudonyms and record ids (HMACs under the gateway's pseudonym ke
 worker is given at start) or an error description come out.
 
 A worker that dies takes its batch with it: the batch's messages are answered AE 207 (nothing
-was stored; the senders retry) and the pool is replaced. Raises nothing to callers.
+was stored; the senders retry) and the pool is replaced. A worker whose gateway process died
+exits on its own. Raises nothing to callers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import asyncio
 import base64
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -88,9 +92,24 @@ _OPTIONS: ConversionOptions | None = None
 _KEY = b""
 
 
-def _init_worker(options: ConversionOptions, pseudonym_key: bytes) -> None:
+def _init_worker(options: ConversionOptions, pseudonym_key: bytes, parent: int) -> None:
     global _OPTIONS, _KEY
     _OPTIONS, _KEY = options, pseudonym_key
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once the gateway process that started it is gone. A pool worker
+    holds both ends of its task queue's pipe, so a gateway that was killed (SIGKILL, the OOM
+    killer) never closes it; without this the worker would wait on it for ever, and every
+    restart would leave one more behind. Runs in a daemon thread; never returns otherwise."""
+    while os.getppid() == parent:
+        time.sleep(WATCH_PARENT_S)
+    os._exit(0)
+
+
+#: How often a worker checks that the gateway process is still its parent.
+WATCH_PARENT_S = 0.5
 
 
 def prepare(
@@ -206,7 +225,7 @@ class ConversionWorkers:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.options, self._key),
+            initargs=(self.options, self._key, os.getpid()),
         )
 
     async def start(self) -> None:

@@ -7,6 +7,9 @@ import base64
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -120,3 +123,42 @@ def test_every_fixture_is_prepared_or_refused_never_crashes(path: Path) -> None:
     may hit that, nor any other defect."""
     outcome = convert_one(path.read_bytes(), OPTIONS, KEY)
     assert isinstance(outcome, Converted | Failed), outcome
+
+
+def test_a_worker_exits_when_its_gateway_process_is_killed(tmp_path: Path) -> None:
+    """A gateway killed with SIGKILL must not leave its conversion worker behind."""
+    script = tmp_path / "gw.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from tests.gateway.test_hl7_workers import OPTIONS, KEY\n"
+        "from gateway.hl7_workers import ConversionWorkers\n"
+        "async def main():\n"
+        "    conv = ConversionWorkers(OPTIONS, pseudonym_key=KEY, workers=1)\n"
+        "    await conv.start()\n"
+        "    print(*conv._pool._processes, flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    gw = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert gw.stdout is not None
+        (worker,) = [int(p) for p in gw.stdout.readline().split()]
+        os.kill(worker, 0)  # alive while the gateway is
+        gw.kill()
+        gw.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the conversion worker outlived its killed gateway process")
+    finally:
+        gw.kill()
+        gw.wait(timeout=10)
+        if gw.stdout is not None:
+            gw.stdout.close()
