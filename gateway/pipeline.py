@@ -119,11 +119,8 @@ class _Stamp:
         last = _last_stamp[0]
         if last is not None and last[0] == ms:
             return last[1]
-        when = datetime.fromtimestamp(ms / 1000, UTC)
-        stamp = cls(
-            when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            when.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        )
+        iso = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+        stamp = cls(iso[:23] + "Z", iso[:19] + "Z")  # iso: YYYY-MM-DDThh:mm:ss.mmm+00:00
         _last_stamp[0] = (ms, stamp)
         return stamp
 
