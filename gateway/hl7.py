@@ -69,7 +69,6 @@ class HL7Ingest:
         )
         self._tz = ZoneInfo(s.default_tz)
         self._finishing: set[asyncio.Task[None]] = set()
-        self._stored_by_type: dict[str, Any] = {}  # records_stored's child per resource type
 
     async def start(self) -> None:
         """Start the conversion workers and the de-duplication state's grouping."""
@@ -235,12 +234,7 @@ class HL7Ingest:
             return self._ack(
                 header, "error", _Internal(), "storage temporarily unavailable; retry"
             ), False
-        counted = self.gw.metrics.records_stored
-        for s in stored:
-            child = self._stored_by_type.get(s.resource_type)
-            if child is None:
-                child = self._stored_by_type[s.resource_type] = counted.labels(s.resource_type)
-            child.inc()
+        self.gw.metrics.count_stored(s.resource_type for s in stored)
         log.info(
             "hl7 message stored",
             extra={**extra, "records": len(stored), "last_leaf": stored[-1].leaf_index},

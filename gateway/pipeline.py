@@ -113,16 +113,8 @@ class _Stamp:
 
     @classmethod
     def now(cls) -> _Stamp:
-        """The stamp of the current millisecond (made once per millisecond: formatting dates
-        is a visible cost when hundreds of messages a second are stored)."""
-        ms = time.time_ns() // 1_000_000
-        last = _last_stamp[0]
-        if last is not None and last[0] == ms:
-            return last[1]
-        iso = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
-        stamp = cls(iso[:23] + "Z", iso[:19] + "Z")  # iso: YYYY-MM-DDThh:mm:ss.mmm+00:00
-        _last_stamp[0] = (ms, stamp)
-        return stamp
+        iso = datetime.now(UTC).isoformat(timespec="milliseconds")  # ...ss.mmm+00:00
+        return cls(iso[:23] + "Z", iso[:19] + "Z")
 
     def meta_json(self, version: int) -> bytes:
         """``"meta":{...}`` with this stamp's ``lastUpdated`` and ``versionId`` ``version``."""
@@ -138,9 +130,6 @@ class _Stamp:
             "versionId": str(version),
             "lastUpdated": self.last_updated,
         }
-
-
-_last_stamp: list[tuple[int, _Stamp] | None] = [None]
 
 
 def canonical_json(resource: dict[str, Any]) -> bytes:

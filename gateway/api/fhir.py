@@ -202,8 +202,7 @@ async def store_and_count(gw: Gateway, inputs: list[RecordInput]) -> list[Stored
     covering these records is cosigned by the quorum, and moves the receipts onto it.
     """
     stored = await gw.pipeline.store(inputs)
-    for s in stored:
-        gw.metrics.records_stored.labels(s.resource_type).inc()
+    gw.metrics.count_stored(s.resource_type for s in stored)
     wait = gw.settings.receipt_wait_final_ms / 1000.0
     if stored and wait > 0 and gw.settings.witness_quorum > 0:
         try:
