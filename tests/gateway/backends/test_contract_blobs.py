@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway.backends.blobs_kubo import KuboBlobStore
@@ -22,6 +23,7 @@ async def test_put_many_then_get(blobs: Any) -> None:
     for cid, d in zip(cids, data, strict=True):
         assert await blobs.get(cid) == d
     assert await blobs.put_many([data[0]]) == [cids[0]]  # idempotent
+    assert await blobs.put_many([b""]) == [cids[-1]]  # a lone block, and an empty one
 
 
 async def test_missing_block(blobs: Any) -> None:
@@ -57,12 +59,16 @@ async def test_local_and_kubo_give_the_same_cid(services: Any, tmp_path: Path) -
 
 @pytest.mark.services
 async def test_kubo_batches_survive_garbage_collection(services: Any) -> None:
-    """Every block of a batch is kept by the batch root's recursive pin: a ``repo/gc`` (which
-    removes every unpinned block) leaves them all readable, while an unpinned block goes."""
+    """Every block of a batch is kept by the batch root's recursive pin, a lone block by its
+    own: a ``repo/gc`` (which removes every unpinned block) leaves them all readable, while an
+    unpinned block goes."""
     kubo = KuboBlobStore(base_url=services.kubo_url, timeout=120)
     try:
         blocks = [os.urandom(n) for n in (10, 5000, 70_000)]
         cids = await kubo.put_many(blocks)
+        lone = os.urandom(90_000)  # a lone block (a pack) is written with a pin of its own
+        (lone_cid,) = await kubo.put_many([lone])
+        assert await kubo.is_pinned(lone_cid)
         loose = os.urandom(64)
         r = await kubo._client.post(
             "/block/put", params={"cid-codec": "raw", "pin": "false"}, files={"f": loose}
@@ -72,6 +78,7 @@ async def test_kubo_batches_survive_garbage_collection(services: Any) -> None:
         assert gc.status_code == 200, gc.text[:200]
         for cid, data in zip(cids, blocks, strict=True):
             assert await kubo.get(cid) == data
+        assert await kubo.get(lone_cid) == lone
         assert not await kubo.is_pinned(cids[0]), "a block must not need a pin of its own"
         with pytest.raises(BlobNotFoundError):
             await kubo.get(cid_v1_raw(loose))
@@ -143,3 +150,20 @@ async def test_kubo_unreachable_is_a_backend_error() -> None:
             await kubo.put_many([b"x"])
     finally:
         await kubo.close()
+
+
+async def test_kubo_storing_a_lone_block_under_another_cid_is_an_error() -> None:
+    """A Kubo that reports another CID for a block than the one computed here (another hash,
+    another codec) fails the write: such a block is never acknowledged."""
+
+    def kubo(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/api/v0/block/put"
+        assert request.url.params["pin"] == "true"
+        return httpx.Response(200, json={"Key": cid_v1_raw(b"something else"), "Size": 5})
+
+    store = KuboBlobStore(base_url="http://kubo.invalid", transport=httpx.MockTransport(kubo))
+    try:
+        with pytest.raises(BackendError, match="instead of"):
+            await store.put_many([b"the block"])
+    finally:
+        await store.close()
