@@ -113,10 +113,11 @@ def main() -> None:
         (Deduplicator, "finish", "dedup acceptance (after the ACK)"),
         (ConversionWorkers, "convert", "conversion (worker process)"),
         (RecordPipeline, "store_group", "store: Kubo, key, ledger"),
-        (KuboBlobStore, "put_many", "  Kubo dag/import (per batch)"),
+        (KuboBlobStore, "put_many", "  Kubo write (per batch)"),
         (Ledger, "append", "  ledger append"),
         (Ledger, "_write_group", "    ledger batch write"),
         (JetStreamLog, "append", "    JetStream append (R3)"),
+        (Ledger, "_sync_tree", "    stored tree fsync"),
     )
     for cls, name, label in stages:
         timed_async(cls, name, label)

@@ -81,7 +81,7 @@ async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path |
     signer = load_signer(settings)
     trusted = load_trust(settings, signer)
     tree_dir = settings.data_dir / "ledger" / f"tree-{settings.profile}"
-    stored = TreeStore.open(tree_dir) if tree_dir.exists() else None
+    stored = TreeStore.open(tree_dir, read_only=True) if tree_dir.exists() else None
     show = _progress(sys.stderr)
     started = time.monotonic()
     try:

@@ -60,6 +60,10 @@ class LogLike(Protocol):
 #: Seconds after the last sign of another writer during which the fairness gap applies.
 RIVAL_WINDOW = 10.0
 
+#: Seconds between syncs of the stored tree (a cache of the log: a crash costs at most this
+#: much of it, re-derived from the log on the next start).
+TREE_SYNC_INTERVAL_S = 1.0
+
 
 class LedgerUnavailableError(LedgerError):
     """The log could not take the batch; nothing in it was acknowledged."""
@@ -108,6 +112,7 @@ class Ledger:
         fair_gap: float = 0.015,
         clock: Callable[[], float] = time.time,
         on_batch: Callable[[int], None] | None = None,
+        tree_sync_interval: float = TREE_SYNC_INTERVAL_S,
     ) -> None:
         self._log = log
         self.tree = tree
@@ -122,6 +127,8 @@ class Ledger:
         self._last_own = -1e9  # monotonic time of this writer's last appended batch
         self._last_rival = -1e9  # when another writer's batch or a lost race was last seen
         self._clock = clock
+        self._tree_sync_interval = tree_sync_interval
+        self._tree_synced_at = time.monotonic()
         self._committer: GroupCommitter[bytes, AppendResult] = GroupCommitter(
             self._write_group,
             name="ledger",
@@ -155,7 +162,9 @@ class Ledger:
 
         Raises LedgerError if the log does not verify, BackendError if it cannot be read.
         """
-        await self.catch_up()
+        async with self._io_lock:
+            if await self._catch_up_locked():
+                await self._sync_tree()
         self._committer.start()
         if follow_interval:
             self._follower = asyncio.create_task(
@@ -187,17 +196,25 @@ class Ledger:
             self._apply(entry.seq, entry.data)
             n += 1
         if n:
-            await self._sync_tree()
+            await self._sync_tree_when_due()
         return n
+
+    async def _sync_tree_when_due(self) -> None:
+        """Sync the stored tree if the last sync is ``tree_sync_interval`` old. The tree is a
+        cache of the log (what a crash leaves unsynced is re-derived from the log on the
+        next start), so appends do not wait for it. Raises LedgerError."""
+        if time.monotonic() - self._tree_synced_at >= self._tree_sync_interval:
+            self._tree_synced_at = time.monotonic()  # a failed sync is retried an interval on
+            await self._sync_tree()
 
     async def _sync_tree(self) -> None:
         """Make the stored tree durable: fsync its written files in parallel threads, then its
-        directory. Raises LedgerError."""
+        directory, and record its size as synced. Raises LedgerError."""
         try:
             fds = self.tree.unsynced()
             await asyncio.gather(*(asyncio.to_thread(os.fsync, fd) for fd in fds))
             self.tree.mark_synced()  # only once every fsync succeeded: a failed one is retried
-            await asyncio.to_thread(self.tree.sync_directory)
+            await asyncio.to_thread(self.tree.record_synced)
         except OSError as err:
             raise LedgerError(f"cannot sync the stored tree: {err.strerror}") from err
 
@@ -351,9 +368,12 @@ class Ledger:
                     continue
                 self._commit(seq, batch, signed, first)
                 self._last_own = time.monotonic()
-                # Synced off the event loop (the files in parallel), under the lock, before
-                # the callers hear.
-                await self._sync_tree()
+                # The batch is durable in the log; the stored tree follows from time to time,
+                # and a failure to sync it does not undo the append (retried next interval).
+                try:
+                    await self._sync_tree_when_due()
+                except LedgerError:
+                    log.exception("stored tree not synced")
                 self.stats.batches_written += 1
                 self.stats.leaves_written += len(leaves)
                 return [

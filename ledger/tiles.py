@@ -19,7 +19,15 @@ record at a file's end is cut, a level holding more entries than the leaves impl
 a level or CRC file missing its last entries is completed from the level below. Leaves in the
 store beyond what the log holds are the caller's to truncate.
 
-Nothing is durable before :meth:`TreeStore.flush`, which fsyncs every file.
+The store is a cache of what the log holds, so it need not be durable when a batch is
+acknowledged; it is made durable from time to time. :meth:`TreeStore.flush` fsyncs the files
+written since the last flush, then records the size they hold in ``synced-size`` (8-byte
+big-endian size, 4-byte CRC-32 of those 8 bytes; replaced atomically). Opening trusts nothing
+beyond that size: what a crash leaves after it (torn, zeroed or stale pages) is cut, and the
+caller re-derives it from the log. A truncation below the recorded size lowers the record first.
+A store without ``synced-size`` (one written before it existed, when every append was flushed)
+is trusted as it is and gets one on opening. ``TreeStore.open(dir, read_only=True)`` loads the
+same trusted prefix without writing anything (an audit beside a running gateway).
 
 Raises :class:`ledger.errors.TreeRangeError` for out-of-range sizes or indexes,
 :class:`ledger.errors.StoreCorruptionError` when stored data is inconsistent, and
@@ -28,6 +36,7 @@ Raises :class:`ledger.errors.TreeRangeError` for out-of-range sizes or indexes,
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -42,21 +51,52 @@ from ledger.errors import LedgerError, StoreCorruptionError, TreeRangeError
 H = merkle.HASH_SIZE
 CRC = 4
 _CRC_PREFIX = struct.Struct(">BQ")
+SYNCED_FILE = "synced-size"
+_SIZE = struct.Struct(">Q")
 
 
 def _crc(level: int, index: int, h: bytes | bytearray | memoryview) -> bytes:
     return struct.pack(">I", zlib.crc32(h, zlib.crc32(_CRC_PREFIX.pack(level, index))))
 
 
-class _LevelFiles:
-    """The two open files of one level."""
+def _read_synced_size(directory: Path) -> int | None:
+    """The size recorded by the last flush, or None when there is no record. Raises
+    StoreCorruptionError for a damaged record, OSError when it cannot be read."""
+    path = directory / SYNCED_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(data) != _SIZE.size + CRC or _crc_of(data[: _SIZE.size]) != data[_SIZE.size :]:
+        raise StoreCorruptionError("damaged synced-size record", path=path, offset=0)
+    size: int = _SIZE.unpack(data[: _SIZE.size])[0]
+    return size
 
-    def __init__(self, directory: Path, level: int) -> None:
+
+def _crc_of(data: bytes) -> bytes:
+    return struct.pack(">I", zlib.crc32(data))
+
+
+def _open_read_only(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")  # closed by TreeStore
+    except FileNotFoundError:
+        return io.BytesIO()
+
+
+class _LevelFiles:
+    """The two open files of one level (read only: a missing file reads as empty)."""
+
+    def __init__(self, directory: Path, level: int, *, read_only: bool = False) -> None:
         self.bin_path = directory / f"level-{level:02d}.bin"
         self.crc_path = directory / f"level-{level:02d}.crc"
-        self.bin: BinaryIO = open(self.bin_path, "a+b")  # noqa: SIM115 - closed by TreeStore
-        self.crc: BinaryIO = open(self.crc_path, "a+b")  # noqa: SIM115
-        self.dirty = True  # new files: their directory entries need a sync too
+        if read_only:
+            self.bin: BinaryIO = _open_read_only(self.bin_path)
+            self.crc: BinaryIO = _open_read_only(self.crc_path)
+        else:
+            self.bin = open(self.bin_path, "a+b")  # noqa: SIM115 - closed by TreeStore
+            self.crc = open(self.crc_path, "a+b")  # noqa: SIM115
+        self.dirty = not read_only  # new files: their directory entries need a sync too
 
     def read(self) -> tuple[bytes, bytes]:
         self.bin.seek(0)
@@ -95,6 +135,8 @@ class TreeStore:
         self._size = 0
         self._closed = False
         self._new_files = True  # directory entries not yet synced
+        self._read_only = False
+        self._synced_size: int | None = None  # the size recorded in SYNCED_FILE
 
     # ---- construction ------------------------------------------------------------------
 
@@ -104,42 +146,61 @@ class TreeStore:
         return cls(None)
 
     @classmethod
-    def open(cls, directory: Path) -> TreeStore:
-        """Open (or create) a file-backed store in ``directory`` without re-hashing it.
+    def open(cls, directory: Path, *, read_only: bool = False) -> TreeStore:
+        """Open (or create) a file-backed store in ``directory`` without re-hashing it, up to
+        the size its last flush recorded. ``read_only``: write nothing (no repair, no
+        appends); the directory must exist.
 
-        Raises LedgerError when the files cannot be read or written.
+        Raises LedgerError when the files cannot be read or written, StoreCorruptionError
+        when the recorded size is damaged.
         """
         directory = Path(directory)
         store = cls(directory)
+        store._read_only = read_only
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            store._load()
+            if not read_only:
+                directory.mkdir(parents=True, exist_ok=True)
+            store._synced_size = _read_synced_size(directory)
+            store._load(store._synced_size)
+            if not read_only and store._synced_size != store._size:
+                store.flush()
         except OSError as err:
             store.close()
             raise LedgerError(f"{directory}: cannot open tree store: {err.strerror}") from err
+        except LedgerError:
+            store.close()
+            raise
         return store
 
     def _level_files(self, level: int) -> _LevelFiles:
         assert self._dir is not None
         while len(self._files) <= level:
-            self._files.append(_LevelFiles(self._dir, len(self._files)))
+            self._files.append(_LevelFiles(self._dir, len(self._files), read_only=self._read_only))
             self._new_files = True
         return self._files[level]
 
-    def _load(self) -> None:
+    def _load(self, trusted: int | None) -> None:
+        """Read the levels, at most ``trusted`` leaves (None: all), and repair what a crash
+        can leave (on disk unless read only)."""
         assert self._dir is not None
+        repair = not self._read_only
         level = 0
         levels: list[bytearray] = []
         while level == 0 or (self._dir / f"level-{level:02d}.bin").exists():
             files = self._level_files(level)
             data, crcs = files.read()
-            expected = len(data) // H if level == 0 else len(levels[0]) // H >> level
+            if level == 0:
+                expected = len(data) // H if trusted is None else min(len(data) // H, trusted)
+            else:
+                expected = len(levels[0]) // H >> level
             if level > 0 and expected == 0:
-                files.truncate(0)
+                if repair:
+                    files.truncate(0)
                 level += 1
                 continue
             entries = min(len(data) // H, expected)
-            files.truncate(min(entries, len(crcs) // CRC))
+            if repair:
+                files.truncate(min(entries, len(crcs) // CRC))
             hashes = bytearray(data[: entries * H])
             # Complete a level or CRC file whose last entries a crash did not write.
             have_crc = min(entries, len(crcs) // CRC)
@@ -155,7 +216,7 @@ class TreeStore:
                     )
                     hashes += h
                     missing_crc += _crc(level, i, h)
-            if len(hashes) > have_crc * H:
+            if repair and len(hashes) > have_crc * H:
                 files.bin.seek(0, os.SEEK_END)
                 files.bin.truncate(have_crc * H)
                 files.bin.write(hashes[have_crc * H :])
@@ -176,10 +237,11 @@ class TreeStore:
                 )
                 hashes += h
                 crcs_new += _crc(k, i, h)
-            files = self._level_files(k)
-            files.truncate(0)
-            files.bin.write(hashes)
-            files.crc.write(crcs_new)
+            if repair:
+                files = self._level_files(k)
+                files.truncate(0)
+                files.bin.write(hashes)
+                files.crc.write(crcs_new)
             levels.append(hashes)
         self._levels = levels
         self._size = n
@@ -252,8 +314,8 @@ class TreeStore:
 
         Raises LedgerError for a hash that is not 32 bytes or when writing fails.
         """
-        if self._closed:
-            raise LedgerError("tree store is closed")
+        if self._closed or self._read_only:
+            raise LedgerError(f"tree store is {'closed' if self._closed else 'read only'}")
         for h in leaf_hashes:
             if len(h) != H:
                 raise LedgerError(f"leaf hash of {len(h)} bytes, expected {H}")
@@ -305,6 +367,16 @@ class TreeStore:
         self._check_size(size)
         if size == self._size:
             return
+        if self._read_only:
+            raise LedgerError("tree store is read only")
+        if self._synced_size is not None and size < self._synced_size:
+            # What is rewritten below the recorded size is not durable until the next flush.
+            try:
+                self._record_synced_size(size)
+            except OSError as err:
+                raise LedgerError(
+                    f"{self._dir}: cannot record the synced size: {err.strerror}"
+                ) from err
         if self._index is not None:
             for i in range(size, self._size):
                 h = self._get(0, i)
@@ -327,19 +399,22 @@ class TreeStore:
     def flush(self) -> None:
         """Make everything appended durable: fsync the files written since the last flush
         (an append of a few leaves touches a few levels, not all of them) and, when files
-        were created, the directory. Raises LedgerError."""
+        were created, the directory; then record the size as durable. A read-only store has
+        nothing to flush. Raises LedgerError."""
+        if self._read_only:
+            return
         try:
             for fd in self.unsynced():
                 os.fsync(fd)
             self.mark_synced()
-            self.sync_directory()
+            self.record_synced()
         except OSError as err:
             raise LedgerError(f"{self._dir}: cannot flush tree store: {err.strerror}") from err
 
     def unsynced(self) -> list[int]:
         """Hand everything appended to the OS and return the file descriptors that must be
         fsynced to make it durable (the caller may sync them in parallel, then call
-        :meth:`mark_synced` and :meth:`sync_directory`). Raises OSError."""
+        :meth:`mark_synced` and :meth:`record_synced`). Raises OSError."""
         return [fd for files in self._files for fd in files.unsynced()]
 
     def mark_synced(self) -> None:
@@ -348,22 +423,45 @@ class TreeStore:
         for files in self._files:
             files.dirty = False
 
-    def sync_directory(self) -> None:
-        """fsync the directory if level files were created since the last time. Raises OSError."""
-        if self._dir is not None and self._new_files:
-            fd = os.open(self._dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def record_synced(self) -> None:
+        """After the descriptors :meth:`unsynced` returned were fsynced and :meth:`mark_synced`
+        called: sync the directory if level files were created, then record the current size
+        as durable. Raises OSError."""
+        if self._dir is None:
+            return
+        if self._new_files:
+            self._sync_directory()
             self._new_files = False
+        if self._synced_size != self._size:
+            self._record_synced_size(self._size)
+
+    def _sync_directory(self) -> None:
+        assert self._dir is not None
+        fd = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _record_synced_size(self, size: int) -> None:
+        """Replace SYNCED_FILE atomically and durably. Raises OSError."""
+        assert self._dir is not None
+        data = _SIZE.pack(size)
+        tmp = self._dir / (SYNCED_FILE + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data + _crc_of(data))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._dir / SYNCED_FILE)
+        self._sync_directory()
+        self._synced_size = size
 
     def close(self) -> None:
         """Flush and close the files. Raises LedgerError when the final flush fails."""
         if self._closed:
             return
         try:
-            if self._files:
+            if self._files and not self._read_only:
                 self.flush()
         finally:
             for files in self._files:
@@ -406,6 +504,12 @@ class TreeStore:
                 pairs = [files.read() for files in self._files]
             except OSError as err:
                 raise LedgerError(f"{self._dir}: cannot read tree store: {err.strerror}") from err
+            if self._read_only:
+                # A running gateway may have appended beyond what was loaded: check that.
+                pairs = [
+                    (d[: (self._size >> k) * H], c[: (self._size >> k) * CRC])
+                    for k, (d, c) in enumerate(pairs)
+                ]
             levels = [p[0] for p in pairs]
             crcs = [p[1] for p in pairs]
         n = self._size

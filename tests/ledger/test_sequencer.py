@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -156,6 +157,56 @@ async def test_retried_batch_with_same_msg_id_is_not_appended_twice() -> None:
     assert await log.append(data, expected_last_seq=1, msg_id=msg_id) == 1
     assert len(log.messages) == 1
     await ledger.stop()
+
+
+def _synced_size(directory: Path) -> int:
+    return int.from_bytes((directory / "synced-size").read_bytes()[:8], "big")
+
+
+async def test_appends_do_not_wait_for_the_stored_tree_and_a_crash_loses_none_of_it(
+    tmp_path: Path,
+) -> None:
+    """The stored tree is a cache of the log: appends are acknowledged once the log holds
+    them, the tree is synced every ``tree_sync_interval``, and after a crash that zeroed
+    everything written since, the next start re-derives it from the log."""
+    log = MemoryLog()
+    tree_dir = tmp_path / "tree"
+    ledger = Ledger(
+        log=log,
+        tree=TreeStore.open(tree_dir),
+        signer=SIGNERS["hosp-a"],
+        trusted=TRUST,
+        origin="test/ledger",
+        conflict_error=LogConflictError,
+        tree_sync_interval=3600,
+    )
+    await ledger.start(follow_interval=None)
+    for i in range(20):
+        await ledger.append([f"leaf-{i}".encode()])
+    assert ledger.size == 20 and _synced_size(tree_dir) == 0, "an append waited for the tree"
+    expected = ledger.tree.root()
+    ledger.tree.unsynced()
+    for files in ledger.tree._files:  # the gateway is killed: no stop, no flush
+        files.close()
+    for path in tree_dir.glob("level-*"):  # and the page cache never reached the disk
+        path.write_bytes(bytes(path.stat().st_size))
+    again = Ledger(
+        log=log,
+        tree=TreeStore.open(tree_dir),
+        signer=SIGNERS["hosp-a"],
+        trusted=TRUST,
+        origin="test/ledger",
+        conflict_error=LogConflictError,
+        tree_sync_interval=0,
+    )
+    assert again.tree.size == 0
+    await again.start(follow_interval=None)
+    assert again.size == 20 and again.tree.root() == expected
+    await again.append([b"one more"])
+    assert _synced_size(tree_dir) == 21, "a due sync did not record the tree's size"
+    await again.stop()
+    again.tree.check()
+    again.tree.close()
 
 
 async def test_replay_rejects_a_forged_or_altered_batch() -> None:

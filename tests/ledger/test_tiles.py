@@ -184,3 +184,87 @@ def test_reopen_does_not_rehash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     store.consistency_proof(333, 1000)
     assert 0 < len(calls) < 40
     store.close()
+
+
+def _abandon(store: TreeStore) -> None:
+    """The process died: its files are closed without a flush."""
+    for files in store._files:
+        files.close()
+
+
+def _zero_beyond(path: Path, entries: int, width: int) -> None:
+    """What a crash can leave of writes that were never fsynced: zeroed pages."""
+    data = path.read_bytes()
+    path.write_bytes(data[: entries * width] + bytes(len(data) - entries * width))
+
+
+def test_what_was_not_flushed_is_not_trusted_on_reopen(tmp_path: Path) -> None:
+    """Only the size recorded by the last flush is trusted: appends after it (which a crash
+    may leave torn or zeroed, in any level) are cut on reopen, and the caller re-derives them
+    from the log."""
+    store = filled(tmp_path, 64)
+    store.append(HASHES[64:100])
+    assert store.unsynced()  # handed to the OS, never fsynced: then the machine crashes
+    for level in range(7):
+        _zero_beyond(tmp_path / f"level-{level:02d}.bin", 64 >> level, 32)
+        _zero_beyond(tmp_path / f"level-{level:02d}.crc", 64 >> level, 4)
+    _abandon(store)
+    again = TreeStore.open(tmp_path)
+    assert again.size == 64
+    assert again.root() == merkle.root(HASHES[:64])
+    again.check()
+    again.append(HASHES[64:100])
+    again.close()
+    with TreeStore.open(tmp_path) as third:
+        assert third.size == 100 and third.root() == merkle.root(HASHES[:100])
+        third.check()
+
+
+def test_truncating_below_the_flushed_size_lowers_it_first(tmp_path: Path) -> None:
+    store = filled(tmp_path, 300)
+    store.truncate(100)  # the local copy diverged from the log at leaf 100
+    store.append(HASHES[500:700])  # rewrites the region below the old synced size, unsynced
+    store.unsynced()
+    _zero_beyond(tmp_path / "level-00.bin", 100, 32)
+    _abandon(store)
+    again = TreeStore.open(tmp_path)
+    assert again.size == 100, "a rewritten region was trusted without a flush"
+    assert again.root() == merkle.root(HASHES[:100])
+    again.close()
+
+
+def test_a_store_without_a_synced_size_is_trusted_and_gets_one(tmp_path: Path) -> None:
+    """A store written before ``synced-size`` existed was flushed after every append."""
+    filled(tmp_path, 200).close()
+    (tmp_path / "synced-size").unlink()
+    with TreeStore.open(tmp_path) as store:
+        assert store.size == 200 and store.root() == merkle.root(HASHES[:200])
+    assert (tmp_path / "synced-size").read_bytes()[:8] == (200).to_bytes(8, "big")
+
+
+def test_a_damaged_synced_size_is_named(tmp_path: Path) -> None:
+    filled(tmp_path, 10).close()
+    raw = bytearray((tmp_path / "synced-size").read_bytes())
+    raw[7] ^= 0x01
+    (tmp_path / "synced-size").write_bytes(bytes(raw))
+    with pytest.raises(StoreCorruptionError, match="synced-size"):
+        TreeStore.open(tmp_path)
+
+
+def test_read_only_open_writes_nothing(tmp_path: Path) -> None:
+    """An audit beside a running gateway: the files are read, never repaired or cut, and
+    what the gateway appended after its last flush is left out."""
+    writer = filled(tmp_path, 300)
+    writer.append(HASHES[300:340])
+    writer.unsynced()
+    (tmp_path / "level-08.bin").unlink()  # a level the reader must derive in memory
+    (tmp_path / "level-08.crc").unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    reader = TreeStore.open(tmp_path, read_only=True)
+    assert reader.size == 300 and reader.root() == merkle.root(HASHES[:300])
+    reader.check()
+    with pytest.raises(LedgerError, match="read only"):
+        reader.append(HASHES[:1])
+    reader.close()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    writer.close()
