@@ -137,6 +137,7 @@ class Ledger:
             on_batch=on_batch,
         )
         self._follower: asyncio.Task[None] | None = None
+        self._following = False
         self._listeners: list[LeafListener] = []
         self._io_lock = asyncio.Lock()
         self._seen_batches: set[str] = set()
@@ -167,6 +168,7 @@ class Ledger:
                 await self._sync_tree()
         self._committer.start()
         if follow_interval:
+            self._following = True
             self._follower = asyncio.create_task(
                 self._follow_loop(follow_interval), name="ledger-follower"
             )
@@ -174,6 +176,11 @@ class Ledger:
     async def stop(self) -> None:
         """Stop the tasks; pending appends fail with LedgerUnavailableError."""
         if self._follower is not None:
+            # The flag ends the loop at its next turn even if the cancellation is lost: on
+            # Python 3.11 a wait_for (the NATS client's requests use it) swallows a
+            # cancellation that arrives as its answer does, which left `gateway serve`
+            # waiting here for ever once in a few dozen stops.
+            self._following = False
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
@@ -450,8 +457,10 @@ class Ledger:
         return out
 
     async def _follow_loop(self, interval: float) -> None:
-        while True:
+        while self._following:
             await asyncio.sleep(interval)
+            if not self._following:
+                return
             try:
                 if await self._log.last_seq() > self.applied_seq:
                     await self.catch_up()

@@ -77,17 +77,15 @@ class JetStreamLog:
                 try:
                     # Reconnect forever once connected (a node restarting is routine), but bound
                     # the first connection so an unreachable cluster is reported, not waited on.
-                    await asyncio.wait_for(
-                        nc.connect(
+                    async with asyncio.timeout(self.timeout):
+                        await nc.connect(
                             servers=self.servers,
                             connect_timeout=2,
                             max_reconnect_attempts=-1,
                             reconnect_time_wait=0.25,  # type: ignore[arg-type]  # typed int, used as float
                             allow_reconnect=True,
                             name="alliance-gateway",
-                        ),
-                        timeout=self.timeout,
-                    )
+                        )
                 except (TimeoutError, NoServersError, OSError, NatsTimeoutError) as exc:
                     with contextlib.suppress(Exception):
                         await nc.close()

@@ -25,9 +25,8 @@ class MLLPClient:
 
     async def connect(self) -> None:
         """Open the connection."""
-        self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), self.timeout
-        )
+        async with asyncio.timeout(self.timeout):
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
 
     async def send(self, message: bytes) -> bytes:
         """Send one message and return the content of the next frame received.
@@ -43,7 +42,8 @@ class MLLPClient:
 
     async def receive(self) -> bytes:
         """The content of the next frame from the server. Raises ConnectionError, TimeoutError."""
-        return await asyncio.wait_for(self._next_frame(), self.timeout)
+        async with asyncio.timeout(self.timeout):
+            return await self._next_frame()
 
     async def _next_frame(self) -> bytes:
         assert self._reader is not None

@@ -8,6 +8,7 @@ tests/gateway (both profiles) and their own contract tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -207,6 +208,28 @@ async def test_appends_do_not_wait_for_the_stored_tree_and_a_crash_loses_none_of
     await again.stop()
     again.tree.check()
     again.tree.close()
+
+
+async def test_stop_returns_even_if_the_followers_cancellation_is_lost() -> None:
+    """Python 3.11's ``wait_for`` (inside the NATS client's requests) swallows a cancellation
+    that arrives as its answer does; the follower must end anyway, or stop waits for ever."""
+
+    class Swallowing(MemoryLog):
+        inside = asyncio.Event()
+
+        async def last_seq(self) -> int:
+            self.inside.set()
+            # The answer arrives as the task is cancelled: the cancellation is lost.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+            return await super().last_seq()
+
+    log = Swallowing()
+    ledger = make(log)
+    await ledger.start(follow_interval=0.01)
+    await log.inside.wait()
+    async with asyncio.timeout(5):
+        await ledger.stop()
 
 
 async def test_replay_rejects_a_forged_or_altered_batch() -> None:
