@@ -2,10 +2,10 @@
 
 Runs a gateway in this process (no MLLP socket: ``HL7Ingest.handle`` is called by 32 concurrent
 tasks, like 32 connections) and times each stage with wrappers: the de-duplication claim and
-acceptance (Redis), the conversion (worker process), the Kubo batch write, the ledger append
+acceptance (Redis), the conversion (worker processes), the Kubo batch write, the ledger append
 (and within it signing, the JetStream append, the whole batch write), and the whole store.
 Prints medians and 90th percentiles and the gateway process's CPU time per message (the
-conversion worker's CPU is not included). The stages overlap across messages, so their sum is
+conversion workers' CPU is not included). The stages overlap across messages, so their sum is
 each message's latency, not the throughput's inverse.
 
 Run:  .venv/bin/python bench/bench_hl7_stages.py [--messages 3000] [--profile production]
@@ -77,6 +77,21 @@ def timed_sync(cls: Any, name: str, label: str) -> None:
     setattr(cls, name, wrapper)
 
 
+def timed_future(cls: Any, name: str, label: str) -> None:
+    """Wrap ``cls.name`` (a plain method returning a future) to record the time until the
+    future is done under ``label``."""
+    original: Callable[..., asyncio.Future[Any]] = getattr(cls, name)
+
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        start = time.perf_counter()
+        fut = original(self, *args, **kwargs)
+        fut.add_done_callback(lambda _: TIMES[label].append(time.perf_counter() - start))
+        return fut
+
+    setattr(cls, name, wrapper)
+
+
 async def run(settings: Settings, messages: int, concurrency: int) -> tuple[float, float]:
     """Send ``messages`` ORU messages through ``HL7Ingest.handle``; (msgs/s, CPU µs/msg)."""
     raw = FIXTURE.read_bytes()
@@ -110,8 +125,6 @@ def main() -> None:
     gc.set_threshold(50_000, 20, 100)  # as `gateway serve` does
     stages = (
         (Deduplicator, "begin", "dedup claim (Redis)"),
-        (Deduplicator, "finish", "dedup acceptance (after the ACK)"),
-        (ConversionWorkers, "convert", "conversion (worker process)"),
         (RecordPipeline, "store_group", "store: Kubo, key, ledger"),
         (KuboBlobStore, "put_many", "  Kubo write (per batch)"),
         (Ledger, "append", "  ledger append"),
@@ -122,7 +135,14 @@ def main() -> None:
     for cls, name, label in stages:
         timed_async(cls, name, label)
     timed_sync(Signer, "sign", "    checkpoint signing")
-    labels = [label for _, _, label in stages] + ["    checkpoint signing"]
+    futures = (
+        (Deduplicator, "record", "dedup acceptance (after the ACK)"),
+        (ConversionWorkers, "begin", "conversion (worker processes)"),
+    )
+    for cls, name, label in futures:
+        timed_future(cls, name, label)
+    labels = [stages[0][2], futures[0][2], futures[1][2]]
+    labels += [label for _, _, label in stages[1:]] + ["    checkpoint signing"]
     with services_from_env_or_start() as services, tempfile.TemporaryDirectory() as tmp:
         extra: dict[str, Any] = {"profile": args.profile}
         if args.profile == "production":
@@ -140,7 +160,7 @@ def main() -> None:
     lines = [
         f"{args.messages} ORU^R01 messages through `HL7Ingest.handle` from {args.concurrency} "
         f"concurrent tasks (no socket), {args.profile} profile: {rate:.0f} messages/s; the "
-        f"gateway process spent {cpu_us:.0f} µs of CPU per message (the conversion worker's "
+        f"gateway process spent {cpu_us:.0f} µs of CPU per message (the conversion workers' "
         "CPU not included).",
         "",
         "| stage (indented: part of the stage above) | calls | p50 | p90 |",

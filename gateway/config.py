@@ -41,8 +41,9 @@ class Settings(BaseSettings):
     # local codes the unified dictionary cannot map are rejected (AE, 103) instead of kept.
     hl7_authority_systems: dict[str, str] = {}
     hl7_strict_codes: bool = False
-    # Processes converting HL7 v2 to FHIR beside the gateway's own (0: convert in-process).
-    hl7_convert_workers: int = 1
+    # Processes converting HL7 v2 to FHIR beside the gateway's own (0: convert in-process);
+    # each batch of messages is split over them.
+    hl7_convert_workers: int = 2
     # DICOMweb base URL written into ImagingStudy endpoints.
     imaging_endpoint_base: str | None = None
     # Public keys of the alliance's institutions (JSON); default: data_dir/trust.json with our own.

@@ -68,7 +68,7 @@ class HL7Ingest:
             self.options, pseudonym_key=gw.pseudonym_key, workers=s.hl7_convert_workers
         )
         self._tz = ZoneInfo(s.default_tz)
-        self._finishing: set[asyncio.Task[None]] = set()
+        self._finishing: set[asyncio.Future[list[None]]] = set()
 
     async def start(self) -> None:
         """Start the conversion workers and the de-duplication state's grouping."""
@@ -150,7 +150,7 @@ class HL7Ingest:
         digest = hashlib.sha256(raw).hexdigest()
         # The conversion (in a worker process) runs while the claim is made; for the rare
         # duplicate its result is simply dropped.
-        conversion = asyncio.ensure_future(self.converter.convert(raw))
+        conversion = self.converter.begin(raw)
         try:
             decision = await self.dedup.begin(facility, msg.control_id, digest)
         except BackendError:
@@ -196,15 +196,18 @@ class HL7Ingest:
         acks: list[bytes],
         extra: dict[str, Any],
     ) -> None:
-        async def finish() -> None:
-            try:
-                await self.dedup.finish(facility, control_id, digest, acks)
-            except (BackendError, RuntimeError):
+        def recorded(fut: asyncio.Future[list[None]]) -> None:
+            self._finishing.discard(fut)
+            if fut.cancelled() or fut.exception() is not None:
                 log.error("hl7 accepted but could not record it for de-duplication", extra=extra)
 
-        task = asyncio.create_task(finish(), name="hl7-dedup-finish")
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
+        try:
+            fut = self.dedup.record(facility, control_id, digest, acks)
+        except RuntimeError:
+            log.error("hl7 accepted but could not record it for de-duplication", extra=extra)
+            return
+        self._finishing.add(fut)
+        fut.add_done_callback(recorded)
 
     async def _release(self, facility: str, control_id: str) -> None:
         try:

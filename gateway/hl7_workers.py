@@ -111,6 +111,11 @@ def _exit_with_parent(parent: int) -> None:
 #: How often a worker checks that the gateway process is still its parent.
 WATCH_PARENT_S = 0.5
 
+#: Messages converted as one batch at most, split over the workers. Messages that arrive
+#: together (from many senders at once) then stay together downstream: one blob-store write
+#: and one ledger batch for all of them, far cheaper per message than several small batches.
+CONVERT_BATCH_MAX = 32
+
 
 def prepare(
     raw: bytes,
@@ -213,10 +218,10 @@ class ConversionWorkers:
         self._group: GroupCommitter[bytes, Outcome] = GroupCommitter(
             self._run_batch,
             name="hl7-convert",
-            max_items=16,
+            max_items=CONVERT_BATCH_MAX,
             max_delay=0.0005,
-            # One batch more than workers: the next is queued while a worker converts.
-            concurrency=workers + 1,
+            # The next batch is handed over while the workers convert this one.
+            concurrency=2,
         )
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -247,24 +252,63 @@ class ConversionWorkers:
 
     async def convert(self, raw: bytes) -> Outcome:
         """The conversion of one message. Never raises (a stopped converter: Crashed)."""
+        return await self.begin(raw)
+
+    def begin(self, raw: bytes) -> asyncio.Future[Outcome]:
+        """Start converting one message: a future that never fails (a stopped converter:
+        Crashed), so that the caller can do something else meanwhile without a task.
+        Cancelling it drops the result, not the conversion."""
+        outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         try:
-            (outcome,) = await self._group.submit([raw])
+            batch = self._group.enqueue([raw])
         except RuntimeError as exc:
-            return Crashed(type(exc).__name__)
+            outcome.set_result(Crashed(type(exc).__name__))
+            return outcome
+
+        def done(batch: asyncio.Future[list[Outcome]]) -> None:
+            if outcome.done():
+                return
+            if batch.cancelled():
+                outcome.set_result(Crashed("CancelledError"))
+            elif (exc := batch.exception()) is not None:
+                outcome.set_result(Crashed(type(exc).__name__))
+            else:
+                outcome.set_result(batch.result()[0])
+
+        batch.add_done_callback(done)
         return outcome
 
     async def _run_batch(self, raws: list[bytes]) -> list[Outcome]:
+        """Convert a batch, split evenly over the workers, and return it whole: the batch
+        stays one batch downstream (one blob-store write, one ledger batch), which costs far
+        less per message than the same messages in several smaller batches."""
         if self._pool is None:
             return [convert_one(raw, self.options, self._key) for raw in raws]
         pool = self._pool
+        loop = asyncio.get_running_loop()
+        size = -(-len(raws) // self.workers)
+        futures: list[asyncio.Future[list[Outcome]]] = []
         try:
-            outcomes: list[Outcome] = await asyncio.get_running_loop().run_in_executor(
-                pool, convert_batch, raws
-            )
-            return outcomes
-        except BrokenProcessPool:
-            log.error("hl7 conversion worker died: batch answered AE, pool replaced")
-            if self._pool is pool:
-                pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = self._new_pool()
-            return [Crashed("BrokenProcessPool")] * len(raws)
+            for i in range(0, len(raws), size):
+                futures.append(loop.run_in_executor(pool, convert_batch, raws[i : i + size]))
+        except BrokenProcessPool:  # already known to be broken: submitting raises at once
+            for fut in futures:
+                fut.cancel()
+            return self._replace(pool, len(raws))
+        parts = await asyncio.gather(*futures, return_exceptions=True)
+        outcomes: list[Outcome] = []
+        for part in parts:
+            if isinstance(part, BrokenProcessPool):
+                return self._replace(pool, len(raws))
+            if isinstance(part, BaseException):
+                raise part
+            outcomes += part
+        return outcomes
+
+    def _replace(self, pool: ProcessPoolExecutor, count: int) -> list[Outcome]:
+        """A worker of ``pool`` died: replace the pool (once); ``count`` Crashed outcomes."""
+        log.error("hl7 conversion worker died: batch answered AE, pool replaced")
+        if self._pool is pool:
+            pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+        return [Crashed("BrokenProcessPool")] * count

@@ -343,8 +343,8 @@ class RecordPipeline:
         ``record`` leaf per unit (with ``contains`` when ``contained``); one StoredRecord per
         resource carried."""
         locations, _ = await asyncio.gather(
-            self._blob_commit.submit([u.blob for u in units]),
-            self._key_commit.submit([u.key for u in units]),
+            self._blob_commit.enqueue([u.blob for u in units]),
+            self._key_commit.enqueue([u.key for u in units]),
         )
         leaves = []
         for unit, at in zip(units, locations, strict=True):

@@ -82,16 +82,24 @@ class GroupCommitter(Generic[T, R]):
 
     async def submit(self, items: Sequence[T]) -> list[R]:
         """Queue items and wait for their results. Raises whatever the batch call raised."""
+        return await self.enqueue(items)
+
+    def enqueue(self, items: Sequence[T]) -> asyncio.Future[list[R]]:
+        """Queue items; the future gets their results or the batch call's exception. For a
+        caller that waits on several things at once: no task per wait, as ``submit`` inside
+        ``gather`` would cost. Raises RuntimeError when the group commit is not running."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[R]] = loop.create_future()
         if not items:
-            return []
+            fut.set_result([])
+            return fut
         if self._task is None or self._task.done():
             raise RuntimeError(f"{self.name} group commit is not running")
-        fut: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Waiting(list(items), fut))
         self._pending_items += len(items)
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(True)
-        return await fut
+        return fut
 
     async def _more(self, timeout: float | None) -> bool:
         """Wait until something is submitted (True) or ``timeout`` seconds pass (False).

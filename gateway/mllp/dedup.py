@@ -13,6 +13,7 @@ The claims and the acceptances of concurrent messages are grouped: one Redis rou
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,18 +102,23 @@ class Deduplicator:
             return InProgress()
         return Replay(tuple(bytes.fromhex(a) for a in record["acks"]))
 
-    async def finish(
+    def record(
         self, facility: str, control_id: str, content_hash: str, acks: Sequence[bytes]
-    ) -> None:
-        """Record the accepted message and its ACKs (for replays)."""
+    ) -> asyncio.Future[list[None]]:
+        """Start recording the accepted message and its ACKs (for replays): a future that
+        fails with the store's error. Until it is done, a copy of the message gets the same
+        ACKs from memory. Raises RuntimeError when stopped."""
         key = _key(facility, control_id)
         record = {"h": content_hash, "s": "done", "acks": [a.hex() for a in acks]}
         encoded = orjson.dumps(record)
         self._recording[key] = (content_hash, tuple(acks))
         try:
-            await self._accepts.submit([(key, encoded, ACCEPTED_TTL_S)])
-        finally:
+            fut = self._accepts.enqueue([(key, encoded, ACCEPTED_TTL_S)])
+        except RuntimeError:
             self._recording.pop(key, None)
+            raise
+        fut.add_done_callback(lambda _: self._recording.pop(key, None))
+        return fut
 
     async def abort(self, facility: str, control_id: str) -> None:
         """Release the claim of a message that was not accepted, so a retry is processed."""

@@ -3,6 +3,7 @@ and a worker that dies costs its batch an AE, not the gateway."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -100,6 +101,28 @@ async def test_pool_and_inline_give_the_same_outcomes(workers: int) -> None:
     assert ok.entries[-1][:3] == inline.entries[-1][:3]
     assert (ok.patient, ok.container_id) == (inline.patient, inline.container_id)
     assert bad == convert_one(NO_PATIENT, OPTIONS, KEY)
+
+
+async def test_a_batch_split_over_workers_comes_back_whole_and_in_order() -> None:
+    """Concurrent messages are converted as one batch split over both workers; each caller
+    gets the outcome of its own message."""
+    control = ORU.split(b"|")[9]
+    raws = [ORU.replace(control, b"SPLIT-%d" % i, 1) for i in range(9)] + [NO_PATIENT]
+    conv = ConversionWorkers(OPTIONS, pseudonym_key=KEY, workers=2)
+    await conv.start()
+    try:
+        assert conv._pool is not None and len(conv._pool._processes) == 2
+        outcomes = await asyncio.gather(*(conv.begin(raw) for raw in raws))
+    finally:
+        await conv.stop()
+    for raw, outcome in zip(raws, outcomes, strict=True):
+        inline = convert_one(raw, OPTIONS, KEY)
+        if isinstance(inline, Converted):
+            assert isinstance(outcome, Converted)
+            assert outcome.container_id == inline.container_id
+        else:
+            assert outcome == inline
+    assert len({o.container_id for o in outcomes if isinstance(o, Converted)}) == 9
 
 
 async def test_a_dead_worker_fails_its_batch_and_is_replaced() -> None:

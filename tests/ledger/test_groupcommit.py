@@ -89,3 +89,21 @@ async def test_stop_fails_calls_in_flight_and_rejects_new_ones() -> None:
         await gc.submit([2])
     with pytest.raises(ValueError):
         GroupCommitter(never, name="t", concurrency=0)
+
+
+async def test_enqueue_gives_a_future_per_caller() -> None:
+    async def square(items: list[int]) -> list[int]:
+        return [i * i for i in items]
+
+    gc: GroupCommitter[int, int] = GroupCommitter(square, name="t", max_delay=0.001)
+    with pytest.raises(RuntimeError, match="not running"):
+        gc.enqueue([1])
+    gc.start()
+    try:
+        futures = [gc.enqueue([i]) for i in range(10)]
+        assert all(isinstance(f, asyncio.Future) for f in futures)
+        empty = gc.enqueue([])
+        assert empty.done() and empty.result() == []
+        assert await asyncio.gather(*futures) == [[i * i] for i in range(10)]
+    finally:
+        await gc.stop()
