@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     max_mllp_message_bytes: int = 4 * 1024 * 1024
     mllp_idle_timeout: float = 300.0
     batch_max_leaves: int = 500
-    batch_max_delay_ms: float = 5.0
+    # How long the ledger waits for more leaves before it appends a batch; the leaves of
+    # messages that arrived together come together anyway (2 ms measured 8% faster than 5).
+    batch_max_delay_ms: float = 2.0
     backend_timeout: float = 10.0
 
     # Witnesses (docs/ledger-format.md, "Witness protocol"): a checkpoint is final once
