@@ -289,8 +289,8 @@ async def main() -> None:
         f"{kubo_batched:.0f} blocks/s |",
         f"| Kubo `dag/import`, {args.per_bundle} blocks under one pinned root | "
         f"{kubo_root:.0f} blocks/s |",
-        f"| Kubo `dag/import`, {args.per_bundle} payloads in one pack block under one pinned "
-        f"root (the gateway's write path) | {kubo_pack:.0f} payloads/s |",
+        f"| Kubo `block/put`, {args.per_bundle} payloads in one pinned pack block "
+        f"(the gateway's write path) | {kubo_pack:.0f} payloads/s |",
         f"| JetStream publish (R3, file storage, sync always) | {js:.0f} msgs/s |",
         "",
         f"Production profile: {rows[1][1]['resources_per_s'] / kubo:.2f}x the records/s of "
