@@ -56,7 +56,12 @@ _SIZE = struct.Struct(">Q")
 
 
 def _crc(level: int, index: int, h: bytes | bytearray | memoryview) -> bytes:
-    return struct.pack(">I", zlib.crc32(h, zlib.crc32(_CRC_PREFIX.pack(level, index))))
+    return _crc_of(h, zlib.crc32(_CRC_PREFIX.pack(level, index)))
+
+
+def _crc_of(data: bytes | bytearray | memoryview, start: int = 0) -> bytes:
+    """4-byte big-endian CRC-32 of ``data`` (continuing from ``start``)."""
+    return struct.pack(">I", zlib.crc32(data, start))
 
 
 def _read_synced_size(directory: Path) -> int | None:
@@ -71,10 +76,6 @@ def _read_synced_size(directory: Path) -> int | None:
         raise StoreCorruptionError("damaged synced-size record", path=path, offset=0)
     size: int = _SIZE.unpack(data[: _SIZE.size])[0]
     return size
-
-
-def _crc_of(data: bytes) -> bytes:
-    return struct.pack(">I", zlib.crc32(data))
 
 
 def _open_read_only(path: Path) -> BinaryIO:
@@ -461,7 +462,7 @@ class TreeStore:
         if self._closed:
             return
         try:
-            if self._files and not self._read_only:
+            if self._files:
                 self.flush()
         finally:
             for files in self._files:

@@ -56,10 +56,12 @@ SIGNERS = {name: Signer.generate(name) for name in ("hosp-a", "clinic-b")}
 TRUST = TrustedKeys.of(SIGNERS.values())
 
 
-def make(log: MemoryLog, name: str = "hosp-a", **kw: object) -> Ledger:
+def make(
+    log: MemoryLog, name: str = "hosp-a", tree: TreeStore | None = None, **kw: object
+) -> Ledger:
     return Ledger(
         log=log,
-        tree=TreeStore.memory(),
+        tree=TreeStore.memory() if tree is None else tree,
         signer=SIGNERS[name],
         trusted=TRUST,
         origin="test/ledger",
@@ -172,15 +174,7 @@ async def test_appends_do_not_wait_for_the_stored_tree_and_a_crash_loses_none_of
     everything written since, the next start re-derives it from the log."""
     log = MemoryLog()
     tree_dir = tmp_path / "tree"
-    ledger = Ledger(
-        log=log,
-        tree=TreeStore.open(tree_dir),
-        signer=SIGNERS["hosp-a"],
-        trusted=TRUST,
-        origin="test/ledger",
-        conflict_error=LogConflictError,
-        tree_sync_interval=3600,
-    )
+    ledger = make(log, tree=TreeStore.open(tree_dir), tree_sync_interval=3600)
     await ledger.start(follow_interval=None)
     for i in range(20):
         await ledger.append([f"leaf-{i}".encode()])
@@ -191,15 +185,7 @@ async def test_appends_do_not_wait_for_the_stored_tree_and_a_crash_loses_none_of
         files.close()
     for path in tree_dir.glob("level-*"):  # and the page cache never reached the disk
         path.write_bytes(bytes(path.stat().st_size))
-    again = Ledger(
-        log=log,
-        tree=TreeStore.open(tree_dir),
-        signer=SIGNERS["hosp-a"],
-        trusted=TRUST,
-        origin="test/ledger",
-        conflict_error=LogConflictError,
-        tree_sync_interval=0,
-    )
+    again = make(log, tree=TreeStore.open(tree_dir), tree_sync_interval=0)
     assert again.tree.size == 0
     await again.start(follow_interval=None)
     assert again.size == 20 and again.tree.root() == expected
