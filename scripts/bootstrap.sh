@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create the project's virtual environment (.venv) and install the gateway with its dev tools.
-# Idempotent: a second run only re-installs when pyproject.toml changed.
+# Idempotent: a second run only re-installs when pyproject.toml changed, and only recompiles
+# the HL7 v2 conversion (scripts/build_compiled.py) when its sources changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python3}"
@@ -17,3 +18,5 @@ if [[ ! -f "$STAMP" ]]; then
     rm -f "$VENV"/.installed-*
     touch "$STAMP"
 fi
+# The HL7 v2 conversion compiled with mypyc (optional: without a C compiler it runs as Python).
+"$VENV/bin/python" "$ROOT/scripts/build_compiled.py"

@@ -78,6 +78,23 @@ class ConversionOptions:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (for the conversion workers) as its arguments, without the memo: the same
+        for the compiled build of this module (mypyc) as for the pure one."""
+        return (
+            ConversionOptions,
+            (
+                self.default_tz,
+                self.master_id_system,
+                self.institution,
+                self.imaging_endpoint_base,
+                self.terminology,
+                self.authority_systems,
+                self.strict_codes,
+                self.id_secret,
+            ),
+        )
+
 
 #: Entries kept in ``ConversionOptions.memo`` before it is emptied and refilled.
 MEMO_SIZE = 4096

@@ -510,9 +510,9 @@ def decimal(value: str) -> int | float:
     match = _NM.match(value)
     if match is None or not (match.group(2) or match.group(3)):
         raise MessageContentError("not a valid numeric (NM) value", hl7_code="102")
-    sign, whole, frac = match.groups()
-    number = (sign or "") + (whole or "0") + (f".{frac}" if frac else "")
-    return float(number) if frac else int(number)
+    sign, digits, fraction = match.groups()
+    number = (sign or "") + (digits or "0") + (f".{fraction}" if fraction else "")
+    return float(number) if fraction else int(number)
 
 
 def quantity(value: str, unit_rep: Rep | None) -> JsonDict:

@@ -1,0 +1,90 @@
+"""The compiled build of ``mappings.v2`` (mappings/compiled.py): used only when it was built
+from exactly the sources present, and converting every fixture exactly as the pure build does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mappings.v2
+from mappings import compiled
+from mappings.v2 import parse as parse_module
+
+from .conftest import HL7_DIR, ROOT
+
+REGEN_SCRIPT = ROOT / "scripts" / "regen_hl7_expected.py"
+
+#: Converts every fixture and prints which build ran and what each fixture gave.
+CONVERT_ALL = f"""
+import importlib.util, json, sys
+sys.path.insert(0, {str(ROOT)!r})
+spec = importlib.util.spec_from_file_location("regen", {str(REGEN_SCRIPT)!r})
+regen = importlib.util.module_from_spec(spec); spec.loader.exec_module(regen)
+from pathlib import Path
+import mappings.v2
+root = Path({str(HL7_DIR)!r})
+options = regen.load_options(root)
+out = {{p.name: regen.dump(regen.convert_fixture(p, options)) for p in sorted(root.glob("*.hl7"))}}
+print(json.dumps({{"compiled": mappings.v2.COMPILED, "out": out}}))
+"""
+
+
+def test_the_build_in_use_is_the_one_its_manifest_allows() -> None:
+    allowed = compiled.usable()
+    assert mappings.v2.COMPILED is allowed
+    assert str(parse_module.__file__).endswith(".so") is allowed
+    if os.environ.get("GATEWAY_REQUIRE_COMPILED"):  # set by CI, which builds it
+        assert allowed, "no current compiled build: run scripts/build_compiled.py"
+
+
+def test_a_missing_stale_or_unreadable_build_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GATEWAY_PURE_PYTHON", raising=False)
+    package = tmp_path / "mappings"
+    (package / "v2").mkdir(parents=True)
+    (package / "errors.py").write_text("x = 1\n")
+    (package / "v2" / "parse.py").write_text("y = 2\n")
+    build = tmp_path / "build"
+    build.mkdir()
+    assert not compiled.usable(build, package)  # nothing built
+    manifest = build / compiled.MANIFEST
+    manifest.write_text(json.dumps({"digest": compiled.source_digest(package)}))
+    assert compiled.usable(build, package)
+    monkeypatch.setenv("GATEWAY_PURE_PYTHON", "1")
+    assert not compiled.usable(build, package)  # asked for the pure build
+    monkeypatch.delenv("GATEWAY_PURE_PYTHON")
+    (package / "v2" / "parse.py").write_text("y = 3\n")  # edited after the build
+    assert not compiled.usable(build, package)
+    (package / "v2" / "parse.py").write_text("y = 2\n")
+    (package / "v2" / "new.py").write_text("z = 1\n")  # a module added after the build
+    assert not compiled.usable(build, package)
+    (package / "v2" / "new.py").unlink()
+    assert compiled.usable(build, package)
+    manifest.write_text("{not json")
+    assert not compiled.usable(build, package)
+
+
+def _convert_all(pure: bool) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_PURE_PYTHON"}
+    if pure:
+        env["GATEWAY_PURE_PYTHON"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", CONVERT_ALL], env=env, capture_output=True, text=True, check=True
+    )
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_compiled_and_pure_builds_convert_every_fixture_alike() -> None:
+    pure, current = _convert_all(pure=True), _convert_all(pure=False)
+    assert pure["compiled"] is False
+    assert current["compiled"] is (compiled.built_digest() == compiled.source_digest())
+    fixtures = sorted(p.name for p in HL7_DIR.glob("*.hl7"))
+    assert isinstance(pure["out"], dict) and sorted(pure["out"]) == fixtures
+    assert current["out"] == pure["out"]
