@@ -106,6 +106,24 @@ async def load(base: str, seconds: float, clients: int, per_bundle: int) -> dict
     }
 
 
+def gateway_env(services: Any, profile: str, data_dir: str, **extra: str) -> dict[str, str]:
+    """The environment of a benchmarked gateway: this process's, with ``profile``, ``data_dir``,
+    the addresses of ``services``, a fresh NATS stream and Redis key prefix, then ``extra``."""
+    env = dict(os.environ)
+    env.update(
+        GATEWAY_PROFILE=profile,
+        GATEWAY_DATA_DIR=data_dir,
+        GATEWAY_LOG_LEVEL="WARNING",
+        GATEWAY_KUBO_URL=services.kubo_url,
+        GATEWAY_NATS_URLS=",".join(services.nats_urls),
+        GATEWAY_REDIS_URL=services.redis_url,
+        GATEWAY_NATS_STREAM=f"BENCH{uuid.uuid4().hex[:8].upper()}",
+        GATEWAY_REDIS_PREFIX=f"bench:{uuid.uuid4().hex[:8]}:",
+    )
+    env.update(extra)
+    return env
+
+
 def start_gateway(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
     """Start ``gateway serve`` and wait until it answers."""
     proc = subprocess.Popen(
@@ -243,16 +261,11 @@ async def main() -> None:
         )
         js = await jetstream_baseline(services.nats_urls, min(args.seconds, 10), args.clients)
         for profile in ("embedded", "production"):
-            env = dict(os.environ)
-            env.update(
-                GATEWAY_PROFILE=profile,
-                GATEWAY_DATA_DIR=f"{tmp}/{profile}",
+            env = gateway_env(
+                services,
+                profile,
+                f"{tmp}/{profile}",
                 GATEWAY_MLLP_ENABLED="false",
-                GATEWAY_LOG_LEVEL="WARNING",
-                GATEWAY_KUBO_URL=services.kubo_url,
-                GATEWAY_NATS_URLS=",".join(services.nats_urls),
-                GATEWAY_REDIS_URL=services.redis_url,
-                GATEWAY_NATS_STREAM=f"BENCH{uuid.uuid4().hex[:8].upper()}",
                 GATEWAY_INSTITUTION=f"bench-{profile}",
             )
             port = free_port()

@@ -2,10 +2,11 @@
 
 Reports messages/s and p50/p99 ACK latency end to end (parse, convert, encrypt, store in Kubo,
 anchor in the R3 JetStream ledger, ACK), beside the bare parse rates of hl7apy, python-hl7 and
-our parser measured in the same run (bench/bench_parse.py's cases). Writes its section of
-docs/benchmarks.md.
+our parser measured in the same run (bench/bench_parse.py's cases), and the production profile
+once more with the conversion as Python (``GATEWAY_PURE_PYTHON=1``) as the baseline for the
+compiled build (mappings/compiled.py). Writes its section of docs/benchmarks.md.
 
-Run:  .venv/bin/python bench/bench_mllp.py [--rounds 3] [--seconds 15] [--connections 32]
+Run:  .venv/bin/python bench/bench_mllp.py [--rounds 5] [--seconds 15] [--connections 32]
       [--profile both]
 (starts its own services with tests/services/harness.py unless GATEWAY_SERVICES_ENV is set).
 """
@@ -20,11 +21,19 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import kubo_baseline, kubo_batch_root, pct, start_gateway  # noqa: E402
+import mappings.v2  # noqa: E402
+from bench.bench_ingest import (  # noqa: E402
+    gateway_env,
+    kubo_baseline,
+    kubo_batch_root,
+    pct,
+    start_gateway,
+)
 from bench.bench_parse import rate  # noqa: E402
 from bench.report import CpuMeter, children_of, machine_busy, write_section  # noqa: E402
 from gateway.demo import free_port  # noqa: E402
@@ -32,6 +41,8 @@ from gateway.mllp.client import MLLPClient  # noqa: E402
 from tests.services.harness import services_from_env_or_start  # noqa: E402
 
 FIXTURE = ROOT / "fixtures" / "hl7v2" / "oru_r01_lab.hl7"
+PYTHON_BASELINE = "production, conversion as Python"
+BUILD = "compiled (mypyc)" if mappings.v2.COMPILED else "as Python (no compiled build)"
 
 
 async def load(port: int, seconds: float, connections: int, raw: bytes) -> dict[str, float]:
@@ -81,13 +92,52 @@ def rates_of(result: dict[str, float]) -> str:
     return ", ".join(f"{v:.0f}" for k, v in result.items() if k.startswith("round_"))
 
 
+async def one_round(
+    services: Any, profile: str, as_python: bool, args: argparse.Namespace, raw: bytes
+) -> dict[str, float]:
+    """One round against a fresh gateway of ``profile`` (the conversion as Python when
+    ``as_python``): rate, latencies, machine load and each process's CPU."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = gateway_env(services, profile, f"{tmp}/gw", GATEWAY_INSTITUTION="hosp-a")
+        env.pop("GATEWAY_PURE_PYTHON", None)
+        if as_python:
+            env["GATEWAY_PURE_PYTHON"] = "1"
+        http_port, mllp_port = free_port(), free_port()
+        env["GATEWAY_MLLP_PORT"] = str(mllp_port)
+        proc = start_gateway(env, http_port, Path(tmp) / "gateway.log")
+        groups = {
+            "gateway process": [proc.pid],
+            "conversion workers": children_of(proc.pid),
+            "Kubo": [services.pid("kubo")],
+            "NATS (3 nodes)": [services.pid(f"nats-n{i}") for i in (1, 2, 3)],
+            "Redis": [services.pid("redis")],
+            "load generator (this script)": [os.getpid()],
+        }
+        try:
+            meter = CpuMeter({k: [p for p in v if p is not None] for k, v in groups.items()})
+            meter.start()
+            busy = machine_busy()
+            result = await load(mllp_port, args.seconds, args.connections, raw)
+            result["machine_busy"] = busy()
+            result.update({f"cpu:{k}": v for k, v in meter.stop().items()})
+            return result
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=15, help="length of one round")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per profile (median kept)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds per row (median kept)")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--profile", default="both", choices=["production", "embedded", "both"])
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--no-python-baseline",
+        action="store_true",
+        help="skip the production run with the conversion as Python",
+    )
     args = ap.parse_args()
     raw = FIXTURE.read_bytes()
 
@@ -103,57 +153,27 @@ async def main() -> None:
         "ours": rate(lambda: parse(raw), seconds=1.0, rounds=3),
     }
     profiles = ["production", "embedded"] if args.profile == "both" else [args.profile]
-    results: dict[str, dict[str, float]] = {}
+    runs = [(p, p, False) for p in profiles]  # (row name, profile, conversion as Python)
+    if "production" in profiles and not args.no_python_baseline:
+        runs.insert(1, (PYTHON_BASELINE, "production", True))
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
     with services_from_env_or_start() as services:
-        for profile in profiles:
-            with tempfile.TemporaryDirectory() as tmp:
-                env = dict(os.environ)
-                env.update(
-                    GATEWAY_PROFILE=profile,
-                    GATEWAY_DATA_DIR=f"{tmp}/gw",
-                    GATEWAY_LOG_LEVEL="WARNING",
-                    GATEWAY_KUBO_URL=services.kubo_url,
-                    GATEWAY_NATS_URLS=",".join(services.nats_urls),
-                    GATEWAY_REDIS_URL=services.redis_url,
-                    GATEWAY_NATS_STREAM=f"BENCH{uuid.uuid4().hex[:8].upper()}",
-                    GATEWAY_REDIS_PREFIX=f"bench:{uuid.uuid4().hex[:8]}:",
-                    GATEWAY_INSTITUTION="hosp-a",
-                )
-                http_port, mllp_port = free_port(), free_port()
-                env["GATEWAY_MLLP_PORT"] = str(mllp_port)
-                proc = start_gateway(env, http_port, Path(tmp) / "gateway.log")
-                groups = {
-                    "gateway process": [proc.pid],
-                    "conversion workers": children_of(proc.pid),
-                    "Kubo": [services.pid("kubo")],
-                    "NATS (3 nodes)": [services.pid(f"nats-n{i}") for i in (1, 2, 3)],
-                    "Redis": [services.pid("redis")],
-                    "load generator (this script)": [os.getpid()],
-                }
-                try:
-                    rounds = []
-                    for _ in range(args.rounds):
-                        meter = CpuMeter(
-                            {k: [p for p in v if p is not None] for k, v in groups.items()}
-                        )
-                        meter.start()
-                        busy = machine_busy()
-                        result = await load(mllp_port, args.seconds, args.connections, raw)
-                        result["machine_busy"] = busy()
-                        result.update({f"cpu:{k}": v for k, v in meter.stop().items()})
-                        rounds.append(result)
-                    results[profile] = median_round(rounds)
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=30)
-            print(profile, results[profile], flush=True)
+        # Rounds alternate between the runs (a fresh gateway each), so that the host's drift
+        # (this machine is shared) falls on all of them alike.
+        for n in range(args.rounds):
+            for name, profile, as_python in runs:
+                result = await one_round(services, profile, as_python, args, raw)
+                rounds[name].append(result)
+                print(n, name, {k: round(v, 2) for k, v in result.items()}, flush=True)
+        results = {name: median_round(r) for name, r in rounds.items()}
         kubo_pinned = await kubo_baseline(services.kubo_url, 8, 2, per_call=16, size=8192)
         kubo_root = await kubo_batch_root(services.kubo_url, 8, 2, per_call=16)
         kubo_pack = await kubo_batch_root(services.kubo_url, 8, 2, per_call=16, packed=True)
     lines = [
         f"ORU^R01 with 5 OBX ({FIXTURE.name}), {args.connections} MLLP connections, "
-        f"{args.rounds} rounds of {args.seconds:.0f} s per profile against one gateway (the "
-        "round with the median rate is shown), load generator on the same machine. Each "
+        f"{args.rounds} rounds of {args.seconds:.0f} s per row, alternating between the rows, "
+        "each against a fresh gateway (the round with the median rate is shown), load "
+        "generator on the same machine. Each "
         "message is "
         "parsed, converted (10 resources: Organization, Patient, Encounter, Specimen, "
         "5 Observations, DiagnosticReport), stored with the original message as a Binary and "
@@ -161,6 +181,8 @@ async def main() -> None:
         "ledger leaf; the ciphertexts of a batch of messages go to the blob store as one "
         "pack block), and acknowledged after all of it is durable. Production: Kubo, 3-node "
         "JetStream R3 (sync always), Redis; embedded: local blockstore and file log.",
+        "",
+        f"The conversion ran {BUILD} unless the row says otherwise.",
         "",
         "| profile | messages ACKed (AA/CA) per second | ACK p50 | ACK p99 | not accepted |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -185,6 +207,20 @@ async def main() -> None:
         cpu = {k[4:]: v for k, v in prod.items() if k.startswith("cpu:")}
         lines += [f"| {k} | {v / n * 1e6:,.0f} µs |" for k, v in cpu.items()]
         lines += [f"| **all of these** | **{sum(cpu.values()) / n * 1e6:,.0f} µs** |"]
+    python = results.get(PYTHON_BASELINE)
+    if python is not None:
+        compiled_rate, python_rate = results["production"]["msgs_per_s"], python["msgs_per_s"]
+
+        def workers_us(r: dict[str, float]) -> float:
+            return r["cpu:conversion workers"] / r["messages"] * 1e6
+
+        lines += [
+            "",
+            "Compiled against Python conversion on the production profile, alternating rounds "
+            f"of the same run: {compiled_rate:,.0f} against {python_rate:,.0f} messages/s "
+            f"({compiled_rate / python_rate:.2f}x); the conversion workers' CPU per message "
+            f"{workers_us(results['production']):,.0f} against {workers_us(python):,.0f} µs.",
+        ]
     lines += [
         "",
         "Bare parse rates in the same run (one core, median of 3 rounds):",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from mappings import compiled
 from mappings.v2 import parse as parse_module
 
 from .conftest import HL7_DIR, ROOT
+from .test_fuzz import _mutate as mutate
 
 REGEN_SCRIPT = ROOT / "scripts" / "regen_hl7_expected.py"
 
@@ -30,6 +33,34 @@ import mappings.v2
 root = Path({str(HL7_DIR)!r})
 options = regen.load_options(root)
 out = {{p.name: regen.dump(regen.convert_fixture(p, options)) for p in sorted(root.glob("*.hl7"))}}
+print(json.dumps({{"compiled": mappings.v2.COMPILED, "out": out}}))
+"""
+
+
+#: Converts the messages in a file (length-prefixed) and prints each one's outcome: a digest
+#: of what it became, or the error's class, HL7 code and location.
+CONVERT_MESSAGES = f"""
+import hashlib, json, struct, sys
+sys.path.insert(0, {str(ROOT)!r})
+import mappings.v2
+from mappings.errors import MappingError
+from mappings.v2.convert import convert
+from mappings.v2.parse import parse
+from scripts.regen_hl7_expected import dump, load_options
+from pathlib import Path
+options = load_options(Path({str(HL7_DIR)!r}))
+data = open(sys.argv[1], "rb").read()
+out, pos = [], 0
+while pos < len(data):
+    (size,) = struct.unpack_from(">I", data, pos)
+    raw = data[pos + 4 : pos + 4 + size]
+    pos += 4 + size
+    try:
+        result = convert(parse(raw), options=options)
+        out.append("ok " + hashlib.sha256(dump(result.resources).encode()).hexdigest())
+    except MappingError as exc:
+        out.append(" ".join(map(str, (type(exc).__name__, exc.hl7_code, exc.ack_code,
+            exc.segment, exc.segment_index, exc.field, exc.component, exc.repetition, exc))))
 print(json.dumps({{"compiled": mappings.v2.COMPILED, "out": out}}))
 """
 
@@ -88,3 +119,35 @@ def test_compiled_and_pure_builds_convert_every_fixture_alike() -> None:
     fixtures = sorted(p.name for p in HL7_DIR.glob("*.hl7"))
     assert isinstance(pure["out"], dict) and sorted(pure["out"]) == fixtures
     assert current["out"] == pure["out"]
+
+
+def test_compiled_and_pure_builds_treat_mutated_messages_alike(tmp_path: Path) -> None:
+    """2,000 seeded mutations of the fixtures: the same resources or the same error (class,
+    code, location, text) from both builds; neither raises anything but MappingError."""
+    rng = random.Random(20261129)
+    samples = [p.read_bytes() for p in sorted(HL7_DIR.glob("*.hl7"))]
+    messages = [mutate(rng, rng.choice(samples)) for _ in range(2000)]
+    batch = tmp_path / "messages"
+    batch.write_bytes(b"".join(struct.pack(">I", len(m)) + m for m in messages))
+    runs = {}
+    for pure in (True, False):
+        env = {k: v for k, v in os.environ.items() if k != "GATEWAY_PURE_PYTHON"}
+        if pure:
+            env["GATEWAY_PURE_PYTHON"] = "1"
+        done = subprocess.run(
+            [sys.executable, "-c", CONVERT_MESSAGES, str(batch)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
+        runs[pure] = json.loads(done.stdout)
+    assert runs[True]["compiled"] is False
+    assert runs[False]["compiled"] is (compiled.built_digest() == compiled.source_digest())
+    pure_out, current_out = runs[True]["out"], runs[False]["out"]
+    assert len(pure_out) == len(messages)
+    # Both kinds of outcome occur, so the comparison covers errors and conversions.
+    assert any(o.startswith("ok ") for o in pure_out)
+    assert any(not o.startswith("ok ") for o in pure_out)
+    assert current_out == pure_out
