@@ -1,5 +1,6 @@
 """The compiled build of ``mappings.v2`` (mappings/compiled.py): used only when it was built
-from exactly the sources present, and converting every fixture exactly as the pure build does."""
+from exactly the sources present, and converting every fixture and mutated message exactly as
+the pure build does."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,19 +22,15 @@ from mappings.v2 import parse as parse_module
 from .conftest import HL7_DIR, ROOT
 from .test_fuzz import _mutate as mutate
 
-REGEN_SCRIPT = ROOT / "scripts" / "regen_hl7_expected.py"
-
 #: Converts every fixture and prints which build ran and what each fixture gave.
 CONVERT_ALL = f"""
-import importlib.util, json, sys
-sys.path.insert(0, {str(ROOT)!r})
-spec = importlib.util.spec_from_file_location("regen", {str(REGEN_SCRIPT)!r})
-regen = importlib.util.module_from_spec(spec); spec.loader.exec_module(regen)
+import json
 from pathlib import Path
 import mappings.v2
+from scripts.regen_hl7_expected import convert_fixture, dump, load_options
 root = Path({str(HL7_DIR)!r})
-options = regen.load_options(root)
-out = {{p.name: regen.dump(regen.convert_fixture(p, options)) for p in sorted(root.glob("*.hl7"))}}
+options = load_options(root)
+out = {{p.name: dump(convert_fixture(p, options)) for p in sorted(root.glob("*.hl7"))}}
 print(json.dumps({{"compiled": mappings.v2.COMPILED, "out": out}}))
 """
 
@@ -41,7 +39,6 @@ print(json.dumps({{"compiled": mappings.v2.COMPILED, "out": out}}))
 #: of what it became, or the error's class, HL7 code and location.
 CONVERT_MESSAGES = f"""
 import hashlib, json, struct, sys
-sys.path.insert(0, {str(ROOT)!r})
 import mappings.v2
 from mappings.errors import MappingError
 from mappings.v2.convert import convert
@@ -101,24 +98,33 @@ def test_a_missing_stale_or_unreadable_build_is_not_used(
     assert not compiled.usable(build, package)
 
 
-def _convert_all(pure: bool) -> dict[str, object]:
+def _in_build(pure: bool, script: str, *args: str) -> list[Any] | dict[str, Any]:
+    """Run ``script`` (which prints ``{"compiled": ..., "out": ...}``) in a fresh interpreter
+    with the pure build or with whichever build is current; check that it ran that build and
+    return its ``out``."""
     env = {k: v for k, v in os.environ.items() if k != "GATEWAY_PURE_PYTHON"}
     if pure:
         env["GATEWAY_PURE_PYTHON"] = "1"
     done = subprocess.run(
-        [sys.executable, "-c", CONVERT_ALL], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     )
-    result: dict[str, object] = json.loads(done.stdout)
-    return result
+    answer = json.loads(done.stdout)
+    current = compiled.built_digest() == compiled.source_digest()
+    assert answer["compiled"] is (False if pure else current)
+    out: list[Any] | dict[str, Any] = answer["out"]
+    return out
 
 
 def test_compiled_and_pure_builds_convert_every_fixture_alike() -> None:
-    pure, current = _convert_all(pure=True), _convert_all(pure=False)
-    assert pure["compiled"] is False
-    assert current["compiled"] is (compiled.built_digest() == compiled.source_digest())
+    pure, current = _in_build(True, CONVERT_ALL), _in_build(False, CONVERT_ALL)
     fixtures = sorted(p.name for p in HL7_DIR.glob("*.hl7"))
-    assert isinstance(pure["out"], dict) and sorted(pure["out"]) == fixtures
-    assert current["out"] == pure["out"]
+    assert isinstance(pure, dict) and sorted(pure) == fixtures
+    assert current == pure
 
 
 def test_compiled_and_pure_builds_treat_mutated_messages_alike(tmp_path: Path) -> None:
@@ -129,25 +135,10 @@ def test_compiled_and_pure_builds_treat_mutated_messages_alike(tmp_path: Path) -
     messages = [mutate(rng, rng.choice(samples)) for _ in range(2000)]
     batch = tmp_path / "messages"
     batch.write_bytes(b"".join(struct.pack(">I", len(m)) + m for m in messages))
-    runs = {}
-    for pure in (True, False):
-        env = {k: v for k, v in os.environ.items() if k != "GATEWAY_PURE_PYTHON"}
-        if pure:
-            env["GATEWAY_PURE_PYTHON"] = "1"
-        done = subprocess.run(
-            [sys.executable, "-c", CONVERT_MESSAGES, str(batch)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-        )
-        runs[pure] = json.loads(done.stdout)
-    assert runs[True]["compiled"] is False
-    assert runs[False]["compiled"] is (compiled.built_digest() == compiled.source_digest())
-    pure_out, current_out = runs[True]["out"], runs[False]["out"]
-    assert len(pure_out) == len(messages)
+    pure = _in_build(True, CONVERT_MESSAGES, str(batch))
+    current = _in_build(False, CONVERT_MESSAGES, str(batch))
+    assert isinstance(pure, list) and len(pure) == len(messages)
     # Both kinds of outcome occur, so the comparison covers errors and conversions.
-    assert any(o.startswith("ok ") for o in pure_out)
-    assert any(not o.startswith("ok ") for o in pure_out)
-    assert current_out == pure_out
+    assert any(o.startswith("ok ") for o in pure)
+    assert any(not o.startswith("ok ") for o in pure)
+    assert current == pure
