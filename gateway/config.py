@@ -11,12 +11,30 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.errors import ConfigurationError
 
 Profile = Literal["embedded", "production"]
+
+
+class SenderProfile(BaseModel):
+    """How the gateway treats one sender's input (an HL7 v2 sender by MSH-3/MSH-4, or a FHIR
+    client by its client id): the one place per-sender policy lives.
+
+    ``strict_types``: a value that does not fit its HL7 type (a non-numeric OBX-5 under NM)
+    rejects the message (AE) instead of being kept as text with a warning (AA + ERR W).
+    ``missing_master_id``: a patient sent without the alliance's master identifier gets a
+    provisional pseudonym (linked later) or is rejected. ``unmapped_codes``: a local code the
+    unified dictionary cannot map is kept (original coding only) or rejected.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strict_types: bool = False
+    missing_master_id: Literal["provisional", "reject"] = "provisional"
+    unmapped_codes: Literal["accept", "reject"] = "accept"
 
 
 class Settings(BaseSettings):
@@ -40,7 +58,10 @@ class Settings(BaseSettings):
     # HL7 v2: assigning authority (namespace or universal id) -> identifier system URI; whether
     # local codes the unified dictionary cannot map are rejected (AE, 103) instead of kept.
     hl7_authority_systems: dict[str, str] = {}
-    hl7_strict_codes: bool = False
+    # Per-sender policy (see SenderProfile), keyed by an HL7 sender ``MSH-3^MSH-4`` (either
+    # part may be ``*``), or by a FHIR client id; ``default`` applies to everyone else.
+    sender_profiles: dict[str, SenderProfile] = {}
+    default_sender_profile: SenderProfile = SenderProfile()
     # Processes converting HL7 v2 to FHIR beside the gateway's own (0: convert in-process);
     # each batch of messages is split over them.
     hl7_convert_workers: int = 2
@@ -89,6 +110,15 @@ class Settings(BaseSettings):
     anchor_trust: bool = True
 
     log_level: str = "INFO"
+
+    def sender_profile(self, *keys: str) -> SenderProfile:
+        """The profile of the first of ``keys`` that has one (most specific first), else the
+        default."""
+        for key in keys:
+            found = self.sender_profiles.get(key)
+            if found is not None:
+                return found
+        return self.default_sender_profile
 
     @property
     def nats_servers(self) -> list[str]:

@@ -2,9 +2,11 @@
 
 - Pseudonym: ``HMAC-SHA256(pseudonym key, system|value)`` of the patient's identifier, hex.
   It is what the ledger and the index hold instead of any identifier.
-- Record id: ``HMAC-SHA256(pseudonym key, "record|" + type/id)``, so that the ledger can name a
-  record (and a re-sent resource maps to the same record) without revealing its FHIR id, which
-  for HL7-derived resources is computed from source identifiers.
+- Record id: ``HMAC-SHA256(pseudonym key, "record|" + custodian + "|" + type/id)``, so that the
+  ledger can name a record (and a re-sent resource maps to the same record) without revealing
+  its FHIR id, which for HL7-derived resources is computed from source identifiers. The
+  custodian (the institution whose gateway stores it) is part of it: every member indexes every
+  member's leaves, and ``Patient/p-1`` of two institutions are two records.
 - Envelope: a fresh 256-bit data key per record version, AES-256-GCM with a 96-bit random
   nonce; the associated data binds record id, version, patient pseudonym, resource type and
   KEK id. The data key is wrapped (AES-256-GCM) by the patient's key-encryption key.
@@ -37,9 +39,11 @@ def pseudonym(key: bytes, system: str, value: str) -> str:
     return hmac.digest(key, f"{system}|{value}".encode(), "sha256").hex()
 
 
-def record_id(key: bytes, resource_type: str, resource_id: str) -> str:
-    """Opaque, stable id of a FHIR resource for the ledger and the index (hex, 32 chars)."""
-    return hmac.digest(key, f"record|{resource_type}/{resource_id}".encode(), "sha256").hex()[:32]
+def record_id(key: bytes, custodian: str, resource_type: str, resource_id: str) -> str:
+    """Opaque, stable id of a FHIR resource of ``custodian`` for the ledger and the index
+    (hex, 32 chars)."""
+    data = f"record|{custodian}|{resource_type}/{resource_id}".encode()
+    return hmac.digest(key, data, "sha256").hex()[:32]
 
 
 def associated_data(

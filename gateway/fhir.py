@@ -16,7 +16,6 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from gateway.crypto import pseudonym
 from gateway.errors import InvalidInputError
 
 RECEIPT_URL = "https://alliance.example/fhir/StructureDefinition/ledger-receipt"
@@ -191,29 +190,6 @@ def prepare_bundle(
                 if target is not None:
                     ref["reference"] = target
     return prepared
-
-
-def institution_pseudonym(key: bytes, institution: str) -> str:
-    """The pseudonym records that belong to no patient (an Organization) are filed under."""
-    return pseudonym(key, "urn:alliance:institution", institution)
-
-
-def patient_pseudonym_of_patient(
-    resource: dict[str, Any], *, key: bytes, master_system: str | None, institution: str
-) -> str:
-    """Pseudonym of a Patient resource: its master identifier, else its first identifier.
-
-    An identifier without a system is scoped to this institution; a Patient with no identifier
-    at all is scoped by its resource id.
-    """
-    idents = [i for i in resource.get("identifier") or [] if isinstance(i, dict) and i.get("value")]
-    chosen = next((i for i in idents if i.get("system") == master_system), None)
-    if chosen is None and idents:
-        chosen = idents[0]
-    if chosen is None:
-        return pseudonym(key, f"urn:alliance:{institution}:Patient", str(resource["id"]))
-    system = chosen.get("system") or f"urn:alliance:{institution}:identifier"
-    return pseudonym(key, str(system), str(chosen["value"]))
 
 
 def patient_reference(resource: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:

@@ -60,7 +60,7 @@ class HL7Ingest:
             imaging_endpoint_base=s.imaging_endpoint_base,
             terminology=Terminology.load_default(),
             authority_systems=dict(s.hl7_authority_systems),
-            strict_codes=s.hl7_strict_codes,
+            strict_codes=s.default_sender_profile.unmapped_codes == "reject",
             id_secret=hmac.new(gw.pseudonym_key, b"hl7-resource-ids", hashlib.sha256).digest(),
         )
         self.dedup = Deduplicator(gw.backends.state)

@@ -36,8 +36,8 @@ from typing import Any
 
 import orjson
 
-from gateway.crypto import pseudonym, record_id
-from gateway.fhir import institution_pseudonym, patient_pseudonym_of_patient
+from gateway.crypto import record_id
+from gateway.identity import fhir_identifiers, institution_pseudonym, patient_identity
 from gateway.pipeline import PreparedResource
 from ledger.groupcommit import GroupCommitter
 from mappings.errors import MappingError
@@ -127,20 +127,23 @@ def prepare(
     """What a converted message is stored as: its resources, the original message as a Binary
     and the Provenance linking them, under the patient's pseudonym. Pure."""
     resources = result.resources
+    facility = msg.sending_facility_id or "unknown"
     patient_res = next((r for r in resources if r.get("resourceType") == "Patient"), None)
-    if patient_res is not None:
-        patient = patient_pseudonym_of_patient(
-            patient_res,
-            key=pseudonym_key,
-            master_system=options.master_id_system,
-            institution=options.institution,
+    if patient_res is not None or result.patient_identifiers:
+        identifiers = (
+            fhir_identifiers(patient_res)
+            if patient_res is not None
+            else list(result.patient_identifiers)
         )
-    elif result.master_identifier is not None or result.patient_identifiers:
-        system, value = result.master_identifier or result.patient_identifiers[0]
-        patient = pseudonym(pseudonym_key, system, value)
+        patient = patient_identity(
+            pseudonym_key,
+            identifiers,
+            master_system=options.master_id_system,
+            facility=facility,
+            master=result.master_identifier,
+        ).pseudonym
     else:
         patient = institution_pseudonym(pseudonym_key, options.institution)
-    facility = msg.sending_facility_id or "unknown"
     binary_id = stable_id(options, "Binary", facility, msg.control_id)
     binary = {
         "resourceType": "Binary",
@@ -174,7 +177,9 @@ def prepare(
     if any("meta" in r for r in unique.values()):
         raise ValueError("a converted resource carries meta")
     entries = tuple(
-        PreparedResource(rtype, rid, record_id(pseudonym_key, rtype, rid), orjson.dumps(r))
+        PreparedResource(
+            rtype, rid, record_id(pseudonym_key, options.institution, rtype, rid), orjson.dumps(r)
+        )
         for (rtype, rid), r in unique.items()
     )
     return Converted(entries, patient, stable_id(options, "Bundle", facility, msg.control_id))

@@ -30,7 +30,7 @@ from gateway.crypto import (
     sha256_hex,
 )
 from gateway.errors import BlobNotFoundError, IntegrityError, NotFoundError
-from gateway.fhir import institution_pseudonym
+from gateway.identity import institution_pseudonym
 from gateway.packing import Location, build_packs, cut
 from gateway.views import CONTAINER_TYPE, RecordAnchor, RecordIndex
 from ledger.checkpoint import SignedCheckpoint
@@ -226,7 +226,7 @@ class RecordPipeline:
 
     def record_of(self, resource_type: str, resource_id: str) -> str:
         """The opaque ledger id of a FHIR resource."""
-        return record_id(self._pkey, resource_type, resource_id)
+        return record_id(self._pkey, self.institution, resource_type, resource_id)
 
     def patient_of(self, resource_type: str, resource_id: str) -> str | None:
         """The pseudonym of a stored resource's patient, or None if it is not stored here."""

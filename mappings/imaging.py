@@ -22,6 +22,7 @@ from mappings.v2.common import ConversionOptions, JsonDict, stable_id
 __all__ = [
     "DICOM_MODALITIES",
     "RADIOLOGY_SECTIONS",
+    "dicom_patient_identifier",
     "imaging_study",
     "imaging_study_from_dicom_json",
 ]
@@ -217,6 +218,24 @@ def _started(item: dict[str, Any], default_tz: str) -> str | None:
         ) from exc
 
 
+def dicom_patient_identifier(
+    doc: JsonDict | list[JsonDict], *, options: ConversionOptions
+) -> tuple[str, str]:
+    """The patient's identifier in DICOM JSON: (system, PatientID). The system is the one
+    the Issuer of Patient ID (0010,0021) names as an assigning authority, else this
+    institution's own (an id without an issuer means something only here).
+    Raises MessageContentError (101) without a PatientID."""
+    items = doc if isinstance(doc, list) else [doc]
+    patient_id = next((_str(i, PATIENT_ID) for i in items if _str(i, PATIENT_ID)), "")
+    if not patient_id:
+        raise MessageContentError("PatientID (00100020) is missing", segment="00100020")
+    issuer = _str(items[0], ISSUER)
+    system = dt.authority_system(issuer, "", "", options.authority_systems) or (
+        dt.facility_system(options.institution)
+    )
+    return system, patient_id
+
+
 def imaging_study_from_dicom_json(
     doc: list[Any] | dict[str, Any], *, options: ConversionOptions
 ) -> JsonDict:
@@ -240,13 +259,7 @@ def imaging_study_from_dicom_json(
         raise MessageContentError("DICOM JSON holds more than one study", hl7_code="102")
     study_uid = study_uids.pop()
     first = items[0]
-    patient_id = next((_str(i, PATIENT_ID) for i in items if _str(i, PATIENT_ID)), "")
-    if not patient_id:
-        raise MessageContentError("PatientID (00100020) is missing", segment="00100020")
-    issuer = _str(first, ISSUER)
-    system = dt.authority_system(issuer, "", "", options.authority_systems) or (
-        dt.facility_system(options.institution)
-    )
+    system, patient_id = dicom_patient_identifier(items, options=options)
     patient_ref = f"Patient/{stable_id(options, 'Patient', system, patient_id)}"
     modalities: set[str] = set()
     for item in items:

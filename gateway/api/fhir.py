@@ -19,21 +19,21 @@ from gateway.api.common import (
     read_body,
     require_json_content_type,
 )
-from gateway.crypto import pseudonym
 from gateway.errors import InvalidInputError
 from gateway.fhir import (
     PreparedBundle,
     PreparedEntry,
     b64,
     operation_outcome,
-    patient_pseudonym_of_patient,
     patient_reference,
     prepare_bundle,
     receipt_extension,
     validate_resource,
 )
+from gateway.identity import fhir_identifiers, patient_identity
 from gateway.pipeline import RecordInput, StoredRecord
 from gateway.runtime import Gateway
+from mappings.v2.datatypes import facility_system
 
 FHIR_VERSION = "4.0.1"
 SUPPORTED_TYPES = (
@@ -84,18 +84,27 @@ def capability_statement(gw: Gateway) -> dict[str, Any]:
     }
 
 
+def _patient_identity(gw: Gateway, resource: dict[str, Any]) -> str:
+    """The pseudonym of a Patient resource sent over FHIR REST (gateway/identity.py). A
+    Patient with no identifier at all is known only by its id at this institution."""
+    facility = gw.settings.institution
+    identifiers = fhir_identifiers(resource) or [
+        (facility_system(facility, "Patient"), str(resource["id"]))
+    ]
+    return patient_identity(
+        gw.pseudonym_key,
+        identifiers,
+        master_system=gw.settings.master_id_system,
+        facility=facility,
+    ).pseudonym
+
+
 def _link_patients(gw: Gateway, prepared: PreparedBundle) -> None:
     """Set each entry's patient pseudonym; an unresolvable patient is an entry error."""
-    key, settings = gw.pseudonym_key, gw.settings
     in_bundle: dict[str, str] = {}
     for pe in prepared.entries:
         if pe.resource is not None and pe.resource["resourceType"] == "Patient":
-            pe.patient = patient_pseudonym_of_patient(
-                pe.resource,
-                key=key,
-                master_system=settings.master_id_system,
-                institution=settings.institution,
-            )
+            pe.patient = _patient_identity(gw, pe.resource)
             in_bundle[f"Patient/{pe.resource['id']}"] = pe.patient
     for pe in prepared.entries:
         if pe.resource is None or pe.patient is not None:
@@ -118,12 +127,7 @@ def resolve_patient(
     Raises InvalidInputError (code processing) when it names a patient unknown here.
     """
     if resource["resourceType"] == "Patient":
-        return patient_pseudonym_of_patient(
-            resource,
-            key=gw.pseudonym_key,
-            master_system=gw.settings.master_id_system,
-            institution=gw.settings.institution,
-        )
+        return _patient_identity(gw, resource)
     found = patient_reference(resource)
     if found is None:
         return gw.pipeline.no_patient
@@ -140,15 +144,19 @@ def resolve_patient(
                 code="processing",
             )
         return known
-    ident = ref.get("identifier") or {}
-    if not ident.get("value"):
+    identifiers = fhir_identifiers(ref)
+    if not identifiers:
         raise InvalidInputError(
             f"{element} has neither a reference nor an identifier value",
             location=f"{where}.{element}",
             code="processing",
         )
-    system = ident.get("system") or f"urn:alliance:{gw.settings.institution}:identifier"
-    return pseudonym(gw.pseudonym_key, str(system), str(ident["value"]))
+    return patient_identity(
+        gw.pseudonym_key,
+        identifiers,
+        master_system=gw.settings.master_id_system,
+        facility=gw.settings.institution,
+    ).pseudonym
 
 
 def entry_response(

@@ -7,31 +7,19 @@ the record pipeline; the answer is the stored ImagingStudy with its ledger recei
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.api.common import fhir_response, parse_json, read_body
 from gateway.api.fhir import entry_response, store_and_count
-from gateway.crypto import pseudonym
 from gateway.errors import InvalidInputError
 from gateway.hl7 import HL7Ingest
+from gateway.identity import patient_identity
 from gateway.pipeline import RecordInput
 from mappings.errors import MappingError
-from mappings.imaging import imaging_study_from_dicom_json
+from mappings.imaging import dicom_patient_identifier, imaging_study_from_dicom_json
 
 DICOM_JSON = "application/dicom+json"
-
-
-def _first_value(doc: Any, tag: str) -> str | None:
-    objects = doc if isinstance(doc, list) else [doc]
-    for obj in objects:
-        if isinstance(obj, dict):
-            values = (obj.get(tag) or {}).get("Value") or []
-            if values and isinstance(values[0], str | int | float):
-                return str(values[0])
-    return None
 
 
 def build_router(ingest: HL7Ingest) -> APIRouter:
@@ -56,15 +44,12 @@ def build_router(ingest: HL7Ingest) -> APIRouter:
         subject = str(study.get("subject", {}).get("reference", ""))
         patient = gw.pipeline.patient_of("Patient", subject.split("/", 1)[-1])
         if patient is None:
-            pid = _first_value(doc, "00100020")
-            issuer = _first_value(doc, "00100021")
-            if pid is None:
-                raise InvalidInputError("PatientID (0010,0020) is missing", location="00100020")
-            system = (
-                ingest.options.authority_systems.get(issuer or "")
-                or f"urn:alliance:facility:{issuer or gw.settings.institution}:id"
-            )
-            patient = pseudonym(gw.pseudonym_key, system, pid)
+            patient = patient_identity(
+                gw.pseudonym_key,
+                [dicom_patient_identifier(doc, options=ingest.options)],
+                master_system=gw.settings.master_id_system,
+                facility=gw.settings.institution,
+            ).pseudonym
         await gw.policy.check_write(request, "ImagingStudy")
         (stored,) = await store_and_count(gw, [RecordInput(study, patient)])
         resp = entry_response(gw, stored)

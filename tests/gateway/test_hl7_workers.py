@@ -16,8 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway.crypto import record_id
-from gateway.fhir import patient_pseudonym_of_patient
+from gateway.crypto import pseudonym, record_id
 from gateway.hl7_workers import ConversionWorkers, Converted, Crashed, Failed, convert_one
 from mappings.errors import MappingError
 from mappings.terminology import Terminology
@@ -55,12 +54,12 @@ def test_converted_is_the_conversion_plus_original_and_provenance() -> None:
     ]
     assert len(provenance["target"]) == len(converted)
     for entry in outcome.entries:
-        assert entry.record == record_id(KEY, entry.type, entry.id)
+        assert entry.record == record_id(KEY, OPTIONS.institution, entry.type, entry.id)
         assert b'"meta"' not in entry.body  # the pipeline sets meta
     patient = next(r for r in converted if r["resourceType"] == "Patient")
-    assert outcome.patient == patient_pseudonym_of_patient(
-        patient, key=KEY, master_system=OPTIONS.master_id_system, institution=OPTIONS.institution
-    )
+    # The fixture's patient carries the master identifier: the pseudonym is its HMAC.
+    master = next(i for i in patient["identifier"] if i["system"] == OPTIONS.master_id_system)
+    assert outcome.patient == pseudonym(KEY, OPTIONS.master_id_system, master["value"])
     # Stable: the same message gives the same container and resource ids.
     again = convert_one(ORU, OPTIONS, KEY)
     assert isinstance(again, Converted)
