@@ -40,7 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import write_section  # noqa: E402
-from gateway.errors import LogConflictError  # noqa: E402
 from ledger.batch import Batch, batch_id, encode_batch  # noqa: E402
 from ledger.checkpoint import Checkpoint, Signer, TrustedKeys  # noqa: E402
 from ledger.leaves import encode_leaf  # noqa: E402
@@ -205,7 +204,6 @@ async def ledger_throughput(
         signer=signer,
         trusted=TrustedKeys.of([signer]),
         origin=ORIGIN,
-        conflict_error=LogConflictError,
         max_leaves=max_leaves,
         max_delay=0.005,
     )

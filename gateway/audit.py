@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 from gateway.backends.protocols import Backends
 from gateway.crypto import sha256_hex
-from gateway.errors import BackendError, BlobNotFoundError, LogConflictError
+from gateway.errors import BackendError, BlobNotFoundError
 from gateway.packing import cut
 from gateway.views import RecordAnchor, anchor_of_leaf
 from ledger.checkpoint import Signer, TrustedKeys
 from ledger.errors import LeafFormatError, LedgerError
-from ledger.leaves import decode_leaf
+from ledger.leaves import RecordLeaf, decode_leaf
 from ledger.sequencer import Ledger
 from ledger.tiles import TreeStore
 
@@ -79,7 +79,6 @@ async def audit(
         signer=signer,
         trusted=trusted,
         origin=origin,
-        conflict_error=LogConflictError,
     )
     try:
         total = await backends.log.last_seq()
@@ -102,7 +101,7 @@ async def audit(
                     report.problems.append(f"log message {seq}, leaf {first + offset}: {exc}")
                 continue
             if blobs and leaf["kind"] == "record":
-                anchors.append(anchor_of_leaf(leaf, first + offset))
+                anchors.append(anchor_of_leaf(RecordLeaf.from_leaf(leaf), first + offset))
         if progress is not None:
             progress(seq, total)
 
@@ -117,7 +116,7 @@ async def audit(
         report.problems.append(f"... and {leaf_problems - MAX_LEAF_PROBLEMS} more bad leaves")
     report.leaves = ledger.size
     report.tree = ledger.tree
-    report.root = ledger.tree.root(ledger.size) if ledger.size else b""
+    report.root = ledger.root() if ledger.size else b""
     report.trust_anchored = trusted.digest().hex() in ledger.trust_anchors
     if ledger.size and not report.trust_anchored and report.ok:
         report.problems.append(
@@ -154,12 +153,12 @@ def _check_stored(report: AuditReport, stored: TreeStore, ledger: Ledger) -> Non
         report.problems.append(f"stored tree: {exc}")
         return
     n = min(stored.size, ledger.size)
-    if n and stored.root(n) != ledger.tree.root(n):
+    if n and stored.root(n) != ledger.root(n):
         # Name the first differing leaf hash (file and offset of level 0).
         lo, hi = 0, n
         while lo < hi:  # first size whose root differs
             mid = (lo + hi) // 2
-            if mid and stored.root(mid) != ledger.tree.root(mid):
+            if mid and stored.root(mid) != ledger.root(mid):
                 hi = mid
             else:
                 lo = mid + 1

@@ -8,8 +8,9 @@
   custodian (the institution whose gateway stores it) is part of it: every member indexes every
   member's leaves, and ``Patient/p-1`` of two institutions are two records.
 - Envelope: a fresh 256-bit data key per record version, AES-256-GCM with a 96-bit random
-  nonce; the associated data binds record id, version, patient pseudonym, resource type and
-  KEK id. The data key is wrapped (AES-256-GCM) by the patient's key-encryption key.
+  nonce; the associated data binds record id, patient pseudonym, resource type and KEK id.
+  The data key is wrapped (AES-256-GCM) by the patient's key-encryption key and filed under
+  the SHA-256 of the ciphertext (which the record's leaf carries).
 
 Pure functions; raises :class:`gateway.errors.IntegrityError` when authentication fails.
 """
@@ -46,10 +47,10 @@ def record_id(key: bytes, custodian: str, resource_type: str, resource_id: str) 
     return hmac.digest(key, data, "sha256").hex()[:32]
 
 
-def associated_data(
-    rec_id: str, version: int, patient: str, resource_type: str, kek_id: str
-) -> bytes:
-    """The AEAD associated data binding a ciphertext to its record and key (RFC 8785 JSON).
+def associated_data(rec_id: str, patient: str, resource_type: str, kek_id: str) -> bytes:
+    """The AEAD associated data binding a ciphertext to its record, patient, type and key
+    (RFC 8785 JSON). Not the version: a version is taken when the ledger appends the record's
+    leaf, after sealing (the leaf's SHA-256 of the ciphertext binds the two).
 
     The values are hex ids, key ids and resource types: printable ASCII without quotes or
     backslashes, for which sorted compact JSON is the RFC 8785 form; anything else takes the
@@ -60,7 +61,6 @@ def associated_data(
         "patient": patient,
         "record": rec_id,
         "type": resource_type,
-        "v": version,
     }
     if all(_PLAIN.fullmatch(v) for v in (kek_id, patient, rec_id, resource_type)):
         return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)

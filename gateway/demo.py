@@ -121,7 +121,7 @@ async def run_demo(*, data_dir: Path | None, keep: bool) -> int:
                 location = response["location"]
                 rtype, rid = location.split("/")[:2]
                 leaf_index = receipt["leafIndex"]
-                leaf = (await gw.leaves_range(leaf_index, leaf_index + 1))[0]
+                leaf = (await gw.ledger.leaves(leaf_index, leaf_index + 1))[0]
                 from ledger.merkle import leaf_hash
 
                 check_receipt(receipt, leaf_hash(leaf), gw.trusted)

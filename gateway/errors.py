@@ -8,6 +8,8 @@ Third-party exceptions are translated at the adapter boundary with ``raise ... f
 
 from __future__ import annotations
 
+from ledger import errors as ledger_errors
+
 
 class GatewayError(Exception):
     """Root of every error raised on purpose by the gateway."""
@@ -36,16 +38,23 @@ class BlobNotFoundError(BackendError):
         self.cid = cid
 
 
-class LogConflictError(BackendError):
-    """A conditional append lost the race: the log's last sequence is not the expected one."""
+class LogConflictError(BackendError, ledger_errors.LogConflictError):
+    """A conditional append lost the race: the log's last sequence is not the expected one.
+    Also the ledger's :class:`ledger.errors.LogConflictError`, which the sequencer handles."""
 
     def __init__(self, expected: int, actual: int | None, *, backend: str) -> None:
-        super().__init__(
-            f"conditional append expected last sequence {expected}, log has {actual}",
-            backend=backend,
+        Exception.__init__(
+            self,
+            f"{backend}: conditional append expected last sequence {expected}, log has {actual}",
         )
+        self.backend = backend
         self.expected = expected
         self.actual = actual
+
+
+class LogUnavailableError(BackendError, ledger_errors.LogUnavailableError):
+    """The log cannot be reached or did not answer in time; the sequencer retries. Also the
+    ledger's :class:`ledger.errors.LogUnavailableError`."""
 
 
 class KeyDestroyedError(GatewayError):

@@ -67,6 +67,9 @@ class PreparedEntry:
     method: str = "POST"
     error: InvalidInputError | None = None
     patient: str | None = None
+    # Patient links this entry establishes ((from, to, reason) pseudonyms; see
+    # gateway.records.RecordService.link).
+    links: list[tuple[str, str, Any]] = field(default_factory=list)
 
 
 @dataclass

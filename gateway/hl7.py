@@ -26,7 +26,7 @@ from gateway.hl7_workers import ConversionWorkers, Converted, Failed, Outcome
 from gateway.mllp.ack import AckCode, Header, acks_to_send, build_ack, read_header
 from gateway.mllp.dedup import Conflict, Deduplicator, InProgress, New, Replay
 from gateway.runtime import Gateway
-from ledger.errors import LedgerError
+from ledger.errors import GroupCommitStoppedError, LedgerError
 from mappings.errors import MappingError
 from mappings.terminology import Terminology
 from mappings.v2.common import ConversionOptions
@@ -203,7 +203,7 @@ class HL7Ingest:
 
         try:
             fut = self.dedup.record(facility, control_id, digest, acks)
-        except RuntimeError:
+        except GroupCommitStoppedError:
             log.error("hl7 accepted but could not record it for de-duplication", extra=extra)
             return
         self._finishing.add(fut)

@@ -39,6 +39,7 @@ import orjson
 from gateway.crypto import record_id
 from gateway.identity import fhir_identifiers, institution_pseudonym, patient_identity
 from gateway.pipeline import PreparedResource
+from ledger.errors import GroupCommitStoppedError
 from ledger.groupcommit import GroupCommitter
 from mappings.errors import MappingError
 from mappings.v2.common import ConversionOptions, ConversionResult, stable_id
@@ -266,7 +267,7 @@ class ConversionWorkers:
         outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         try:
             batch = self._group.enqueue([raw])
-        except RuntimeError as exc:
+        except GroupCommitStoppedError as exc:
             outcome.set_result(Crashed(type(exc).__name__))
             return outcome
 

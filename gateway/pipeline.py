@@ -5,6 +5,12 @@ wrapped data key is durable in the key store and every leaf is durable in the le
 Blob writes and key writes of concurrent callers are grouped into one backend call each, and
 the ledger groups their leaves into one log append (group commit at every stage).
 
+Versions are not reserved ahead of the ledger: a record's leaf is a draft
+(:class:`ledger.sequencer.LeafDraft`) completed with the next version after what the log
+committed, when the ledger forms its batch; so a failed store leaves nothing behind (the retry
+is version 1 again) and two processes of one institution never both write version 2. The
+ciphertext does not carry the version: ``meta.versionId`` is set from the anchor on read.
+
 Raises :class:`gateway.errors.BackendError` when a backend fails,
 :class:`ledger.errors.LedgerError` when the ledger cannot take the leaves, and on reads
 :class:`gateway.errors.IntegrityError` / :class:`gateway.errors.NotFoundError`.
@@ -15,28 +21,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
 
 from gateway.backends.protocols import Backends, WrappedKey
-from gateway.crypto import (
-    associated_data,
-    open_sealed,
-    record_id,
-    seal,
-    sha256_hex,
-)
+from gateway.crypto import associated_data, open_sealed, record_id, seal, sha256_hex
 from gateway.errors import BlobNotFoundError, IntegrityError, NotFoundError
 from gateway.identity import institution_pseudonym
 from gateway.packing import Location, build_packs, cut
 from gateway.views import CONTAINER_TYPE, RecordAnchor, RecordIndex
 from ledger.checkpoint import SignedCheckpoint
 from ledger.groupcommit import GroupCommitter
-from ledger.leaves import MAX_CONTAINED, encode_leaf
-from ledger.sequencer import Ledger
+from ledger.leaves import MAX_CONTAINED, RecordLeaf, RecordMember
+from ledger.sequencer import LeafDraft, Ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,21 +87,67 @@ class PreparedResource(NamedTuple):
     body: bytes
 
 
-#: A resource carried by a sealed record: (type, id, record id, version).
-_Member = tuple[str, str, str, int]
-
-
 @dataclass(frozen=True, slots=True)
 class _Unit:
-    """One sealed record version, ready to store and anchor."""
+    """One sealed record, ready to store and anchor: the ciphertext, its wrapped data key, and
+    the resources it carries ((type, id, record id); one unless it is a container)."""
 
     record: str
-    version: int
     patient: str
     type: str
     blob: bytes
     key: WrappedKey
-    members: list[_Member]
+    members: list[tuple[str, str, str]]
+    contained: bool
+
+
+class _RecordDraft(LeafDraft):
+    """The ``record`` leaf of one stored unit, completed when the ledger forms its batch: each
+    record it names gets the next version after the latest the ledger committed (and after
+    those given earlier in the same batch). Every completion is kept by its bytes, so the
+    store knows the versions of the one that landed."""
+
+    __slots__ = ("_index", "_template", "_unit", "built")
+
+    def __init__(self, unit: _Unit, template: RecordLeaf, index: RecordIndex) -> None:
+        self._unit = unit
+        self._template = template
+        self._index = index
+        self.built: dict[bytes, RecordLeaf] = {}
+
+    def _next(self, scratch: dict[str, int], rec: str) -> int:
+        current = scratch.get(rec)
+        if current is None:
+            anchor = self._index.latest(rec)
+            current = anchor.version if anchor is not None else 0
+        scratch[rec] = current + 1
+        return current + 1
+
+    def complete(self, scratch: dict[str, Any]) -> bytes:
+        """The leaf with versions taken now. Raises LeafFormatError."""
+        unit = self._unit
+        version = self._next(scratch, unit.record)
+        contains = None
+        if unit.contained:
+            contains = tuple(
+                RecordMember(rec, rtype, self._next(scratch, rec))
+                for rtype, _rid, rec in unit.members
+            )
+        leaf = replace(self._template, version=version, contains=contains)
+        raw = leaf.encode()
+        self.built[raw] = leaf
+        return raw
+
+
+def _members_of(leaf: RecordLeaf, unit: _Unit) -> list[tuple[str, str, str, int]]:
+    """(type, id, record id, version) of each resource a landed leaf carries."""
+    if leaf.contains is None:
+        ((rtype, rid, rec),) = unit.members
+        return [(rtype, rid, rec, leaf.version)]
+    return [
+        (rtype, rid, rec, member.version)
+        for (rtype, rid, rec), member in zip(unit.members, leaf.contains, strict=True)
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,20 +162,15 @@ class _Stamp:
         iso = datetime.now(UTC).isoformat(timespec="milliseconds")  # ...ss.mmm+00:00
         return cls(iso[:23] + "Z", iso[:19] + "Z")
 
-    def meta_json(self, version: int) -> bytes:
-        """``"meta":{...}`` with this stamp's ``lastUpdated`` and ``versionId`` ``version``."""
-        return b'"meta":{"lastUpdated":"%s","versionId":"%d"}' % (
-            self.last_updated.encode(),
-            version,
-        )
+    def meta_json(self) -> bytes:
+        """``"meta":{...}`` with this stamp's ``lastUpdated`` (the version is set on read)."""
+        return b'"meta":{"lastUpdated":"%s"}' % self.last_updated.encode()
 
-    def apply(self, resource: dict[str, Any], version: int) -> None:
-        """Set ``meta.versionId`` and ``meta.lastUpdated`` (other meta kept)."""
-        resource["meta"] = {
-            **(resource.get("meta") or {}),
-            "versionId": str(version),
-            "lastUpdated": self.last_updated,
-        }
+    def apply(self, resource: dict[str, Any]) -> None:
+        """Set ``meta.lastUpdated`` (other meta kept, a sent ``versionId`` dropped: the ledger
+        gives the version)."""
+        meta = {k: v for k, v in (resource.get("meta") or {}).items() if k != "versionId"}
+        resource["meta"] = {**meta, "lastUpdated": self.last_updated}
 
 
 def canonical_json(resource: dict[str, Any]) -> bytes:
@@ -185,7 +226,6 @@ class RecordPipeline:
         # Records that belong to no patient (an Organization, a Practitioner) are filed under
         # the institution's own pseudonym.
         self.no_patient = institution_pseudonym(pseudonym_key, institution)
-        self._versions: dict[str, int] = {}
         self._keks: dict[str, tuple[str, bytes]] = {}
         self._kek_locks: dict[str, asyncio.Lock] = {}
         self._blob_commit: GroupCommitter[bytes, Location] = GroupCommitter(
@@ -250,20 +290,12 @@ class RecordPipeline:
         """Drop a cached KEK (after crypto-shredding)."""
         self._keks.pop(patient, None)
 
-    def _next_version(self, rec: str) -> int:
-        current = self._versions.get(rec)
-        if current is None:
-            anchor = self.index.latest(rec)
-            current = anchor.version if anchor is not None else 0
-        self._versions[rec] = current + 1
-        return current + 1
-
     async def store(self, inputs: Sequence[RecordInput]) -> list[StoredRecord]:
         """Encrypt, store and anchor resources, one record each; return once all of it is
         durable.
 
-        The resources are updated in place with ``meta.versionId`` and ``meta.lastUpdated``.
-        Raises BackendError, LedgerError.
+        The resources are updated in place with ``meta.versionId`` (the version the ledger
+        gave) and ``meta.lastUpdated``. Raises BackendError, LedgerError.
         """
         stamp = _Stamp.now()
         units = []
@@ -271,13 +303,16 @@ class RecordPipeline:
             res = item.resource
             rtype, rid = str(res["resourceType"]), str(res["id"])
             rec = self.record_of(rtype, rid)
-            version = self._next_version(rec)
-            stamp.apply(res, version)
-            members = [(rtype, rid, rec, version)]
+            stamp.apply(res)
             units.append(
-                await self._seal(canonical_json(res), rec, version, item.patient, rtype, members)
+                await self._seal(
+                    canonical_json(res), rec, item.patient, rtype, [(rtype, rid, rec)], False
+                )
             )
-        return await self._anchor(units, stamp, contained=False)
+        stored = await self._anchor(units, stamp)
+        for item, record in zip(inputs, stored, strict=True):
+            item.resource["meta"]["versionId"] = str(record.version)
+        return stored
 
     async def store_group(
         self, resources: Sequence[PreparedResource], *, patient: str, container_id: str
@@ -285,107 +320,96 @@ class RecordPipeline:
         """Store the resources of one source message as one ciphertext and one leaf.
 
         The resources (all of one patient, distinct type/id pairs, each serialised without
-        ``meta``) become, with ``meta.versionId`` and ``meta.lastUpdated`` set, the entries of
-        a collection Bundle ``container_id``, sealed as one record under a fresh data key and
-        anchored by one ``record`` leaf whose ``contains`` lists each resource's record id,
-        type and version; every resource is then readable (and versioned) as if stored alone.
-        One block, one wrapped key and one leaf instead of one per resource: what makes an HL7
-        message of a dozen resources cheap to store. More than MAX_CONTAINED resources go in
-        several containers (``container_id``, ``container_id-2``, ...).
-        Returns once all of it is durable. Raises BackendError, LedgerError, ValueError (a
-        type/id pair twice, a resource that is not a JSON object).
+        ``meta``) become, with ``meta.lastUpdated`` set, the entries of a collection Bundle
+        ``container_id``, sealed as one record under a fresh data key and anchored by one
+        ``record`` leaf whose ``contains`` lists each resource's record id, type and version
+        (taken when the leaf is appended); every resource is then readable (and versioned) as
+        if stored alone. One block, one wrapped key and one leaf instead of one per resource:
+        what makes an HL7 message of a dozen resources cheap to store. More than
+        MAX_CONTAINED resources go in several containers (``container_id``,
+        ``container_id-2``, ...). Returns once all of it is durable. Raises BackendError,
+        LedgerError, ValueError (a type/id pair twice, a resource that is not a JSON object).
         """
         if len({(r.type, r.id) for r in resources}) != len(resources):
             raise ValueError("a resource appears twice in one group")
         stamp = _Stamp.now()
+        meta = stamp.meta_json()
         units = []
         for n in range(0, len(resources), MAX_CONTAINED):
             bundle_id = container_id if n == 0 else f"{container_id}-{n // MAX_CONTAINED + 1}"
             container = self.record_of(CONTAINER_TYPE, bundle_id)
-            container_version = self._next_version(container)
-            members: list[_Member] = []
-            entries = []
-            for r in resources[n : n + MAX_CONTAINED]:
-                version = self._next_version(r.record)
-                members.append((r.type, r.id, r.record, version))
-                entries.append((f"{r.type}/{r.id}", with_meta(r.body, stamp.meta_json(version))))
-            plain = container_json(bundle_id, stamp.meta_json(container_version), entries)
-            units.append(
-                await self._seal(
-                    plain, container, container_version, patient, CONTAINER_TYPE, members
-                )
-            )
-        return await self._anchor(units, stamp, contained=True)
+            part = resources[n : n + MAX_CONTAINED]
+            entries = [(f"{r.type}/{r.id}", with_meta(r.body, meta)) for r in part]
+            plain = container_json(bundle_id, meta, entries)
+            members = [(r.type, r.id, r.record) for r in part]
+            units.append(await self._seal(plain, container, patient, CONTAINER_TYPE, members, True))
+        return await self._anchor(units, stamp)
 
     async def _seal(
         self,
         plain: bytes,
         rec: str,
-        version: int,
         patient: str,
         rtype: str,
-        members: list[_Member],
+        members: list[tuple[str, str, str]],
+        contained: bool,
     ) -> _Unit:
-        """Encrypt one record version under a fresh data key wrapped by the patient's KEK."""
+        """Encrypt one record under a fresh data key wrapped by the patient's KEK; the wrapped
+        key is filed under the ciphertext's SHA-256."""
         kek_id, kek = await self._kek(patient)
-        sealed = seal(
-            plain,
-            kek=kek,
-            aad=associated_data(rec, version, patient, rtype, kek_id),
-        )
-        key = WrappedKey(f"{rec}.{version}", kek_id, sealed.wrapped_key)
-        return _Unit(rec, version, patient, rtype, sealed.blob, key, members)
+        sealed = seal(plain, kek=kek, aad=associated_data(rec, patient, rtype, kek_id))
+        key = WrappedKey(sha256_hex(sealed.blob), kek_id, sealed.wrapped_key)
+        return _Unit(rec, patient, rtype, sealed.blob, key, members, contained)
 
-    async def _anchor(
-        self, units: list[_Unit], stamp: _Stamp, *, contained: bool
-    ) -> list[StoredRecord]:
+    async def _anchor(self, units: list[_Unit], stamp: _Stamp) -> list[StoredRecord]:
         """Store the ciphertexts and wrapped keys (grouped with other callers'), then anchor one
-        ``record`` leaf per unit (with ``contains`` when ``contained``); one StoredRecord per
-        resource carried."""
+        ``record`` leaf per unit, its versions taken when the ledger forms the batch; one
+        StoredRecord per resource carried."""
         locations, _ = await asyncio.gather(
             self._blob_commit.enqueue([u.blob for u in units]),
             self._key_commit.enqueue([u.key for u in units]),
         )
-        leaves = []
-        for unit, at in zip(units, locations, strict=True):
-            fields: dict[str, Any] = {
-                "record": unit.record,
-                "version": unit.version,
-                "cid": at.cid,
-                "sha256": sha256_hex(unit.blob),
-                "patient": unit.patient,
-                "type": unit.type,
-                "source": self.institution,
-                "dictionary": self.dictionary_version,
-                "time": stamp.leaf_time,
-            }
-            if at.byte_range is not None:
-                fields["range"] = list(at.byte_range)
-            if contained:
-                fields["contains"] = [
-                    {"record": rec, "type": rtype, "version": v}
-                    for rtype, _rid, rec, v in unit.members
-                ]
-            leaves.append(encode_leaf("record", fields))
-        results = await self.ledger.append(leaves)
-        return [
-            StoredRecord(
-                resource_type=rtype,
-                resource_id=rid,
-                version=v,
-                record=rec,
-                cid=at.cid,
-                byte_range=at.byte_range,
-                last_updated=stamp.last_updated,
-                leaf_index=result.index,
-                tree_size=result.tree_size,
-                root=result.root,
-                checkpoint=result.checkpoint,
-                created=v == 1,
+        drafts = [
+            _RecordDraft(
+                unit,
+                RecordLeaf(
+                    record=unit.record,
+                    version=1,
+                    cid=at.cid,
+                    sha256=unit.key.record_id,
+                    patient=unit.patient,
+                    type=unit.type,
+                    source=self.institution,
+                    dictionary=self.dictionary_version,
+                    time=stamp.leaf_time,
+                    byte_range=at.byte_range,
+                ),
+                self.index,
             )
-            for unit, at, result in zip(units, locations, results, strict=True)
-            for rtype, rid, rec, v in unit.members
+            for unit, at in zip(units, locations, strict=True)
         ]
+        results = await self.ledger.append(drafts)
+        out = []
+        for draft, unit, at, result in zip(drafts, units, locations, results, strict=True):
+            leaf = draft.built[result.leaf]
+            for rtype, rid, rec, v in _members_of(leaf, unit):
+                out.append(
+                    StoredRecord(
+                        resource_type=rtype,
+                        resource_id=rid,
+                        version=v,
+                        record=rec,
+                        cid=at.cid,
+                        byte_range=at.byte_range,
+                        last_updated=stamp.last_updated,
+                        leaf_index=result.index,
+                        tree_size=result.tree_size,
+                        root=result.root,
+                        checkpoint=result.checkpoint,
+                        created=v == 1,
+                    )
+                )
+        return out
 
     async def read(self, resource_type: str, resource_id: str) -> ReadRecord:
         """The latest version of a resource, decrypted after checking its anchor.
@@ -418,26 +442,29 @@ class RecordPipeline:
                 record=anchor.record,
                 cid=anchor.cid,
             )
-        sealed_rec, sealed_version, sealed_type = anchor.sealed_as
-        wk = await self._b.keys.get_wrapped_key(f"{sealed_rec}.{sealed_version}")
+        sealed_rec, sealed_type = anchor.sealed_as
+        wk = await self._b.keys.get_wrapped_key(anchor.sha256)
         kek = await self._b.keys.kek_by_id(wk.kek_id)
-        aad = associated_data(sealed_rec, sealed_version, anchor.patient, sealed_type, wk.kek_id)
+        aad = associated_data(sealed_rec, anchor.patient, sealed_type, wk.kek_id)
         plain = open_sealed(blob, wk.wrapped, kek=kek, aad=aad, record=sealed_rec)
         resource: dict[str, Any] = orjson.loads(plain)
-        if anchor.container is None:
-            return resource
-        return self._entry_of(resource, anchor)
+        if anchor.container is not None:
+            resource = self._entry_of(resource, anchor)
+        meta = resource.get("meta")
+        if not isinstance(meta, dict):
+            meta = resource["meta"] = {}
+        meta["versionId"] = str(anchor.version)
+        return resource
 
     def _entry_of(self, bundle: dict[str, Any], anchor: RecordAnchor) -> dict[str, Any]:
-        """Entry ``anchor.entry`` of a decrypted container, checked to be the anchored record
-        version. Raises IntegrityError."""
+        """Entry ``anchor.entry`` of a decrypted container, checked to be the anchored record.
+        Raises IntegrityError."""
         entries = bundle.get("entry") or []
         resource = entries[anchor.entry].get("resource") if anchor.entry < len(entries) else None
         ok = (
             isinstance(resource, dict)
             and resource.get("resourceType") == anchor.resource_type
             and self.record_of(anchor.resource_type, str(resource.get("id"))) == anchor.record
-            and (resource.get("meta") or {}).get("versionId") == str(anchor.version)
         )
         if not ok:
             raise IntegrityError(

@@ -7,25 +7,23 @@ profile. Raises ConfigurationError for missing secrets, BackendError when a serv
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import logging
 import os
 import secrets as pysecrets
-from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 
-from gateway.api.common import AccessPolicy, AllowAll
+from gateway.access import AllowAll
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
-from gateway.errors import ConfigurationError, LogConflictError
+from gateway.errors import ConfigurationError
 from gateway.observability import Metrics
 from gateway.pipeline import RecordPipeline
+from gateway.records import RecordService
 from gateway.views import RecordIndex
 from gateway.witness_service import WitnessService, parse_peers
-from ledger.batch import decode_batch
 from ledger.checkpoint import Signer, TrustedKeys
 from ledger.sequencer import Ledger
 from ledger.tiles import TreeStore
@@ -165,7 +163,6 @@ class Gateway:
             signer=self.signer,
             trusted=self.trusted,
             origin=settings.ledger_origin,
-            conflict_error=LogConflictError,
             max_leaves=settings.batch_max_leaves,
             max_delay=settings.batch_max_delay_ms / 1000.0,
             on_batch=self.metrics.ledger_batch.observe,
@@ -183,9 +180,6 @@ class Gateway:
             dictionary_version=dictionary_version(),
             on_blob_batch=self.metrics.blob_batch.observe,
         )
-        self._batch_first: list[int] = []  # first leaf index of each applied batch
-        self._batch_seq: dict[int, int] = {}  # log sequence -> first leaf index
-        self.ledger.add_listener(self._note_batch)
         self.witness = WitnessService(
             ledger=self.ledger,
             signer=self.signer,
@@ -198,31 +192,17 @@ class Gateway:
             interval=settings.witness_interval_ms / 1000.0,
             transport=witness_transport,
         )
-        self.policy: AccessPolicy = AllowAll()
+        self.records = RecordService(
+            pipeline=self.pipeline,
+            index=self.index,
+            ledger=self.ledger,
+            witness=self.witness,
+            policy=AllowAll(),
+            metrics=self.metrics,
+            institution=settings.institution,
+            receipt_wait_final_ms=settings.receipt_wait_final_ms,
+        )
         self.started = False
-
-    def _note_batch(self, first: int, leaves: Sequence[bytes], seq: int) -> None:
-        self._batch_first.append(first)
-        self._batch_seq[seq] = first
-
-    async def leaves_range(self, start: int, end: int) -> list[bytes]:
-        """The stored bytes of leaves ``start`` to ``end - 1``, read back from the log.
-
-        Raises BackendError when the log cannot be read.
-        """
-        i = bisect.bisect_right(self._batch_first, start) - 1
-        first_seq = next(s for s, f in self._batch_seq.items() if f == self._batch_first[i])
-        out: list[bytes] = []
-        async for entry in self.backends.log.read(first_seq):
-            first = self._batch_seq.get(entry.seq)
-            if first is None:
-                continue  # a skipped duplicate batch
-            for offset, leaf in enumerate(decode_batch(entry.data, seq=entry.seq).leaves):
-                if start <= first + offset < end:
-                    out.append(leaf)
-            if len(out) >= end - start:
-                break
-        return out
 
     async def start(self) -> None:
         """Connect the backends, replay the ledger, start the writers.
@@ -254,6 +234,6 @@ class Gateway:
             await self.pipeline.stop()
             await self.witness.stop()
             await self.ledger.stop()
-        self.ledger.tree.close()
+        self.ledger.close()
         await self.backends.close()
         self.started = False

@@ -129,6 +129,8 @@ class WitnessService:
         self.peers = list(peers)
         self._state_path = state_path
         self._final_path = final_path
+        # The latest checkpoint known to be final (cosigned by the quorum); this service owns it.
+        self._final: SignedCheckpoint | None = None
         self._timeout = timeout
         self._interval = interval
         self._retry_delay = retry_delay
@@ -171,10 +173,10 @@ class WitnessService:
         if (
             cp.origin == self.ledger.origin
             and 0 < cp.size <= self.ledger.size
-            and self.ledger.tree.root(cp.size) == cp.root
+            and self.ledger.root(cp.size) == cp.root
             and is_final(signed, self.trusted, self.quorum)
         ):
-            self.ledger.final = signed
+            self._final = signed
             self.cosigned = signed
 
     async def start(self) -> None:
@@ -212,7 +214,7 @@ class WitnessService:
         """The latest final checkpoint (with quorum 0: the ledger's latest). Raises nothing."""
         if self.quorum == 0:
             return self.ledger.latest
-        return self.ledger.final
+        return self._final
 
     async def cosign(
         self,
@@ -264,7 +266,7 @@ class WitnessService:
                 await self.ledger.catch_up()
             except Exception as exc:  # the log is down: fall back to the proof checks
                 log.warning("witness could not catch up", extra={"error": str(exc)})
-        if cp.size > self.ledger.size or self.ledger.tree.root(cp.size) == cp.root:
+        if cp.size > self.ledger.size or self.ledger.root(cp.size) == cp.root:
             return
         ours = await self.ledger.checkpoint_at(cp.size) or self.ledger.latest
         assert ours is not None  # the ledger has at least cp.size leaves
@@ -290,7 +292,7 @@ class WitnessService:
         self._wake.set()
 
     async def _set_final(self, signed: SignedCheckpoint) -> None:
-        current = self.ledger.final
+        current = self._final
         if current is not None:
             if signed.checkpoint.size < current.checkpoint.size:
                 return
@@ -298,7 +300,7 @@ class WitnessService:
                 current.signatures
             ):
                 return
-        self.ledger.final = signed
+        self._final = signed
         try:
             await asyncio.to_thread(write_durably, self._final_path, signed.to_bytes())
         except OSError as exc:
@@ -330,7 +332,7 @@ class WitnessService:
             target = self.ledger.latest
             if target is None:
                 continue
-            final = self.ledger.final
+            final = self._final
             if final is not None and final.checkpoint.size >= target.checkpoint.size:
                 continue
             if self.quorum == 0:

@@ -43,6 +43,34 @@ class VerificationError(LedgerError):
     """A proof, checkpoint or stored structure does not verify."""
 
 
+class LogConflictError(LedgerError):
+    """A conditional append to the log lost the race: the log's last sequence is not the one
+    expected (``expected``; ``actual`` when the log said). Log adapters raise it (or a
+    subclass); the sequencer catches up and retries on top."""
+
+    def __init__(self, expected: int, actual: int | None, *, log: str = "log") -> None:
+        super().__init__(
+            f"{log}: conditional append expected last sequence {expected}, log has {actual}"
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class LogUnavailableError(LedgerError):
+    """The log cannot be reached or did not answer in time (a passing condition: the
+    sequencer retries the same message for a while). Any other error of a log adapter is
+    final for that append."""
+
+
+class GroupCommitStoppedError(LedgerError):
+    """A group commit was stopped (or never started): the submission was not carried out.
+    ``name`` names the group commit."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name} group commit is not running")
+        self.name = name
+
+
 class InclusionProofError(VerificationError):
     """An inclusion proof does not prove leaf ``index`` in the tree of ``tree_size``."""
 

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from ledger.errors import GroupCommitStoppedError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -65,7 +67,8 @@ class GroupCommitter(Generic[T, R]):
         self._task = asyncio.create_task(self._run(), name=f"group-commit-{self.name}")
 
     async def stop(self) -> None:
-        """Stop the task; queued submissions and calls in flight fail with RuntimeError."""
+        """Stop the task; queued submissions and calls in flight fail with
+        GroupCommitStoppedError."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -77,7 +80,7 @@ class GroupCommitter(Generic[T, R]):
         while self._pending:
             w = self._pending.popleft()
             if not w.future.done():
-                w.future.set_exception(RuntimeError(f"{self.name} stopped"))
+                w.future.set_exception(GroupCommitStoppedError(self.name))
         self._pending_items = 0
 
     async def submit(self, items: Sequence[T]) -> list[R]:
@@ -87,14 +90,15 @@ class GroupCommitter(Generic[T, R]):
     def enqueue(self, items: Sequence[T]) -> asyncio.Future[list[R]]:
         """Queue items; the future gets their results or the batch call's exception. For a
         caller that waits on several things at once: no task per wait, as ``submit`` inside
-        ``gather`` would cost. Raises RuntimeError when the group commit is not running."""
+        ``gather`` would cost. Raises GroupCommitStoppedError when the group commit is not
+        running."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[R]] = loop.create_future()
         if not items:
             fut.set_result([])
             return fut
         if self._task is None or self._task.done():
-            raise RuntimeError(f"{self.name} group commit is not running")
+            raise GroupCommitStoppedError(self.name)
         self._pending.append(_Waiting(list(items), fut))
         self._pending_items += len(items)
         if self._wake is not None and not self._wake.done():
@@ -153,7 +157,7 @@ class GroupCommitter(Generic[T, R]):
             except asyncio.CancelledError:
                 for w in group:
                     if not w.future.done():
-                        w.future.set_exception(RuntimeError(f"{self.name} stopped"))
+                        w.future.set_exception(GroupCommitStoppedError(self.name))
                 raise
             except Exception as exc:
                 for w in group:

@@ -190,6 +190,16 @@ LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
         "source": FieldSpec(_token, doc="institution"),
         "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
     },
+    "link": {
+        "from": FieldSpec(_hex64, doc="patient pseudonym that now names the same person, hex"),
+        "to": FieldSpec(_hex64, doc="patient pseudonym it is linked to, hex"),
+        "reason": FieldSpec(
+            _enum("master-identifier", "merge", "patient-link"),
+            doc="why: the master identifier arrived, a merge (HL7 A40), a FHIR Patient.link",
+        ),
+        "source": FieldSpec(_token, doc="institution that recorded the link"),
+        "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
+    },
     "dictionary": {
         "version": FieldSpec(_token, doc="dictionary version"),
         "sha256": FieldSpec(_hex64, doc="SHA-256 of the dictionary bundle, hex"),
@@ -226,6 +236,8 @@ def _validate(kind: Any, fields: Mapping[str, Any]) -> None:
         raise LeafFormatError("access leaf: needs records or query", kind=kind, field="records")
     if kind == "access" and fields.get("emergency") and "reason" not in fields:
         raise LeafFormatError("access leaf: emergency needs a reason", kind=kind, field="reason")
+    if kind == "link" and fields["from"] == fields["to"]:
+        raise LeafFormatError("link leaf: from and to are the same", kind=kind, field="to")
     if kind == "key":
         action = fields["action"]
         for name in _KEY_ACTION_REQUIRES[action]:
@@ -316,3 +328,85 @@ def is_trust_leaf(data: bytes) -> bool:
     Raises nothing.
     """
     return data.startswith(b'{"action":"trust",')
+
+
+@dataclass(frozen=True, slots=True)
+class RecordMember:
+    """A record version carried inside a container's ciphertext (a ``contains`` item)."""
+
+    record: str
+    type: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordLeaf:
+    """A ``record`` leaf, typed: what the pipeline writes, the views index and the audit
+    checks (one definition instead of dicts built by hand in each).
+
+    ``byte_range`` is where the ciphertext lies in block ``cid`` when packed with others;
+    ``contains`` lists the record versions of a container (then ``record``/``version`` are the
+    container's own).
+    """
+
+    record: str
+    version: int
+    cid: str
+    sha256: str
+    patient: str
+    type: str
+    source: str
+    dictionary: str
+    time: str
+    byte_range: tuple[int, int] | None = None
+    contains: tuple[RecordMember, ...] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The leaf's fields as :func:`encode_leaf` takes them."""
+        out: dict[str, Any] = {
+            "record": self.record,
+            "version": self.version,
+            "cid": self.cid,
+            "sha256": self.sha256,
+            "patient": self.patient,
+            "type": self.type,
+            "source": self.source,
+            "dictionary": self.dictionary,
+            "time": self.time,
+        }
+        if self.byte_range is not None:
+            out["range"] = list(self.byte_range)
+        if self.contains is not None:
+            out["contains"] = [
+                {"record": m.record, "type": m.type, "version": m.version} for m in self.contains
+            ]
+        return out
+
+    def encode(self) -> bytes:
+        """The canonical leaf bytes. Raises LeafFormatError."""
+        return encode_leaf("record", self.fields())
+
+    @classmethod
+    def from_leaf(cls, leaf: Mapping[str, Any]) -> RecordLeaf:
+        """The typed form of a decoded (already validated) ``record`` leaf.
+
+        Raises LeafFormatError when it is another kind."""
+        if leaf.get("kind") != "record":
+            raise LeafFormatError(f"not a record leaf: {leaf.get('kind')!r}", kind="record")
+        span = leaf.get("range")
+        contains = leaf.get("contains")
+        return cls(
+            record=leaf["record"],
+            version=leaf["version"],
+            cid=leaf["cid"],
+            sha256=leaf["sha256"],
+            patient=leaf["patient"],
+            type=leaf["type"],
+            source=leaf["source"],
+            dictionary=leaf["dictionary"],
+            time=leaf["time"],
+            byte_range=(span[0], span[1]) if span is not None else None,
+            contains=tuple(RecordMember(m["record"], m["type"], m["version"]) for m in contains)
+            if contains is not None
+            else None,
+        )

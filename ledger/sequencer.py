@@ -10,17 +10,26 @@ ledger reads what it missed, verifies and applies it, and tries again on top.
 
 Callers are answered only after the log acknowledged the batch, i.e. once it is durable.
 
-Raises :class:`ledger.errors.LedgerError` subclasses; backend failures surface as the
-``gateway.errors.BackendError`` the log adapter raised.
+Some leaves can only be written once their batch is formed: a record's version is the next
+one after what the log committed, so it is taken under the writer's lock, after catching up
+with other writers, and taken again if the batch loses the race (:class:`LeafDraft`).
+
+Raises :class:`ledger.errors.LedgerError` subclasses. A log adapter raises
+:class:`~ledger.errors.LogConflictError` when another writer took the position (the ledger
+catches up and tries again on top) and :class:`~ledger.errors.LogUnavailableError` while the
+log cannot be reached (the same message is retried for a while); any other error of the log
+fails the append at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,8 +39,11 @@ from ledger.checkpoint import Checkpoint, SignedCheckpoint, Signer, TrustedKeys
 from ledger.errors import (
     CheckpointError,
     CheckpointSignatureError,
+    GroupCommitStoppedError,
     LeafFormatError,
     LedgerError,
+    LogConflictError,
+    LogUnavailableError,
     VerificationError,
 )
 from ledger.groupcommit import GroupCommitter
@@ -46,7 +58,8 @@ ZERO_HASH = bytes(32)
 
 
 class LogLike(Protocol):
-    """The part of ``gateway.backends.protocols.LogBackend`` the ledger uses."""
+    """The part of ``gateway.backends.protocols.LogBackend`` the ledger uses. ``append``
+    raises LogConflictError or LogUnavailableError as the module docstring says."""
 
     name: str
 
@@ -71,12 +84,33 @@ class LedgerUnavailableError(LedgerError):
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:
-    """Where an appended leaf landed: its index and the signed checkpoint of the batch."""
+    """Where an appended leaf landed: its index, the signed checkpoint of the batch, and the
+    leaf's bytes as appended (for a :class:`LeafDraft`, what it was completed to)."""
 
     index: int
     tree_size: int
     root: bytes
     checkpoint: SignedCheckpoint
+    leaf: bytes = b""
+
+
+class LeafDraft(ABC):
+    """A leaf completed only when its batch is formed, under the writer's lock and against the
+    ledger as it then stands (every other writer's batches applied): a record's next version
+    is taken from what the log committed, never reserved ahead of it, so two processes of one
+    institution cannot both write version 2. A batch that loses the race is formed again, so
+    :meth:`complete` may be called more than once; it depends only on the views (which the
+    ledger's listeners keep) and on ``scratch``, a dict the drafts of one forming share (for
+    versions given earlier in the same batch)."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def complete(self, scratch: dict[str, Any]) -> bytes:
+        """The leaf's canonical bytes. Raises LeafFormatError."""
+
+
+Leaf = bytes | LeafDraft
 
 
 LeafListener = Callable[[int, Sequence[bytes], int], None]
@@ -103,7 +137,6 @@ class Ledger:
         signer: Signer,
         trusted: TrustedKeys,
         origin: str,
-        conflict_error: type[Exception],
         max_leaves: int = 500,
         max_delay: float = 0.005,
         retries: int | None = None,
@@ -119,7 +152,6 @@ class Ledger:
         self._signer = signer
         self.trusted = trusted
         self.origin = origin
-        self._conflict_error = conflict_error
         self._retries = retries
         self._race_window = race_window
         self._unavailable_window = unavailable_window
@@ -129,7 +161,7 @@ class Ledger:
         self._clock = clock
         self._tree_sync_interval = tree_sync_interval
         self._tree_synced_at = time.monotonic()
-        self._committer: GroupCommitter[bytes, AppendResult] = GroupCommitter(
+        self._committer: GroupCommitter[Leaf, AppendResult] = GroupCommitter(
             self._write_group,
             name="ledger",
             max_items=max_leaves,
@@ -144,12 +176,12 @@ class Ledger:
         self.applied_seq = 0
         self.size = 0
         self.latest: SignedCheckpoint | None = None
-        # Latest checkpoint known to be final (cosigned by a quorum); kept by the witness service.
-        self.final: SignedCheckpoint | None = None
         # Hex SHA-256 of every trust file anchored by a ``key`` leaf of action ``trust``.
         self.trust_anchors: set[str] = set()
-        # Tree size after each applied batch -> its log sequence (to fetch that checkpoint).
-        self._size_seq: dict[int, int] = {}
+        # The batch index: tree size after each applied batch and its log sequence, ascending
+        # (a batch's leaves are [previous end, end)). Re-appended duplicates are not in it.
+        self._batch_ends: list[int] = []
+        self._batch_seqs: list[int] = []
         self.stats = LedgerStats()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -287,7 +319,8 @@ class Ledger:
         self.size = first + len(batch.leaves)
         self.latest = signed
         self._seen_batches.add(batch.batch_id)
-        self._size_seq[self.size] = seq
+        self._batch_ends.append(self.size)
+        self._batch_seqs.append(seq)
         for leaf in batch.leaves:
             if is_trust_leaf(leaf):
                 try:
@@ -301,23 +334,31 @@ class Ledger:
 
     # ---- writing ---------------------------------------------------------------------------
 
-    async def append(self, leaves: Sequence[bytes]) -> list[AppendResult]:
-        """Append leaves; return once they are durable in the log.
+    async def append(self, leaves: Sequence[Leaf]) -> list[AppendResult]:
+        """Append leaves (bytes, or drafts completed when their batch is formed); return once
+        they are durable in the log.
 
-        Raises LedgerUnavailableError (or the backend's error) when they could not be appended.
+        Raises LedgerUnavailableError (or the log adapter's error) when they could not be
+        appended, LeafFormatError when a draft cannot be completed.
         """
         if not leaves:
             return []
         try:
             return await self._committer.submit(leaves)
-        except RuntimeError as exc:
+        except GroupCommitStoppedError as exc:
             raise LedgerUnavailableError(str(exc)) from exc
 
-    async def _write_group(self, leaves: list[bytes]) -> list[AppendResult]:
+    @staticmethod
+    def _complete(items: Sequence[Leaf]) -> list[bytes]:
+        """The bytes of a batch's leaves, its drafts completed now (in order)."""
+        scratch: dict[str, Any] = {}
+        return [x if isinstance(x, bytes) else x.complete(scratch) for x in items]
+
+    async def _write_group(self, items: list[Leaf]) -> list[AppendResult]:
         """Append one group of leaves as one batch (the group commit's batch function)."""
-        hashes = [leaf_hash(leaf) for leaf in leaves]
         nonce = os.urandom(16)
-        bid = batch_id(self._signer.name, hashes, nonce)
+        has_drafts = any(not isinstance(x, bytes) for x in items)
+        tried: dict[str, list[bytes]] = {}  # batch id -> leaves of each attempt
         last_exc: Exception | None = None
         attempts = 0
         deadline = time.monotonic() + self._race_window
@@ -331,9 +372,15 @@ class Ledger:
                     break
                 if attempts == 1:
                     await self._yield_to_other_writers()
-                if bid in self._seen_batches:
-                    # An earlier attempt was appended after all (seen while catching up).
-                    return self._results_for(hashes)
+                for bid, done in tried.items():
+                    if bid in self._seen_batches:
+                        # An earlier attempt was appended after all (seen while catching up).
+                        return self._results_for(done)
+                if has_drafts or attempts == 1:
+                    leaves = self._complete(items)
+                    hashes = [leaf_hash(leaf) for leaf in leaves]
+                    bid = batch_id(self._signer.name, hashes, nonce)
+                    tried[bid] = leaves
                 first = self.size
                 self.tree.append(hashes)
                 size = first + len(hashes)
@@ -356,7 +403,7 @@ class Ledger:
                 )
                 try:
                     seq = await self._append_retrying(encode_batch(batch), bid)
-                except self._conflict_error as exc:
+                except LogConflictError as exc:
                     self.tree.truncate(first)
                     self.stats.conflicts += 1
                     self._last_rival = time.monotonic()
@@ -370,8 +417,6 @@ class Ledger:
                     # A duplicate of an earlier attempt that landed elsewhere in the log.
                     self.tree.truncate(first)
                     await self._catch_up_locked()
-                    if bid in self._seen_batches:
-                        return self._results_for(hashes)
                     continue
                 self._commit(seq, batch, signed, first)
                 self._last_own = time.monotonic()
@@ -384,8 +429,10 @@ class Ledger:
                 self.stats.batches_written += 1
                 self.stats.leaves_written += len(leaves)
                 return [
-                    AppendResult(index=first + i, tree_size=size, root=root, checkpoint=signed)
-                    for i in range(len(leaves))
+                    AppendResult(
+                        index=first + i, tree_size=size, root=root, checkpoint=signed, leaf=leaf
+                    )
+                    for i, leaf in enumerate(leaves)
                 ]
         raise LedgerUnavailableError(
             f"batch {bid[:16]} lost the race for a log position {attempts - 1} times in "
@@ -416,7 +463,8 @@ class Ledger:
         retry the *same* message (same expected sequence, same message id, so a copy that did
         land is recognised, never appended twice) for up to ``unavailable_window`` seconds.
 
-        Raises the conflict error at once, LedgerUnavailableError when the window runs out.
+        Raises LogConflictError (and any error of the log other than LogUnavailableError) at
+        once, LedgerUnavailableError when the window runs out.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._unavailable_window
@@ -424,9 +472,7 @@ class Ledger:
         while True:
             try:
                 return await self._log.append(data, expected_last_seq=self.applied_seq, msg_id=bid)
-            except self._conflict_error:
-                raise
-            except Exception as exc:
+            except LogUnavailableError as exc:
                 if loop.time() + delay > deadline:
                     raise LedgerUnavailableError(
                         f"the log ({self._log.name}) did not accept batch {bid[:16]} within "
@@ -439,11 +485,11 @@ class Ledger:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _results_for(self, hashes: Sequence[bytes]) -> list[AppendResult]:
+    def _results_for(self, leaves: Sequence[bytes]) -> list[AppendResult]:
         assert self.latest is not None
         out = []
-        for h in hashes:
-            idx = self.tree.index_of(h)
+        for leaf in leaves:
+            idx = self.tree.index_of(leaf_hash(leaf))
             if idx is None or idx >= self.size:
                 raise LedgerError("re-appended batch not found in the tree")
             out.append(
@@ -452,6 +498,7 @@ class Ledger:
                     tree_size=self.size,
                     root=self.tree.root(self.size),
                     checkpoint=self.latest,
+                    leaf=leaf,
                 )
             )
         return out
@@ -485,21 +532,65 @@ class Ledger:
             raise LedgerError(f"no consistency proof from {first} to {second} (size {self.size})")
         return self.tree.consistency_proof(first, second)
 
+    def leaf_hash(self, index: int) -> bytes:
+        """The RFC 9162 hash of leaf ``index``. Raises LedgerError when there is no such leaf."""
+        if not 0 <= index < self.size:
+            raise LedgerError(f"no leaf {index} (ledger size {self.size})")
+        return self.tree.leaf_hash(index)
+
+    def index_of(self, leaf_hash: bytes) -> int | None:
+        """The index of the leaf with this hash, or None. Raises nothing."""
+        found = self.tree.index_of(leaf_hash)
+        return found if found is not None and found < self.size else None
+
+    def root(self, tree_size: int | None = None) -> bytes:
+        """The root hash of the tree of ``tree_size`` leaves (default: now). Raises
+        LedgerError when the size is beyond the ledger."""
+        size = self.size if tree_size is None else tree_size
+        if not 0 <= size <= self.size:
+            raise LedgerError(f"no tree of size {size} (ledger size {self.size})")
+        return self.tree.root(size)
+
+    async def leaves(self, start: int, end: int) -> list[bytes]:
+        """The stored bytes of leaves ``start`` to ``end - 1``, read back from the log (one
+        read from the batch holding ``start``). Raises LedgerError for a range beyond the
+        ledger, BackendError when the log cannot be read."""
+        if not 0 <= start < end <= self.size:
+            raise LedgerError(f"no leaves {start}..{end - 1} (ledger size {self.size})")
+        i = bisect.bisect_right(self._batch_ends, start)
+        first = self._batch_ends[i - 1] if i else 0
+        out: list[bytes] = []
+        async for entry in self._log.read(self._batch_seqs[i]):
+            j = bisect.bisect_left(self._batch_seqs, entry.seq)
+            if j == len(self._batch_seqs) or self._batch_seqs[j] != entry.seq:
+                continue  # a re-appended duplicate batch: not part of the tree
+            first = self._batch_ends[j - 1] if j else 0
+            for offset, leaf in enumerate(decode_batch(entry.data, seq=entry.seq).leaves):
+                if start <= first + offset < end:
+                    out.append(leaf)
+            if len(out) >= end - start:
+                break
+        return out
+
+    def close(self) -> None:
+        """Close the stored tree (after :meth:`stop`). Raises nothing."""
+        self.tree.close()
+
     # ---- checkpoints and trust -------------------------------------------------------------
 
     def batch_sizes(self) -> list[int]:
         """Tree sizes at which a batch (and so a writer-signed checkpoint) ends. Raises nothing."""
-        return list(self._size_seq)
+        return list(self._batch_ends)
 
     async def checkpoint_at(self, size: int) -> SignedCheckpoint | None:
         """The writer-signed checkpoint of the batch ending at tree ``size``, read back from the
         log, or None when no batch ends there. Raises BackendError when the log fails."""
-        seq = self._size_seq.get(size)
-        if seq is None:
+        i = bisect.bisect_left(self._batch_ends, size)
+        if i == len(self._batch_ends) or self._batch_ends[i] != size:
             return None
         if self.latest is not None and self.latest.checkpoint.size == size:
             return self.latest
-        async for entry in self._log.read(seq):
+        async for entry in self._log.read(self._batch_seqs[i]):
             return SignedCheckpoint.from_bytes(decode_batch(entry.data, seq=entry.seq).checkpoint)
         return None
 

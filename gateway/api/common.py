@@ -1,8 +1,8 @@
-"""Helpers shared by the routers: FHIR JSON responses, bounded body reading, the access seam."""
+"""Helpers shared by the routers: FHIR JSON responses, bounded body reading."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from fastapi import Request
@@ -61,27 +61,3 @@ def require_json_content_type(request: Request) -> None:
             f"content type {ctype or '(none)'} is not supported; send {FHIR_JSON}",
             code="not-supported-media-type",
         )
-
-
-class AccessContext(Protocol):
-    """Who is asking (filled by the authentication layer of a later issue)."""
-
-    institution: str
-
-
-class AccessPolicy(Protocol):
-    """The seam where authentication and consent plug in. Raises to deny."""
-
-    async def check_write(self, request: Request, resource_type: str) -> None: ...
-
-    async def check_read(self, request: Request, resource_type: str, patient: str) -> None: ...
-
-
-class AllowAll:
-    """Until authentication and consent land, every local request is allowed."""
-
-    async def check_write(self, request: Request, resource_type: str) -> None:
-        """Allow."""
-
-    async def check_read(self, request: Request, resource_type: str, patient: str) -> None:
-        """Allow."""

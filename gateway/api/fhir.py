@@ -19,7 +19,7 @@ from gateway.api.common import (
     read_body,
     require_json_content_type,
 )
-from gateway.errors import InvalidInputError
+from gateway.errors import InvalidInputError, NotFoundError
 from gateway.fhir import (
     PreparedBundle,
     PreparedEntry,
@@ -30,8 +30,9 @@ from gateway.fhir import (
     receipt_extension,
     validate_resource,
 )
-from gateway.identity import fhir_identifiers, patient_identity
-from gateway.pipeline import RecordInput, StoredRecord
+from gateway.identity import PatientIdentity, fhir_identifiers, patient_identity
+from gateway.pipeline import ReadRecord, RecordInput, StoredRecord
+from gateway.records import LinkReason
 from gateway.runtime import Gateway
 from mappings.v2.datatypes import facility_system
 
@@ -84,8 +85,8 @@ def capability_statement(gw: Gateway) -> dict[str, Any]:
     }
 
 
-def _patient_identity(gw: Gateway, resource: dict[str, Any]) -> str:
-    """The pseudonym of a Patient resource sent over FHIR REST (gateway/identity.py). A
+def _patient_identity(gw: Gateway, resource: dict[str, Any]) -> PatientIdentity:
+    """The identity of a Patient resource sent over FHIR REST (gateway/identity.py). A
     Patient with no identifier at all is known only by its id at this institution."""
     facility = gw.settings.institution
     identifiers = fhir_identifiers(resource) or [
@@ -96,7 +97,26 @@ def _patient_identity(gw: Gateway, resource: dict[str, Any]) -> str:
         identifiers,
         master_system=gw.settings.master_id_system,
         facility=facility,
-    ).pseudonym
+    )
+
+
+def patient_links(
+    gw: Gateway, resource: dict[str, Any], identity: PatientIdentity
+) -> list[tuple[str, str, LinkReason]]:
+    """The pseudonyms a Patient resource says are the same person as ``identity``: its other
+    identifiers once the master identifier is present, and the patients its ``link`` names.
+    The record service anchors the links whose other side already has records."""
+    out: list[tuple[str, str, LinkReason]] = []
+    if not identity.provisional:
+        out += [(alias, identity.pseudonym, "master-identifier") for alias in identity.aliases]
+    for link in resource.get("link") or []:
+        other = link.get("other") if isinstance(link, dict) else None
+        ref = str(other.get("reference", "")) if isinstance(other, dict) else ""
+        if ref.startswith("Patient/"):
+            known = gw.records.patient_of("Patient", ref.split("/", 1)[1])
+            if known is not None:
+                out.append((known, identity.pseudonym, "patient-link"))
+    return out
 
 
 def _link_patients(gw: Gateway, prepared: PreparedBundle) -> None:
@@ -104,7 +124,9 @@ def _link_patients(gw: Gateway, prepared: PreparedBundle) -> None:
     in_bundle: dict[str, str] = {}
     for pe in prepared.entries:
         if pe.resource is not None and pe.resource["resourceType"] == "Patient":
-            pe.patient = _patient_identity(gw, pe.resource)
+            identity = _patient_identity(gw, pe.resource)
+            pe.patient = identity.pseudonym
+            pe.links = patient_links(gw, pe.resource, identity)
             in_bundle[f"Patient/{pe.resource['id']}"] = pe.patient
     for pe in prepared.entries:
         if pe.resource is None or pe.patient is not None:
@@ -127,16 +149,16 @@ def resolve_patient(
     Raises InvalidInputError (code processing) when it names a patient unknown here.
     """
     if resource["resourceType"] == "Patient":
-        return _patient_identity(gw, resource)
+        return _patient_identity(gw, resource).pseudonym
     found = patient_reference(resource)
     if found is None:
-        return gw.pipeline.no_patient
+        return gw.records.no_patient
     element, ref = found
     reference = str(ref.get("reference", ""))
     if reference.startswith("Patient/"):
         known = in_bundle.get(reference)
         if known is None:
-            known = gw.pipeline.patient_of("Patient", reference.split("/", 1)[1])
+            known = gw.records.patient_of("Patient", reference.split("/", 1)[1])
         if known is None:
             raise InvalidInputError(
                 f"{element} references a Patient that is not stored on this gateway",
@@ -166,27 +188,42 @@ def entry_response(
 
     ``encoded`` caches serialised checkpoints: the records of one batch share one checkpoint.
     """
-    proof = gw.ledger.inclusion_proof(stored.leaf_index, stored.tree_size)
-    cache = {} if encoded is None else encoded
-    checkpoint = cache.get(id(stored.checkpoint))
-    if checkpoint is None:
-        checkpoint = cache[id(stored.checkpoint)] = stored.checkpoint.to_bytes()
+    receipt = gw.records.receipt(stored, encoded)
     return {
         "status": "201 Created" if stored.created else "200 OK",
-        "location": f"{stored.resource_type}/{stored.resource_id}/_history/{stored.version}",
+        "location": version_location(stored.resource_type, stored.resource_id, stored.version),
         "etag": f'W/"{stored.version}"',
         "lastModified": stored.last_updated,
         "extension": [
             receipt_extension(
-                leaf_index=stored.leaf_index,
-                tree_size=stored.tree_size,
-                root=stored.root,
-                proof=proof,
-                checkpoint=checkpoint,
-                cid=stored.cid,
-                byte_range=stored.byte_range,
+                leaf_index=receipt.leaf_index,
+                tree_size=receipt.tree_size,
+                root=receipt.root,
+                proof=receipt.proof,
+                checkpoint=receipt.checkpoint,
+                cid=receipt.cid,
+                byte_range=receipt.byte_range,
             )
         ],
+    }
+
+
+def version_location(resource_type: str, resource_id: str, version: int) -> str:
+    """The relative URL of one version of a resource (what vread answers)."""
+    return f"{resource_type}/{resource_id}/_history/{version}"
+
+
+def stored_headers(request: Request, stored: StoredRecord) -> dict[str, str]:
+    """The HTTP headers of a stored record: an absolute ``Location`` that resolves (vread),
+    ``ETag``, ``Last-Modified`` and the receipt's position on the ledger."""
+    where = version_location(stored.resource_type, stored.resource_id, stored.version)
+    return {
+        "Location": f"{str(request.base_url).rstrip('/')}/fhir/{where}",
+        "ETag": f'W/"{stored.version}"',
+        "Last-Modified": stored.last_updated,
+        "X-Ledger-Leaf-Index": str(stored.leaf_index),
+        "X-Ledger-Tree-Size": str(stored.tree_size),
+        "X-Ledger-Root": b64(stored.root),
     }
 
 
@@ -201,25 +238,6 @@ def _error_entry(pe: PreparedEntry) -> dict[str, Any]:
             ),
         }
     }
-
-
-async def store_and_count(gw: Gateway, inputs: list[RecordInput]) -> list[StoredRecord]:
-    """Run the pipeline, count what was stored, and attach the final checkpoint if asked.
-
-    With ``receipt_wait_final_ms`` and a witness quorum, waits (bounded) until a checkpoint
-    covering these records is cosigned by the quorum, and moves the receipts onto it.
-    """
-    stored = await gw.pipeline.store(inputs)
-    gw.metrics.count_stored(s.resource_type for s in stored)
-    wait = gw.settings.receipt_wait_final_ms / 1000.0
-    if stored and wait > 0 and gw.settings.witness_quorum > 0:
-        try:
-            final = await gw.witness.wait_final(max(s.tree_size for s in stored), wait)
-        except TimeoutError:
-            return stored
-        cp = final.checkpoint
-        stored = [s._replace(tree_size=cp.size, root=cp.root, checkpoint=final) for s in stored]
-    return stored
 
 
 def build_router(gw: Gateway) -> APIRouter:
@@ -237,17 +255,14 @@ def build_router(gw: Gateway) -> APIRouter:
         body = parse_json(await read_body(request, settings.max_body_bytes))
         prepared = prepare_bundle(body, max_entries=settings.max_bundle_entries)
         _link_patients(gw, prepared)
-        for pe in prepared.entries:
-            if pe.resource is not None:
-                await gw.policy.check_write(request, pe.resource["resourceType"])
         good = [pe for pe in prepared.entries if pe.resource is not None]
-        stored = await store_and_count(
-            gw,
+        stored = await gw.records.store(
             [
-                RecordInput(pe.resource, pe.patient or gw.pipeline.no_patient)
+                RecordInput(pe.resource, pe.patient or gw.records.no_patient)
                 for pe in good
                 if pe.resource
             ],
+            links=[link for pe in good for link in pe.links],
         )
         by_pos = {pe.position: s for pe, s in zip(good, stored, strict=True)}
         entries = []
@@ -279,21 +294,19 @@ def build_router(gw: Gateway) -> APIRouter:
             raise InvalidInputError("resource id differs from the URL", location=f"{rtype}.id")
         resource = dict(resource)
         resource["id"] = rid or uuid.uuid4().hex
-        patient = resolve_patient(gw, resource, {}, where=rtype)
-        await gw.policy.check_write(request, rtype)
-        (stored,) = await store_and_count(gw, [RecordInput(resource, patient)])
+        links: list[tuple[str, str, LinkReason]] = []
+        if rtype == "Patient":
+            identity = _patient_identity(gw, resource)
+            patient = identity.pseudonym
+            links = patient_links(gw, resource, identity)
+        else:
+            patient = resolve_patient(gw, resource, {}, where=rtype)
+        (stored,) = await gw.records.store([RecordInput(resource, patient)], links=links)
         resp = entry_response(gw, stored)
-        receipt = resp["extension"][0]
-        headers = {
-            "Location": f"{str(request.base_url).rstrip('/')}/fhir/{resp['location']}",
-            "ETag": resp["etag"],
-            "Last-Modified": stored.last_updated,
-            "X-Ledger-Leaf-Index": str(stored.leaf_index),
-            "X-Ledger-Tree-Size": str(stored.tree_size),
-            "X-Ledger-Root": b64(stored.root),
-        }
-        resource.setdefault("meta", {})["extension"] = [receipt]
-        return fhir_response(resource, status=201 if stored.created else 200, headers=headers)
+        resource.setdefault("meta", {})["extension"] = resp["extension"]
+        return fhir_response(
+            resource, status=201 if stored.created else 200, headers=stored_headers(request, stored)
+        )
 
     @router.post("/{rtype}")
     async def create(rtype: str, request: Request) -> Response:
@@ -303,12 +316,7 @@ def build_router(gw: Gateway) -> APIRouter:
     async def update(rtype: str, rid: str, request: Request) -> Response:
         return await _store_one(request, rtype, rid)
 
-    @router.get("/{rtype}/{rid}")
-    async def read(rtype: str, rid: str, request: Request) -> Response:
-        anchor = gw.index.latest(gw.pipeline.record_of(rtype, rid))
-        if anchor is not None:
-            await gw.policy.check_read(request, rtype, anchor.patient)
-        record = await gw.pipeline.read(rtype, rid)
+    def _read_response(record: ReadRecord) -> Response:
         return fhir_response(
             record.resource,
             headers={
@@ -316,5 +324,15 @@ def build_router(gw: Gateway) -> APIRouter:
                 "X-Ledger-Leaf-Index": str(record.anchor.leaf_index),
             },
         )
+
+    @router.get("/{rtype}/{rid}")
+    async def read(rtype: str, rid: str) -> Response:
+        return _read_response(await gw.records.read(rtype, rid))
+
+    @router.get("/{rtype}/{rid}/_history/{vid}")
+    async def vread(rtype: str, rid: str, vid: str) -> Response:
+        if not vid.isdigit() or int(vid) < 1:
+            raise NotFoundError(f"{rtype}/{rid} has no version {vid[:20]!r}")
+        return _read_response(await gw.records.read(rtype, rid, version=int(vid)))
 
     return router

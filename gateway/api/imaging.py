@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.api.common import fhir_response, parse_json, read_body
-from gateway.api.fhir import entry_response, store_and_count
+from gateway.api.fhir import entry_response, stored_headers
 from gateway.errors import InvalidInputError
 from gateway.hl7 import HL7Ingest
 from gateway.identity import patient_identity
@@ -42,7 +42,7 @@ def build_router(ingest: HL7Ingest) -> APIRouter:
             where = f"DICOM {exc.segment or ''}".strip()
             raise InvalidInputError(str(exc), location=where) from exc
         subject = str(study.get("subject", {}).get("reference", ""))
-        patient = gw.pipeline.patient_of("Patient", subject.split("/", 1)[-1])
+        patient = gw.records.patient_of("Patient", subject.split("/", 1)[-1])
         if patient is None:
             patient = patient_identity(
                 gw.pseudonym_key,
@@ -50,14 +50,11 @@ def build_router(ingest: HL7Ingest) -> APIRouter:
                 master_system=gw.settings.master_id_system,
                 facility=gw.settings.institution,
             ).pseudonym
-        await gw.policy.check_write(request, "ImagingStudy")
-        (stored,) = await store_and_count(gw, [RecordInput(study, patient)])
+        (stored,) = await gw.records.store([RecordInput(study, patient)])
         resp = entry_response(gw, stored)
         study.setdefault("meta", {})["extension"] = resp["extension"]
         return fhir_response(
-            study,
-            status=201 if stored.created else 200,
-            headers={"Location": f"/fhir/{resp['location']}", "ETag": resp["etag"]},
+            study, status=201 if stored.created else 200, headers=stored_headers(request, stored)
         )
 
     return router

@@ -77,7 +77,7 @@ def build_router(gw: Gateway) -> APIRouter:
             {
                 "index": index,
                 "tree_size": size,
-                "leaf_hash": ledger.tree.leaf_hash(index).hex(),
+                "leaf_hash": ledger.leaf_hash(index).hex(),
                 "root_hash": done.checkpoint.root.hex(),
                 "proof": [h.hex() for h in ledger.inclusion_proof(index, size)],
                 "checkpoint": base64.b64encode(done.to_bytes()).decode(),
@@ -149,7 +149,7 @@ def build_router(gw: Gateway) -> APIRouter:
                 wanted = bytes.fromhex(leaf_hash)
             except ValueError as exc:
                 raise InvalidInputError("leaf_hash must be hex", location="leaf_hash") from exc
-            found = ledger.tree.index_of(wanted)
+            found = ledger.index_of(wanted)
             if found is None or found >= ledger.size:
                 raise NotFoundError("no leaf with that hash")
             index = found
@@ -162,8 +162,8 @@ def build_router(gw: Gateway) -> APIRouter:
             {
                 "index": index,
                 "tree_size": size,
-                "leaf_hash": ledger.tree.leaf_hash(index).hex(),
-                "root_hash": ledger.tree.root(size).hex(),
+                "leaf_hash": ledger.leaf_hash(index).hex(),
+                "root_hash": ledger.root(size).hex(),
                 "proof": [h.hex() for h in proof],
             }
         )
@@ -179,8 +179,8 @@ def build_router(gw: Gateway) -> APIRouter:
             {
                 "first": first,
                 "second": second,
-                "first_root": ledger.tree.root(first).hex(),
-                "second_root": ledger.tree.root(second).hex(),
+                "first_root": ledger.root(first).hex(),
+                "second_root": ledger.root(second).hex(),
                 "proof": [h.hex() for h in proof],
             }
         )
@@ -190,7 +190,7 @@ def build_router(gw: Gateway) -> APIRouter:
         if not start < end <= ledger.size:
             raise InvalidInputError(f"need start < end <= {ledger.size}", location="end")
         end = min(end, start + MAX_LEAVES_PER_PAGE)
-        data = await gw.leaves_range(start, end)
+        data = await gw.ledger.leaves(start, end)
         return JSONResponse(
             {
                 "start": start,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gateway.backends.protocols import LogEntry
-from gateway.errors import BackendError, LogConflictError
+from gateway.errors import BackendError, LogConflictError, LogUnavailableError
 
 NAME = "file-log"
 _HEADER = struct.Struct(">II")
@@ -212,13 +212,15 @@ class FileLog:
     async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
         """Append if the last sequence is ``expected_last_seq``; durable on return.
 
-        Raises LogConflictError, BackendError.
+        Raises LogConflictError, LogUnavailableError (the file cannot be written), BackendError.
         """
         async with self._lock:
             try:
                 return await asyncio.to_thread(self._append_sync, data, expected_last_seq, msg_id)
             except OSError as exc:
-                raise BackendError(f"cannot append to {self.path}: {exc}", backend=NAME) from exc
+                raise LogUnavailableError(
+                    f"cannot append to {self.path}: {exc}", backend=NAME
+                ) from exc
 
     async def last_seq(self) -> int:
         """Sequence of the last record. Raises BackendError."""

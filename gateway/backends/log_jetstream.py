@@ -30,7 +30,7 @@ from nats.js.api import (
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from gateway.backends.protocols import LogEntry
-from gateway.errors import BackendError, LogConflictError
+from gateway.errors import BackendError, LogConflictError, LogUnavailableError
 
 NAME = "jetstream"
 WRONG_LAST_SEQUENCE = 10071
@@ -89,7 +89,7 @@ class JetStreamLog:
                 except (TimeoutError, NoServersError, OSError, NatsTimeoutError) as exc:
                     with contextlib.suppress(Exception):
                         await nc.close()
-                    raise BackendError(
+                    raise LogUnavailableError(
                         f"cannot connect to {self.servers}: {type(exc).__name__} {exc}",
                         backend=NAME,
                     ) from exc
@@ -149,7 +149,7 @@ class JetStreamLog:
                 if isinstance(exc, APIError) and exc.err_code not in (None, 10008, 10074):
                     raise BackendError(f"stream {self.stream}: {exc}", backend=NAME) from exc
                 if time.monotonic() > deadline:
-                    raise BackendError(
+                    raise LogUnavailableError(
                         f"stream {self.stream} unavailable: {exc!r}", backend=NAME
                     ) from exc
                 await asyncio.sleep(0.25)
@@ -157,7 +157,8 @@ class JetStreamLog:
     async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
         """Conditional, de-duplicated append; durable on a quorum when it returns.
 
-        Raises LogConflictError when another writer took the position, BackendError otherwise.
+        Raises LogConflictError when another writer took the position, LogUnavailableError
+        when the stream cannot be reached in time, BackendError otherwise.
         """
         js = await self._js()
         if len(data) + len(msg_id) > self.max_message_bytes:
@@ -181,13 +182,17 @@ class JetStreamLog:
                 if exc.err_code == WRONG_LAST_SEQUENCE:
                     actual = _actual_seq(exc.description)
                     raise LogConflictError(expected_last_seq, actual, backend=NAME) from exc
-                if time.monotonic() > deadline or exc.code not in (503,):
+                if exc.code not in (503,):
                     raise BackendError(f"publish refused: {exc.description}", backend=NAME) from exc
+                if time.monotonic() > deadline:
+                    raise LogUnavailableError(
+                        f"publish refused: {exc.description}", backend=NAME
+                    ) from exc
             except _TRANSIENT as exc:
                 # Retried with the same Nats-Msg-Id: if the first attempt was stored after all,
                 # the server answers with its original sequence instead of storing it twice.
                 if time.monotonic() > deadline:
-                    raise BackendError(
+                    raise LogUnavailableError(
                         f"publish not acknowledged within {self.timeout:.0f} s "
                         f"({type(exc).__name__})",
                         backend=NAME,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import orjson
 
 from gateway.backends.protocols import StateItem, StateStore
+from ledger.errors import GroupCommitStoppedError
 from ledger.groupcommit import GroupCommitter
 
 IN_PROGRESS_TTL_S = 120.0
@@ -107,14 +108,14 @@ class Deduplicator:
     ) -> asyncio.Future[list[None]]:
         """Start recording the accepted message and its ACKs (for replays): a future that
         fails with the store's error. Until it is done, a copy of the message gets the same
-        ACKs from memory. Raises RuntimeError when stopped."""
+        ACKs from memory. Raises GroupCommitStoppedError when stopped."""
         key = _key(facility, control_id)
         record = {"h": content_hash, "s": "done", "acks": [a.hex() for a in acks]}
         encoded = orjson.dumps(record)
         self._recording[key] = (content_hash, tuple(acks))
         try:
             fut = self._accepts.enqueue([(key, encoded, ACCEPTED_TTL_S)])
-        except RuntimeError:
+        except GroupCommitStoppedError:
             self._recording.pop(key, None)
             raise
         fut.add_done_callback(lambda _: self._recording.pop(key, None))

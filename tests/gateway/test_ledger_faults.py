@@ -22,7 +22,6 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.api.ledger import build_router
-from gateway.errors import LogConflictError
 from gateway.witness_service import WitnessService
 from ledger.checkpoint import Signer, TrustedKeys
 from ledger.merkle import leaf_hash
@@ -69,7 +68,6 @@ async def stream(services: Any) -> AsyncIterator[Stream]:
             signer=SIGNERS[inst],
             trusted=TRUST,
             origin="alliance.example/ledger",
-            conflict_error=LogConflictError,
             max_delay=0.002,
             unavailable_window=15.0,
         )
@@ -126,7 +124,6 @@ async def _converge(s: Stream) -> None:
         signer=SIGNERS["hosp-a"],
         trusted=TRUST,
         origin="alliance.example/ledger",
-        conflict_error=LogConflictError,
     )
     await fresh.catch_up()
     assert fresh.size == size and fresh.tree.root() == tree.root(size)

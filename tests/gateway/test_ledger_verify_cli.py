@@ -23,7 +23,6 @@ import rfc8785
 
 from gateway.app import create_app
 from gateway.backends.log_file import FileLog, iter_records
-from gateway.errors import LogConflictError
 from ledger.batch import decode_batch
 from ledger.checkpoint import Checkpoint, Signer, TrustedKeys
 from ledger.leaves import encode_leaf
@@ -193,7 +192,6 @@ def _rewrite_history(work: Path, keep: int) -> None:
             signer=signer,
             trusted=trusted,
             origin="alliance.example/ledger",
-            conflict_error=LogConflictError,
         )
         await ledger.start(follow_interval=None)
         leaf = encode_leaf(

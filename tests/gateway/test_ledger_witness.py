@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.api.ledger import build_router
 from gateway.app import outcome_for
-from gateway.errors import GatewayError, LogConflictError
+from gateway.errors import GatewayError
 from gateway.witness_service import WitnessService
 from ledger.checkpoint import Checkpoint, SignedCheckpoint, Signer, TrustedKeys
 from ledger.errors import SplitViewError
@@ -76,7 +76,6 @@ def make_node(
         signer=SIGNERS[name],
         trusted=TRUST,
         origin=ORIGIN,
-        conflict_error=LogConflictError,
         max_delay=0.001,
     )
     witness = WitnessService(
@@ -152,9 +151,10 @@ async def test_checkpoints_become_final_with_a_quorum_of_cosignatures(
         final_path=a.witness._final_path,
         quorum=2,
     )
-    a.ledger.final = None
+    assert reloaded.final_checkpoint() is None
     reloaded._load_final()
-    assert a.ledger.final is not None and a.ledger.final.checkpoint.size == 5
+    final = reloaded.final_checkpoint()
+    assert final is not None and final.checkpoint.size == 5
     # The peers' witness states were persisted before they answered.
     for peer in ("hosp-b", "hosp-c"):
         state = WitnessState.from_bytes(nodes[peer].witness._state_path.read_bytes())
@@ -295,7 +295,6 @@ async def test_trust_file_is_anchored_once() -> None:
         signer=SIGNERS["hosp-a"],
         trusted=TRUST,
         origin=ORIGIN,
-        conflict_error=LogConflictError,
     )
     await ledger.start(follow_interval=None)
     index = await ledger.ensure_trust_anchored(TRUST, source="hosp-a")
@@ -308,7 +307,6 @@ async def test_trust_file_is_anchored_once() -> None:
         signer=SIGNERS["hosp-b"],
         trusted=TRUST,
         origin=ORIGIN,
-        conflict_error=LogConflictError,
     )
     await replay.catch_up()
     assert replay.trust_anchors == {TRUST.digest().hex()}

@@ -72,7 +72,7 @@ async def test_receipts_carry_the_cosigned_checkpoint_when_asked(tmp_path: Path)
             signed = SignedCheckpoint.from_bytes(base64.b64decode(receipt["checkpoint"]))
             assert is_final(signed, trust, 2), "receipt checkpoint is not cosigned by the quorum"
             assert set(signed.signers()) == set(NAMES)
-            leaf = (await gw.leaves_range(receipt["leafIndex"], receipt["leafIndex"] + 1))[0]
+            leaf = (await gw.ledger.leaves(receipt["leafIndex"], receipt["leafIndex"] + 1))[0]
             check_receipt(receipt, leaf_hash(leaf), trust)
         # The other gateways derived the same tree and read nothing they should not have.
         final = (await client.get("/ledger/checkpoint")).json()

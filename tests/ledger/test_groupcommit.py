@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from ledger.errors import GroupCommitStoppedError
 from ledger.groupcommit import GroupCommitter
 
 
@@ -83,9 +84,9 @@ async def test_stop_fails_calls_in_flight_and_rejects_new_ones() -> None:
     pending = asyncio.create_task(gc.submit([1]))
     await started.wait()
     await gc.stop()
-    with pytest.raises(RuntimeError, match="stopped"):
+    with pytest.raises(GroupCommitStoppedError):
         await pending
-    with pytest.raises(RuntimeError, match="not running"):
+    with pytest.raises(GroupCommitStoppedError, match="not running"):
         await gc.submit([2])
     with pytest.raises(ValueError):
         GroupCommitter(never, name="t", concurrency=0)
@@ -96,7 +97,7 @@ async def test_enqueue_gives_a_future_per_caller() -> None:
         return [i * i for i in items]
 
     gc: GroupCommitter[int, int] = GroupCommitter(square, name="t", max_delay=0.001)
-    with pytest.raises(RuntimeError, match="not running"):
+    with pytest.raises(GroupCommitStoppedError, match="not running"):
         gc.enqueue([1])
     gc.start()
     try:

@@ -9,7 +9,7 @@ import pytest
 import rfc8785
 
 from ledger.errors import LeafFormatError
-from ledger.leaves import KINDS, decode_leaf, encode_leaf
+from ledger.leaves import KINDS, RecordLeaf, decode_leaf, encode_leaf
 
 HEX = "ab" * 32
 T = "2026-11-28T19:41:38Z"
@@ -50,6 +50,7 @@ GOOD: dict[str, dict[str, Any]] = {
     },
     "key": {"action": "erasure", "key_id": "kek-9", "patient": HEX, "source": "a", "time": T},
     "dictionary": {"version": "2026.2", "sha256": HEX, "source": "hosp-a", "time": T},
+    "link": {"from": HEX, "to": "cd" * 32, "reason": "merge", "source": "hosp-a", "time": T},
 }
 
 
@@ -193,3 +194,21 @@ def test_non_canonical_variants_rejected_by_the_fast_path(mutate: Any) -> None:
     assert bad != data
     with pytest.raises(LeafFormatError):
         decode_leaf(bad)
+
+
+def test_link_to_itself_is_refused() -> None:
+    with pytest.raises(LeafFormatError, match="same"):
+        encode_leaf("link", {**GOOD["link"], "to": HEX})
+
+
+@pytest.mark.parametrize("fields", [GOOD["record"], CONTAINER], ids=["alone", "container"])
+def test_record_leaf_round_trips_through_its_typed_form(fields: dict[str, Any]) -> None:
+    raw = encode_leaf("record", fields)
+    typed = RecordLeaf.from_leaf(json.loads(raw))
+    assert typed.encode() == raw
+    assert typed.fields() == fields
+
+
+def test_typed_record_leaf_refuses_another_kind() -> None:
+    with pytest.raises(LeafFormatError):
+        RecordLeaf.from_leaf({"kind": "consent", **GOOD["consent"]})

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from gateway.errors import LogConflictError
 from ledger.checkpoint import Signer, TrustedKeys
 from ledger.errors import CheckpointError, CheckpointSignatureError
 from ledger.merkle import leaf_hash, root
-from ledger.sequencer import Ledger
+from ledger.sequencer import LeafDraft, Ledger
 from ledger.tiles import TreeStore
 from ledger.verify import verify_inclusion
 
@@ -65,7 +66,6 @@ def make(
         signer=SIGNERS[name],
         trusted=TRUST,
         origin="test/ledger",
-        conflict_error=LogConflictError,
         **kw,  # type: ignore[arg-type]
     )
 
@@ -124,7 +124,6 @@ async def test_a_writer_alone_on_the_log_is_not_held_back() -> None:
         signer=SIGNERS["hosp-a"],
         trusted=TrustedKeys.of([SIGNERS["hosp-a"]]),
         origin="test/ledger",
-        conflict_error=LogConflictError,
         fair_gap=0.5,
     )
     await alone.start(follow_interval=None)
@@ -242,7 +241,6 @@ async def test_replay_rejects_a_forged_or_altered_batch() -> None:
         signer=Signer.generate("rogue"),
         trusted=TrustedKeys.of([Signer.generate("rogue")]),
         origin="test/ledger",
-        conflict_error=LogConflictError,
     )
     await rogue.start(follow_interval=None)
     await rogue.append([b"evil"])
@@ -279,3 +277,41 @@ def test_batch_encoding_is_exactly_rfc8785(writer: str) -> None:
         }
     )
     assert decode_batch(data) == batch
+
+
+class CountingDraft(LeafDraft):
+    """A leaf naming the next number after those the ledger has seen (as a record's next
+    version is taken), completed when its batch is formed."""
+
+    def __init__(self, seen: list[int]) -> None:
+        self.seen = seen
+        self.completions = 0
+
+    def complete(self, scratch: dict[str, Any]) -> bytes:
+        self.completions += 1
+        n = scratch.get("n", len(self.seen)) + 1
+        scratch["n"] = n
+        return f"n={n}".encode()
+
+
+async def test_drafts_are_completed_against_the_log_and_again_after_a_lost_race() -> None:
+    log = MemoryLog(delay=0.01)
+    seen: list[int] = []  # a's view: the numbers in the log, as a's listener applies them
+    a, b = make(log, "hosp-a", max_delay=0.0), make(log, "clinic-b", max_delay=0.0)
+    a.add_listener(
+        lambda first, leaves, seq: seen.extend(int(x[2:]) for x in leaves if x[:2] == b"n=")
+    )
+    await a.start(follow_interval=None)
+    await b.start(follow_interval=None)
+    (first,) = await a.append([CountingDraft(seen)])
+    assert first.leaf == b"n=1" and seen == [1]
+    await b.catch_up()
+    await b.append([b"n=2"])  # another writer takes number 2; a does not know it yet
+    d1, d2 = CountingDraft(seen), CountingDraft(seen)
+    results = await a.append([d1, d2])
+    # The first forming (2, 3) lost the race; after catching up a sees 2 and forms (3, 4).
+    assert [r.leaf for r in results] == [b"n=3", b"n=4"]
+    assert (d1.completions, d2.completions) == (2, 2)
+    assert seen == [1, 2, 3, 4] and a.size == 4
+    await a.stop()
+    await b.stop()

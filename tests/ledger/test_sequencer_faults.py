@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import BackendError
+from gateway.errors import BackendError, LogUnavailableError
 from ledger.sequencer import LedgerUnavailableError
 from tests.ledger.test_sequencer import MemoryLog, make
 
@@ -22,6 +22,7 @@ class FlakyLog(MemoryLog):
         self.fail = 0
         self.land = False
         self.calls = 0
+        self.final = False  # fail with an error that is not "unavailable"
 
     async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
         self.calls += 1
@@ -29,7 +30,9 @@ class FlakyLog(MemoryLog):
             self.fail -= 1
             if self.land:
                 await super().append(data, expected_last_seq=expected_last_seq, msg_id=msg_id)
-            raise BackendError("leader lost", backend="flaky")
+            if self.final:
+                raise BackendError("message refused", backend="flaky")
+            raise LogUnavailableError("leader lost", backend="flaky")
         return await super().append(data, expected_last_seq=expected_last_seq, msg_id=msg_id)
 
 
@@ -40,6 +43,20 @@ async def test_outage_shorter_than_the_window_is_absorbed() -> None:
     log.fail = 3
     (res,) = await ledger.append([b"a"])
     assert res.index == 0 and len(log.messages) == 1 and log.calls == 4
+    await ledger.stop()
+
+
+async def test_an_error_that_is_not_unavailability_is_not_retried() -> None:
+    log = FlakyLog()
+    ledger = make(log, unavailable_window=5.0)
+    await ledger.start(follow_interval=None)
+    log.fail, log.final = 3, True
+    with pytest.raises(BackendError, match="refused"):
+        await ledger.append([b"a"])
+    assert log.calls == 1 and not log.messages and ledger.size == 0
+    log.fail = 0
+    (res,) = await ledger.append([b"b"])
+    assert res.index == 0
     await ledger.stop()
 
 

@@ -1,0 +1,245 @@
+"""The record service: the one way every entry point stores and reads records.
+
+FHIR REST, HL7 v2 (MLLP and HTTP) and imaging all come through here, so the rules live once:
+
+- record ids are scoped by the custodian (:meth:`RecordPipeline.record_of`: this gateway's
+  institution), so ``Patient/p-1`` of two institutions sharing the ledger are two records;
+- versions are those the ledger committed (taken when the record's leaf is appended, never
+  reserved ahead of it: :mod:`gateway.pipeline`);
+- the access seam (:mod:`gateway.access`) is asked before anything is stored or decrypted,
+  with the caller and the record's metadata (custodian, patient, type);
+- every store answers with receipts (:class:`Receipt`: leaf index, tree size, root, inclusion
+  proof, signed checkpoint, CID), whatever the entry point;
+- patients known under several pseudonyms are linked on the ledger (``link`` leaves), and
+  reads of a patient's records cover every pseudonym linked to it.
+
+Raises :class:`gateway.errors.NotFoundError`, :class:`gateway.access.AccessDeniedError`,
+:class:`gateway.errors.BackendError`, :class:`ledger.errors.LedgerError`,
+:class:`gateway.errors.IntegrityError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.access import AccessPolicy, AccessRequest, Interaction
+from gateway.errors import NotFoundError
+from gateway.observability import Metrics
+from gateway.pipeline import PreparedResource, ReadRecord, RecordInput, RecordPipeline, StoredRecord
+from gateway.views import RecordAnchor, RecordIndex
+from gateway.witness_service import WitnessService
+from ledger.leaves import encode_leaf
+from ledger.sequencer import Ledger
+
+LinkReason = Literal["master-identifier", "merge", "patient-link"]
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Proof that a record version is on the ledger: its leaf, the tree it was proved in (with
+    the inclusion proof, RFC 9162) and that tree's signed checkpoint, and where its ciphertext
+    is (block CID and byte range in it when packed)."""
+
+    leaf_index: int
+    tree_size: int
+    root: bytes
+    proof: list[bytes]
+    checkpoint: bytes
+    cid: str
+    byte_range: tuple[int, int] | None
+
+
+class RecordService:
+    """Stores and reads records for every entry point (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: RecordPipeline,
+        index: RecordIndex,
+        ledger: Ledger,
+        witness: WitnessService,
+        policy: AccessPolicy,
+        metrics: Metrics,
+        institution: str,
+        receipt_wait_final_ms: float = 0.0,
+    ) -> None:
+        self.pipeline = pipeline
+        self.index = index
+        self.ledger = ledger
+        self.witness = witness
+        self.policy = policy
+        self.metrics = metrics
+        self.institution = institution
+        self._wait_final = receipt_wait_final_ms / 1000.0
+
+    # ---- ids -------------------------------------------------------------------------------
+
+    def record_of(self, resource_type: str, resource_id: str) -> str:
+        """The ledger's opaque id of this institution's ``resource_type/resource_id``."""
+        return self.pipeline.record_of(resource_type, resource_id)
+
+    def patient_of(self, resource_type: str, resource_id: str) -> str | None:
+        """The pseudonym of a stored resource's patient, or None if it is not stored here."""
+        return self.pipeline.patient_of(resource_type, resource_id)
+
+    @property
+    def no_patient(self) -> str:
+        """The pseudonym records that belong to no patient are filed under."""
+        return self.pipeline.no_patient
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    async def store(
+        self,
+        inputs: Sequence[RecordInput],
+        *,
+        caller: object | None = None,
+        links: Iterable[tuple[str, str, LinkReason]] = (),
+    ) -> list[StoredRecord]:
+        """Check each write with the access seam, anchor the patient links given ((from, to,
+        reason); see :meth:`link`), then store the resources (one record each); return once
+        all of it is durable. Raises AccessDeniedError (nothing stored), BackendError,
+        LedgerError."""
+        for item in inputs:
+            rtype = str(item.resource["resourceType"])
+            exists = self.index.latest(self.record_of(rtype, str(item.resource["id"])))
+            await self._check(caller, "update" if exists else "create", rtype, item.patient)
+        await self.link(links)
+        stored = await self.pipeline.store(inputs)
+        return await self._stored(stored)
+
+    async def store_message(
+        self,
+        resources: Sequence[PreparedResource],
+        *,
+        patient: str,
+        container_id: str,
+        caller: object | None = None,
+        links: Iterable[tuple[str, str, LinkReason]] = (),
+    ) -> list[StoredRecord]:
+        """Store everything one source message produced as one container (see
+        :meth:`RecordPipeline.store_group`), after the access check and the patient links.
+        Raises as :meth:`store`, and ValueError for a malformed group."""
+        for r in resources:
+            exists = self.index.latest(r.record)
+            await self._check(caller, "update" if exists else "create", r.type, patient)
+        await self.link(links)
+        stored = await self.pipeline.store_group(
+            resources, patient=patient, container_id=container_id
+        )
+        return await self._stored(stored)
+
+    async def _stored(self, stored: list[StoredRecord]) -> list[StoredRecord]:
+        """Count what was stored; with ``receipt_wait_final_ms`` and a witness quorum, wait
+        (bounded) until a checkpoint covering it is cosigned and move the receipts onto it."""
+        self.metrics.count_stored(s.resource_type for s in stored)
+        if not stored or self._wait_final <= 0 or self.witness.quorum <= 0:
+            return stored
+        try:
+            final = await self.witness.wait_final(
+                max(s.tree_size for s in stored), self._wait_final
+            )
+        except TimeoutError:
+            return stored
+        cp = final.checkpoint
+        return [s._replace(tree_size=cp.size, root=cp.root, checkpoint=final) for s in stored]
+
+    async def link(self, links: Iterable[tuple[str, str, LinkReason]]) -> int:
+        """Anchor a ``link`` leaf for each (from, to, reason) where ``from`` already has
+        records or links and is not yet linked to ``to``: from then on both pseudonyms name one
+        patient for reads, consent and erasure. Returns how many were anchored. Raises
+        LedgerError, BackendError."""
+        leaves = []
+        seen: set[tuple[str, str]] = set()
+        for source, target, reason in links:
+            if source == target or (source, target) in seen:
+                continue
+            seen.add((source, target))
+            known = self.index.has_patient(source) or len(self.index.links.all_of(source)) > 1
+            if not known or self.index.links.linked(source, target):
+                continue
+            leaves.append(
+                encode_leaf(
+                    "link",
+                    {
+                        "from": source,
+                        "to": target,
+                        "reason": reason,
+                        "source": self.institution,
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    },
+                )
+            )
+        if leaves:
+            await self.ledger.append(leaves)
+        return len(leaves)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    async def read(
+        self,
+        resource_type: str,
+        resource_id: str,
+        *,
+        caller: object | None = None,
+        version: int | None = None,
+    ) -> ReadRecord:
+        """The latest version of this institution's resource (or version ``version``),
+        decrypted after the access check and the check against its anchor.
+
+        Raises NotFoundError (also when the version does not exist), AccessDeniedError,
+        IntegrityError, KeyDestroyedError, BackendError.
+        """
+        rec = self.record_of(resource_type, resource_id)
+        anchor = self.index.latest(rec) if version is None else self.index.version(rec, version)
+        if anchor is None:
+            what = f"{resource_type}/{resource_id}"
+            raise NotFoundError(
+                f"{what} is not known" if version is None else f"{what} has no version {version}"
+            )
+        interaction: Interaction = "read" if version is None else "vread"
+        await self._check(caller, interaction, resource_type, anchor.patient, anchor.source)
+        return ReadRecord(await self.pipeline.read_anchor(anchor), anchor)
+
+    def records_of_patient(self, patient: str) -> list[RecordAnchor]:
+        """The latest version of every record of a patient, under every pseudonym linked to
+        it (no access check: callers check each record they return)."""
+        return self.index.records_of(patient)
+
+    # ---- receipts --------------------------------------------------------------------------
+
+    def receipt(self, stored: StoredRecord, encoded: dict[int, bytes] | None = None) -> Receipt:
+        """The receipt of a stored record. ``encoded`` caches serialised checkpoints (the
+        records of one batch share one). Raises LedgerError."""
+        cache = {} if encoded is None else encoded
+        checkpoint = cache.get(id(stored.checkpoint))
+        if checkpoint is None:
+            checkpoint = cache[id(stored.checkpoint)] = stored.checkpoint.to_bytes()
+        return Receipt(
+            leaf_index=stored.leaf_index,
+            tree_size=stored.tree_size,
+            root=stored.root,
+            proof=self.ledger.inclusion_proof(stored.leaf_index, stored.tree_size),
+            checkpoint=checkpoint,
+            cid=stored.cid,
+            byte_range=stored.byte_range,
+        )
+
+    # ---- the seam --------------------------------------------------------------------------
+
+    async def _check(
+        self,
+        caller: object | None,
+        interaction: Interaction,
+        resource_type: str,
+        patient: str,
+        custodian: str | None = None,
+    ) -> None:
+        await self.policy.check(
+            caller,
+            AccessRequest(interaction, resource_type, custodian or self.institution, patient),
+        )
