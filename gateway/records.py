@@ -21,9 +21,11 @@ Raises :class:`gateway.errors.NotFoundError`, :class:`gateway.access.AccessDenie
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+import orjson
 
 from gateway.access import AccessPolicy, AccessRequest, Interaction
 from gateway.errors import NotFoundError
@@ -35,6 +37,11 @@ from ledger.leaves import encode_leaf
 from ledger.sequencer import Ledger
 
 LinkReason = Literal["master-identifier", "merge", "patient-link"]
+
+#: Called with every stored record version and its resource (as stored, ``meta.versionId``
+#: set) once it is durable and before the store returns, so what a caller was acknowledged is
+#: already there (the search index).
+Indexer = Callable[[Sequence[tuple[StoredRecord, dict[str, Any]]]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,11 @@ class RecordService:
         self.metrics = metrics
         self.institution = institution
         self._wait_final = receipt_wait_final_ms / 1000.0
+        self._indexers: list[Indexer] = []
+
+    def add_indexer(self, indexer: Indexer) -> None:
+        """Register a derived view kept up to date at every store (see :data:`Indexer`)."""
+        self._indexers.append(indexer)
 
     # ---- ids -------------------------------------------------------------------------------
 
@@ -110,6 +122,8 @@ class RecordService:
             await self._check(caller, "update" if exists else "create", rtype, item.patient)
         await self.link(links)
         stored = await self.pipeline.store(inputs)
+        if self._indexers:
+            await self._index(list(zip(stored, (i.resource for i in inputs), strict=True)))
         return await self._stored(stored)
 
     async def store_message(
@@ -131,7 +145,21 @@ class RecordService:
         stored = await self.pipeline.store_group(
             resources, patient=patient, container_id=container_id
         )
+        if self._indexers:
+            items = []
+            for record, prepared in zip(stored, resources, strict=True):
+                resource = orjson.loads(prepared.body)
+                resource["meta"] = {
+                    "versionId": str(record.version),
+                    "lastUpdated": record.last_updated,
+                }
+                items.append((record, resource))
+            await self._index(items)
         return await self._stored(stored)
+
+    async def _index(self, items: list[tuple[StoredRecord, dict[str, Any]]]) -> None:
+        for indexer in self._indexers:
+            await indexer(items)
 
     async def _stored(self, stored: list[StoredRecord]) -> list[StoredRecord]:
         """Count what was stored; with ``receipt_wait_final_ms`` and a witness quorum, wait
