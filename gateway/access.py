@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 
 from gateway.errors import GatewayError
 
-Interaction = Literal["read", "vread", "history", "create", "update", "search"]
+Interaction = Literal["read", "vread", "history", "create", "update", "delete", "search"]
 
 
 @dataclass(frozen=True, slots=True)

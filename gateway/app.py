@@ -29,6 +29,7 @@ from gateway.config import Settings
 from gateway.errors import (
     BackendError,
     GatewayError,
+    GoneError,
     IntegrityError,
     InvalidInputError,
     KeyDestroyedError,
@@ -57,6 +58,8 @@ def outcome_for(exc: Exception) -> tuple[int, dict[str, object]]:
         status = _INPUT_STATUS.get(exc.code, 400)
         code = "not-supported" if exc.code == "not-supported-media-type" else exc.code
         return status, operation_outcome("error", code, str(exc), location=exc.location)
+    if isinstance(exc, GoneError):
+        return 410, operation_outcome("error", "deleted", str(exc))
     if isinstance(exc, NotFoundError):
         return 404, operation_outcome("error", "not-found", str(exc))
     if isinstance(exc, KeyDestroyedError):

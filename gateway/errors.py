@@ -96,3 +96,7 @@ class InvalidInputError(GatewayError):
 
 class NotFoundError(GatewayError):
     """The requested resource does not exist on this gateway."""
+
+
+class GoneError(GatewayError):
+    """The requested resource (or version) was deleted: its tombstone is on the ledger."""

@@ -41,10 +41,13 @@ from ledger.sequencer import LeafDraft, Ledger
 
 @dataclass(frozen=True, slots=True)
 class RecordInput:
-    """A FHIR resource (with ``resourceType`` and ``id``) and its patient's pseudonym."""
+    """A FHIR resource (with ``resourceType`` and ``id``) and its patient's pseudonym. With
+    ``deleted`` the version stored is a tombstone: only the resource's type, id and
+    ``meta.lastUpdated`` are sealed, and the leaf says ``deleted``."""
 
     resource: dict[str, Any]
     patient: str
+    deleted: bool = False
 
 
 class StoredRecord(NamedTuple):
@@ -99,6 +102,7 @@ class _Unit:
     key: WrappedKey
     members: list[tuple[str, str, str]]
     contained: bool
+    deleted: bool = False
 
 
 class _RecordDraft(LeafDraft):
@@ -304,11 +308,13 @@ class RecordPipeline:
             rtype, rid = str(res["resourceType"]), str(res["id"])
             rec = self.record_of(rtype, rid)
             stamp.apply(res)
-            units.append(
-                await self._seal(
-                    canonical_json(res), rec, item.patient, rtype, [(rtype, rid, rec)], False
-                )
+            body = res
+            if item.deleted:
+                body = {"resourceType": rtype, "id": rid, "meta": res["meta"]}
+            unit = await self._seal(
+                canonical_json(body), rec, item.patient, rtype, [(rtype, rid, rec)], False
             )
+            units.append(replace(unit, deleted=True) if item.deleted else unit)
         stored = await self._anchor(units, stamp)
         for item, record in zip(inputs, stored, strict=True):
             item.resource["meta"]["versionId"] = str(record.version)
@@ -383,6 +389,7 @@ class RecordPipeline:
                     dictionary=self.dictionary_version,
                     time=stamp.leaf_time,
                     byte_range=at.byte_range,
+                    deleted=unit.deleted,
                 ),
                 self.index,
             )

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway.access import AccessPolicy, AccessRequest, Interaction
-from gateway.errors import NotFoundError
+from gateway.access import AccessDeniedError, AccessPolicy, AccessRequest, Interaction
+from gateway.errors import GoneError, NotFoundError
 from gateway.observability import Metrics
 from gateway.pipeline import PreparedResource, ReadRecord, RecordInput, RecordPipeline, StoredRecord
 from gateway.views import RecordAnchor, RecordIndex
@@ -57,6 +57,16 @@ class Receipt:
     checkpoint: bytes
     cid: str
     byte_range: tuple[int, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One version in a history: its anchor, the resource id and the resource (None when the
+    version is a deletion)."""
+
+    anchor: RecordAnchor
+    resource_id: str
+    resource: dict[str, Any] | None
 
 
 class RecordService:
@@ -231,7 +241,65 @@ class RecordService:
             )
         interaction: Interaction = "read" if version is None else "vread"
         await self._check(caller, interaction, resource_type, anchor.patient, anchor.source)
+        if anchor.deleted:
+            raise GoneError(f"{resource_type}/{resource_id} version {anchor.version} is deleted")
         return ReadRecord(await self.pipeline.read_anchor(anchor), anchor)
+
+    async def delete(
+        self, resource_type: str, resource_id: str, *, caller: object | None = None
+    ) -> StoredRecord | None:
+        """Delete this institution's resource: anchor a tombstone version (reads then answer
+        410; the history keeps every version). None when it is already deleted (nothing is
+        written). Raises NotFoundError for a resource never stored, AccessDeniedError,
+        BackendError, LedgerError."""
+        rec = self.record_of(resource_type, resource_id)
+        anchor = self.index.latest(rec)
+        if anchor is None:
+            raise NotFoundError(f"{resource_type}/{resource_id} is not known")
+        await self._check(caller, "delete", resource_type, anchor.patient, anchor.source)
+        if anchor.deleted:
+            return None
+        tombstone = {"resourceType": resource_type, "id": resource_id}
+        (stored,) = await self.pipeline.store(
+            [RecordInput(tombstone, anchor.patient, deleted=True)]
+        )
+        return (await self._stored([stored]))[0]
+
+    async def history(
+        self,
+        resource_type: str,
+        resource_id: str | None = None,
+        *,
+        caller: object | None = None,
+        before: int | None = None,
+        count: int = 50,
+    ) -> list[HistoryEntry]:
+        """Versions of one of this institution's resources (or, without ``resource_id``, of
+        every resource of the type), newest first, each with its resource (None for a
+        deletion, whose tombstone is still read for the resource's id). ``before``: only
+        versions anchored at a leaf index below it (the next page); at most ``count``.
+        Versions the access seam refuses are left out. Raises NotFoundError (an unknown
+        resource), BackendError, IntegrityError."""
+        if resource_id is not None:
+            anchors = self.index.history(self.record_of(resource_type, resource_id))
+            if not anchors:
+                raise NotFoundError(f"{resource_type}/{resource_id} is not known")
+        else:
+            anchors = self.index.versions_of_type(resource_type, self.institution)
+        out: list[HistoryEntry] = []
+        for anchor in reversed(anchors):
+            if before is not None and anchor.leaf_index >= before:
+                continue
+            try:
+                await self._check(caller, "history", resource_type, anchor.patient, anchor.source)
+            except AccessDeniedError:
+                continue
+            resource = await self.pipeline.read_anchor(anchor)
+            rid = str(resource["id"])
+            out.append(HistoryEntry(anchor, rid, None if anchor.deleted else resource))
+            if len(out) >= count:
+                break
+        return out
 
     def records_of_patient(self, patient: str) -> list[RecordAnchor]:
         """The latest version of every record of a patient, under every pseudonym linked to
@@ -239,6 +307,22 @@ class RecordService:
         return self.index.records_of(patient)
 
     # ---- receipts --------------------------------------------------------------------------
+
+    def receipt_of_anchor(self, anchor: RecordAnchor) -> Receipt:
+        """The receipt of an anchored version, proved in the ledger's latest checkpoint.
+        Raises LedgerError."""
+        latest = self.ledger.latest
+        assert latest is not None  # an anchor exists, so the ledger has a checkpoint
+        size = latest.checkpoint.size
+        return Receipt(
+            leaf_index=anchor.leaf_index,
+            tree_size=size,
+            root=latest.checkpoint.root,
+            proof=self.ledger.inclusion_proof(anchor.leaf_index, size),
+            checkpoint=latest.to_bytes(),
+            cid=anchor.cid,
+            byte_range=anchor.byte_range,
+        )
 
     def receipt(self, stored: StoredRecord, encoded: dict[int, bytes] | None = None) -> Receipt:
         """The receipt of a stored record. ``encoded`` caches serialised checkpoints (the

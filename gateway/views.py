@@ -39,6 +39,7 @@ class RecordAnchor(NamedTuple):
     container_version: int = 0
     entry: int = -1
     byte_range: tuple[int, int] | None = None
+    deleted: bool = False
 
     @property
     def where(self) -> str:
@@ -73,6 +74,7 @@ def anchor_of_leaf(leaf: RecordLeaf, leaf_index: int) -> RecordAnchor:
         time=leaf.time,
         leaf_index=leaf_index,
         byte_range=leaf.byte_range,
+        deleted=leaf.deleted,
     )
 
 
@@ -152,6 +154,7 @@ class RecordIndex:
         self._versions: dict[str, list[RecordAnchor]] = {}
         self._all: list[RecordAnchor] = []
         self._by_patient: dict[str, set[str]] = defaultdict(set)
+        self._by_type: dict[tuple[str, str], list[RecordAnchor]] = defaultdict(list)
         self.links = PatientLinks()
         self.leaf_kinds: dict[str, int] = defaultdict(int)
 
@@ -171,6 +174,7 @@ class RecordIndex:
                 # Log order decides: a later leaf is the newer version (the versions a
                 # writer takes when its batch is formed follow the same order).
                 self._versions.setdefault(anchor.record, []).append(anchor)
+                self._by_type[(anchor.source, anchor.resource_type)].append(anchor)
                 if anchor.patient:
                     self._by_patient[anchor.patient].add(anchor.record)
 
@@ -189,6 +193,11 @@ class RecordIndex:
     def history(self, record: str) -> list[RecordAnchor]:
         """Every anchored version of a record, oldest first."""
         return list(self._versions.get(record, ()))
+
+    def versions_of_type(self, resource_type: str, custodian: str) -> list[RecordAnchor]:
+        """Every anchored version of every record of a type stored by ``custodian``, in
+        ledger order."""
+        return list(self._by_type.get((custodian, resource_type), ()))
 
     def has_patient(self, patient: str) -> bool:
         """Whether any record is filed under this pseudonym."""

@@ -79,6 +79,10 @@ def _bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be true or false"
 
 
+def _true(v: Any) -> str | None:
+    return None if v is True else "must be true (absent when false)"
+
+
 def _enum(*values: str) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         return None if v in values else f"must be one of {', '.join(values)}"
@@ -156,6 +160,9 @@ LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
             _contains,
             required=False,
             doc="record versions carried in this ciphertext (a collection Bundle)",
+        ),
+        "deleted": FieldSpec(
+            _true, required=False, doc="true: this version is a deletion (a tombstone)"
         ),
     },
     "consent": {
@@ -236,6 +243,8 @@ def _validate(kind: Any, fields: Mapping[str, Any]) -> None:
         raise LeafFormatError("access leaf: needs records or query", kind=kind, field="records")
     if kind == "access" and fields.get("emergency") and "reason" not in fields:
         raise LeafFormatError("access leaf: emergency needs a reason", kind=kind, field="reason")
+    if kind == "record" and fields.get("deleted") and "contains" in fields:
+        raise LeafFormatError("record leaf: a container is never deleted", kind=kind, field="deleted")
     if kind == "link" and fields["from"] == fields["to"]:
         raise LeafFormatError("link leaf: from and to are the same", kind=kind, field="to")
     if kind == "key":
@@ -360,6 +369,7 @@ class RecordLeaf:
     time: str
     byte_range: tuple[int, int] | None = None
     contains: tuple[RecordMember, ...] | None = None
+    deleted: bool = False
 
     def fields(self) -> dict[str, Any]:
         """The leaf's fields as :func:`encode_leaf` takes them."""
@@ -380,6 +390,8 @@ class RecordLeaf:
             out["contains"] = [
                 {"record": m.record, "type": m.type, "version": m.version} for m in self.contains
             ]
+        if self.deleted:
+            out["deleted"] = True
         return out
 
     def encode(self) -> bytes:
@@ -409,4 +421,5 @@ class RecordLeaf:
             contains=tuple(RecordMember(m["record"], m["type"], m["version"]) for m in contains)
             if contains is not None
             else None,
+            deleted=leaf.get("deleted") is True,
         )

@@ -32,11 +32,13 @@ from gateway.fhir import (
 )
 from gateway.identity import PatientIdentity, fhir_identifiers, patient_identity
 from gateway.pipeline import ReadRecord, RecordInput, StoredRecord
-from gateway.records import LinkReason
+from gateway.records import HistoryEntry, LinkReason
 from gateway.runtime import Gateway
 from mappings.v2.datatypes import facility_system
 
 FHIR_VERSION = "4.0.1"
+#: Most versions one page of a history answers.
+MAX_HISTORY_PAGE = 1000
 SUPPORTED_TYPES = (
     "Patient",
     "Observation",
@@ -75,7 +77,19 @@ def capability_statement(gw: Gateway) -> dict[str, Any]:
                 "resource": [
                     {
                         "type": t,
-                        "interaction": [{"code": "read"}, {"code": "create"}, {"code": "update"}],
+                        "interaction": [
+                            {"code": c}
+                            for c in (
+                                "read",
+                                "vread",
+                                "create",
+                                "update",
+                                "delete",
+                                "history-instance",
+                                "history-type",
+                            )
+                        ],
+                        "versioning": "versioned",
                     }
                     for t in SUPPORTED_TYPES
                 ],
@@ -324,6 +338,83 @@ def build_router(gw: Gateway) -> APIRouter:
                 "X-Ledger-Leaf-Index": str(record.anchor.leaf_index),
             },
         )
+
+    def _history_bundle(request: Request, entries: list[HistoryEntry], count: int) -> Response:
+        base = f"{str(request.base_url).rstrip('/')}/fhir"
+        out = []
+        for item in entries:
+            anchor, rid, resource = item.anchor, item.resource_id, item.resource
+            rtype = anchor.resource_type
+            receipt = gw.records.receipt_of_anchor(anchor)
+            method = "DELETE" if anchor.deleted else ("POST" if anchor.version == 1 else "PUT")
+            entry: dict[str, Any] = {"fullUrl": f"{base}/{rtype}/{rid}"}
+            if resource is not None:
+                entry["resource"] = resource
+            entry["request"] = {
+                "method": method,
+                "url": rtype if method == "POST" else f"{rtype}/{rid}",
+            }
+            entry["response"] = {
+                "status": "410 Gone"
+                if anchor.deleted
+                else ("201 Created" if anchor.version == 1 else "200 OK"),
+                "etag": f'W/"{anchor.version}"',
+                "lastModified": anchor.time,
+                "extension": [
+                    receipt_extension(
+                        leaf_index=receipt.leaf_index,
+                        tree_size=receipt.tree_size,
+                        root=receipt.root,
+                        proof=receipt.proof,
+                        checkpoint=receipt.checkpoint,
+                        cid=receipt.cid,
+                        byte_range=receipt.byte_range,
+                    )
+                ],
+            }
+            out.append(entry)
+        links = [{"relation": "self", "url": str(request.url)}]
+        if len(entries) == count and entries:
+            nxt = request.url.include_query_params(_cursor=entries[-1].anchor.leaf_index)
+            links.append({"relation": "next", "url": str(nxt)})
+        return fhir_response(
+            {"resourceType": "Bundle", "type": "history", "link": links, "entry": out}
+        )
+
+    def _paging(request: Request) -> tuple[int, int | None]:
+        raw_count = request.query_params.get("_count", "50")
+        raw_cursor = request.query_params.get("_cursor")
+        unknown = set(request.query_params) - {"_count", "_cursor"}
+        if unknown:
+            raise InvalidInputError(
+                f"unknown history parameter {sorted(unknown)[0]!r}", location="query"
+            )
+        if not raw_count.isdigit() or not 1 <= int(raw_count) <= MAX_HISTORY_PAGE:
+            raise InvalidInputError(f"_count must be 1-{MAX_HISTORY_PAGE}", location="_count")
+        if raw_cursor is not None and not raw_cursor.isdigit():
+            raise InvalidInputError("_cursor is not a cursor this gateway gave", location="_cursor")
+        return int(raw_count), int(raw_cursor) if raw_cursor is not None else None
+
+    @router.get("/{rtype}/_history")
+    async def type_history(rtype: str, request: Request) -> Response:
+        count, cursor = _paging(request)
+        entries = await gw.records.history(rtype, before=cursor, count=count)
+        return _history_bundle(request, entries, count)
+
+    @router.get("/{rtype}/{rid}/_history")
+    async def instance_history(rtype: str, rid: str, request: Request) -> Response:
+        count, cursor = _paging(request)
+        entries = await gw.records.history(rtype, rid, before=cursor, count=count)
+        return _history_bundle(request, entries, count)
+
+    @router.delete("/{rtype}/{rid}")
+    async def delete(rtype: str, rid: str, request: Request) -> Response:
+        stored = await gw.records.delete(rtype, rid)
+        if stored is None:
+            return Response(status_code=204)
+        headers = stored_headers(request, stored)
+        headers.pop("Location")
+        return Response(status_code=204, headers=headers)
 
     @router.get("/{rtype}/{rid}")
     async def read(rtype: str, rid: str) -> Response:

@@ -348,3 +348,63 @@ async def test_two_processes_of_one_institution_never_write_the_same_version(
             await c.app.state.gateway.ledger.catch_up()  # type: ignore[attr-defined]
             latest = await c.get("/fhir/Patient/shared")
             assert latest.json()["meta"]["versionId"] == "12"
+
+
+async def test_delete_writes_a_tombstone_and_history_keeps_every_version(
+    client: httpx.AsyncClient,
+) -> None:
+    app: FastAPI = client.app  # type: ignore[attr-defined]
+    gw: Gateway = app.state.gateway
+    body = {"resourceType": "Patient", "identifier": [{"system": MASTER, "value": "D1"}]}
+    for family in ("Li", "Wang"):
+        r = await client.put(
+            "/fhir/Patient/del-1",
+            content=json.dumps({**body, "name": [{"family": family}]}),
+            headers=FHIR,
+        )
+        assert r.status_code in (200, 201)
+    gone = await client.delete("/fhir/Patient/del-1")
+    assert gone.status_code == 204 and gone.headers["etag"] == 'W/"3"'
+    read = await client.get("/fhir/Patient/del-1")
+    assert read.status_code == 410 and read.json()["issue"][0]["code"] == "deleted"
+    assert (await client.get("/fhir/Patient/del-1/_history/3")).status_code == 410
+    assert (await client.get("/fhir/Patient/del-1/_history/1")).json()["name"] == [{"family": "Li"}]
+    again = await client.delete("/fhir/Patient/del-1")
+    assert again.status_code == 204 and "etag" not in again.headers  # nothing new written
+    assert (await client.delete("/fhir/Patient/never")).status_code == 404
+    history = (await client.get("/fhir/Patient/del-1/_history")).json()
+    assert history["type"] == "history"
+    methods = [(e["request"]["method"], e["response"]["etag"]) for e in history["entry"]]
+    assert methods == [("DELETE", 'W/"3"'), ("PUT", 'W/"2"'), ("POST", 'W/"1"')]
+    assert "resource" not in history["entry"][0]
+    assert history["entry"][1]["resource"]["name"] == [{"family": "Wang"}]
+    assert all(e["fullUrl"].endswith("/fhir/Patient/del-1") for e in history["entry"])
+    # Each version's anchor stays readable: the receipt's leaf is that version's leaf.
+    for entry in history["entry"]:
+        leaf_index = entry["response"]["extension"][0]["extension"][0]["valueUnsignedInt"]
+        (leaf,) = await gw.ledger.leaves(leaf_index, leaf_index + 1)
+        assert json.loads(leaf)["version"] == int(entry["response"]["etag"][3:-1])
+    # The tombstone is on the ledger as a deletion, and holds no content.
+    (tomb,) = await gw.ledger.leaves(
+        history["entry"][0]["response"]["extension"][0]["extension"][0]["valueUnsignedInt"],
+        history["entry"][0]["response"]["extension"][0]["extension"][0]["valueUnsignedInt"] + 1,
+    )
+    assert json.loads(tomb)["deleted"] is True
+
+
+async def test_type_history_pages_newest_first_without_repeats(client: httpx.AsyncClient) -> None:
+    for i in range(5):
+        obs = {"resourceType": "Observation", "status": "final", "code": {"text": str(i)}}
+        assert (
+            await client.put(f"/fhir/Observation/h{i}", content=json.dumps(obs), headers=FHIR)
+        ).status_code == 201
+    seen: list[str] = []
+    url: str | None = "/fhir/Observation/_history?_count=2"
+    while url is not None:
+        page = (await client.get(url)).json()
+        seen += [e["resource"]["id"] for e in page["entry"]]
+        url = next((link["url"] for link in page["link"] if link["relation"] == "next"), None)
+    assert seen == [f"h{i}" for i in reversed(range(5))]
+    bad = await client.get("/fhir/Observation/_history?_count=0")
+    assert bad.status_code == 400
+    assert (await client.get("/fhir/Observation/_history?_sort=x")).status_code == 400
