@@ -1,4 +1,4 @@
-"""The ``gateway`` command: serve, demo, verify.
+"""The ``gateway`` command: serve, demo, verify, dictionary (import-csv, remap).
 
 Every option of ``serve`` is also a ``GATEWAY_*`` environment variable (see gateway.config).
 Exit codes: 0 success, 1 a check failed (verify, demo), 2 bad usage or configuration.
@@ -111,6 +111,46 @@ def verify(
         typer.echo(f"verify: {exc}", err=True)
         code = 2
     raise typer.Exit(code)
+
+
+dictionary_app = typer.Typer(
+    no_args_is_help=True, help="The unified dictionary: convert curators' CSV maps, re-map."
+)
+app.add_typer(dictionary_app, name="dictionary")
+
+
+@dictionary_app.command("import-csv")
+def dictionary_import_csv(
+    sources: Annotated[
+        list[Path], typer.Argument(help="CSV maps (see mappings/dictionary_csv.py)")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Dictionary directory to write the JSON into")
+    ] = Path("mappings/dictionary"),
+    check: Annotated[
+        bool,
+        typer.Option("--check/--no-check", help="Load the resulting dictionary to validate it"),
+    ] = True,
+) -> None:
+    """Convert curators' CSV maps into ConceptMap (and CodeSystem) JSON, then validate."""
+    import json
+
+    from mappings.dictionary_csv import resources_from_csv
+    from mappings.terminology import DictionaryError, Terminology
+
+    try:
+        for source in sources:
+            for resource in resources_from_csv(source.read_text("utf-8"), name=source.name):
+                target = out / f"{resource['resourceType']}-{resource['id']}.json"
+                text = json.dumps(resource, ensure_ascii=False, indent=2) + "\n"
+                target.write_text(text, "utf-8")
+                typer.echo(f"wrote {target}")
+        if check:
+            term = Terminology.load(out)
+            typer.echo(f"dictionary {out}: version {term.version}, {len(term.files)} files")
+    except (OSError, DictionaryError) as exc:
+        typer.echo(f"import-csv: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def main() -> None:
