@@ -23,12 +23,14 @@ from gateway.config import Settings
 from gateway.errors import ConfigurationError, LogConflictError
 from gateway.observability import Metrics
 from gateway.pipeline import RecordPipeline
+from gateway.terminology_service import TerminologyService
 from gateway.views import RecordIndex
 from gateway.witness_service import WitnessService, parse_peers
 from ledger.batch import decode_batch
 from ledger.checkpoint import Signer, TrustedKeys
 from ledger.sequencer import Ledger
 from ledger.tiles import TreeStore
+from mappings.terminology import DictionaryError, Terminology
 
 log = logging.getLogger("gateway.runtime")
 
@@ -141,6 +143,23 @@ def dictionary_version() -> str:
         return h.hexdigest()[:16]
 
 
+def build_terminology(settings: Settings, backends: Backends) -> TerminologyService:
+    """The dictionary service: ``settings.dictionary_dir`` or the shipped dictionary.
+
+    Raises ConfigurationError naming the file and element when the dictionary is invalid.
+    """
+    try:
+        if settings.dictionary_dir is not None:
+            term = Terminology.load(settings.dictionary_dir)
+        else:
+            term = Terminology.load_default()
+    except DictionaryError as exc:
+        raise ConfigurationError(f"invalid unified dictionary: {exc}") from exc
+    return TerminologyService(
+        terminology=term, state=backends.state, institution=settings.institution
+    )
+
+
 class Gateway:
     """One institution's running gateway."""
 
@@ -171,6 +190,8 @@ class Gateway:
             on_batch=self.metrics.ledger_batch.observe,
         )
         self.ledger.add_listener(self.index.on_batch)
+        self.terminology = build_terminology(settings, self.backends)
+        self.ledger.add_listener(self.terminology.anchors.on_batch)
         self.ledger.add_listener(
             lambda first, leaves, seq: self.metrics.ledger_size.set(first + len(leaves))
         )
@@ -180,7 +201,7 @@ class Gateway:
             index=self.index,
             pseudonym_key=self.pseudonym_key,
             institution=settings.institution,
-            dictionary_version=dictionary_version(),
+            dictionary_version=self.terminology.version,
             on_blob_batch=self.metrics.blob_batch.observe,
         )
         self._batch_first: list[int] = []  # first leaf index of each applied batch
@@ -236,6 +257,7 @@ class Gateway:
         await self.ledger.start()
         if settings.anchor_trust:
             await self.ledger.ensure_trust_anchored(self.trusted, source=settings.institution)
+        await self.terminology.ensure_anchored(self.ledger)  # before any record names it
         await self.witness.start()
         self.pipeline.start()
         self.started = True

@@ -132,6 +132,21 @@ def _contains(v: Any) -> str | None:
     return None
 
 
+_FILE_KEYS = frozenset({"name", "sha256"})
+
+
+def _dictionary_files(v: Any) -> str | None:
+    problem = f"must be a list of 1-{MAX_LIST} {{name, sha256}} objects (name a token)"
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_LIST:
+        return problem
+    for item in v:
+        if not isinstance(item, dict) or item.keys() != _FILE_KEYS:
+            return problem
+        if _token(item["name"]) or _hex64(item["sha256"]):
+            return problem
+    return None
+
+
 PURPOSES = ("TREAT", "ETREAT", "HPAYMT", "HRESCH", "PUBHLTH")
 
 LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
@@ -193,6 +208,7 @@ LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
     "dictionary": {
         "version": FieldSpec(_token, doc="dictionary version"),
         "sha256": FieldSpec(_hex64, doc="SHA-256 of the dictionary bundle, hex"),
+        "files": FieldSpec(_dictionary_files, doc="the bundle's files: [{name, sha256}]"),
         "source": FieldSpec(_token, doc="institution that published it"),
         "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
     },

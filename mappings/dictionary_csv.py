@@ -90,7 +90,8 @@ def resources_from_csv(text: str, *, name: str) -> list[dict[str, Any]]:
         equivalence = (row.get("equivalence") or "").strip() or "equivalent"
         if equivalence not in EQUIVALENCES:
             raise DictionaryError(
-                f"{name}: line {lineno}: equivalence {equivalence!r} is not a ConceptMap equivalence"
+                f"{name}: line {lineno}: equivalence {equivalence!r} is not a ConceptMap "
+                "equivalence"
             )
         tcode = (row.get("target_code") or "").strip()
         if not tcode and equivalence != "unmatched":
