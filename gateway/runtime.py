@@ -177,6 +177,7 @@ class Gateway:
         self.signer = load_signer(settings)
         self.trusted = load_trust(settings, self.signer)
         self.index = RecordIndex()
+        self.terminology = build_terminology(settings, self.backends)
         tree_dir = settings.data_dir / "ledger" / f"tree-{settings.profile}"
         self.ledger = Ledger(
             log=self.backends.log,
@@ -190,7 +191,6 @@ class Gateway:
             on_batch=self.metrics.ledger_batch.observe,
         )
         self.ledger.add_listener(self.index.on_batch)
-        self.terminology = build_terminology(settings, self.backends)
         self.ledger.add_listener(self.terminology.anchors.on_batch)
         self.ledger.add_listener(
             lambda first, leaves, seq: self.metrics.ledger_size.set(first + len(leaves))

@@ -51,6 +51,9 @@ def build_router(ingest: HL7Ingest) -> APIRouter:
                 facility=gw.settings.institution,
             ).pseudonym
         await gw.policy.check_write(request, "ImagingStudy")
+        study = await gw.terminology.apply(
+            study, source=gw.settings.institution, profile=gw.settings.default_sender_profile
+        )
         (stored,) = await store_and_count(gw, [RecordInput(study, patient)])
         resp = entry_response(gw, stored)
         study.setdefault("meta", {})["extension"] = resp["extension"]
