@@ -153,6 +153,49 @@ def dictionary_import_csv(
         raise typer.Exit(2) from exc
 
 
+@dictionary_app.command("remap")
+def dictionary_remap(
+    data_dir: DataDir = None,
+    dictionary_dir: Annotated[
+        Path | None,
+        typer.Option("--dictionary-dir", help="The new dictionary [env GATEWAY_DICTIONARY_DIR]"),
+    ] = None,
+    profile: Annotated[str | None, typer.Option("--profile")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Re-apply the dictionary to records stored with unmapped codes (new record versions,
+    anchored under the new dictionary version)."""
+    import sys
+
+    from gateway.remap import remap
+    from gateway.runtime import Gateway
+    from gateway.verify_cmd import _progress
+
+    settings = _settings(config, profile=profile, data_dir=data_dir, dictionary_dir=dictionary_dir)
+    configure_logging("WARNING")
+
+    async def run() -> int:
+        gw = Gateway(settings)
+        await gw.start()
+        try:
+            s = await remap(gw, progress=_progress(sys.stderr, label="remap", unit="records"))
+        finally:
+            await gw.stop()
+        typer.echo(
+            f"remap: dictionary {gw.terminology.version}: {s.examined} records examined, "
+            f"{s.tagged} tagged unmapped, {s.remapped} stored as new versions, "
+            f"{s.still_unmapped} still with unmapped codes"
+        )
+        return 0
+
+    try:
+        code = asyncio.run(run())
+    except GatewayError as exc:
+        typer.echo(f"remap: {exc}", err=True)
+        code = 2
+    raise typer.Exit(code)
+
+
 def main() -> None:
     """Console entry point."""
     app()
