@@ -136,8 +136,8 @@ _FILE_KEYS = frozenset({"name", "sha256"})
 
 
 def _dictionary_files(v: Any) -> str | None:
-    problem = f"must be a list of 1-{MAX_LIST} {{name, sha256}} objects (name a token)"
-    if not isinstance(v, list) or not 1 <= len(v) <= MAX_LIST:
+    problem = f"must be a list of 0-{MAX_LIST} {{name, sha256}} objects (name a token)"
+    if not isinstance(v, list) or len(v) > MAX_LIST:
         return problem
     for item in v:
         if not isinstance(item, dict) or item.keys() != _FILE_KEYS:

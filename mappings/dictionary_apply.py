@@ -55,13 +55,18 @@ CODE_ELEMENTS: dict[tuple[str, str], tuple[str, str, frozenset[str]]] = {
     )
     for rtype in ("Patient", "Practitioner", "RelatedPerson", "Person")
 }
+_CODE_ELEMENTS_OF: dict[str, list[tuple[str, tuple[str, str, frozenset[str]]]]] = {}
+for (_rtype, _element), _spec in CODE_ELEMENTS.items():
+    _CODE_ELEMENTS_OF.setdefault(_rtype, []).append((_element, _spec))
+
 #: meta.tag of a record stored with codes the dictionary could not map.
 UNMAPPED_TAG: Json = {
     "system": "https://alliance.example/fhir/CodeSystem/record-tag",
     "code": "dictionary-unmapped",
     "display": "has codes the unified dictionary did not map",
 }
-_SKIP = frozenset({"meta", "text", "id", "resourceType"})
+_SKIP = frozenset({"meta", "text", "contained"})
+_MEMOS: dict[int, tuple[Terminology, dict[tuple[Any, ...], Any], dict[str, str | None]]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +95,9 @@ def apply_dictionary(resource: Json, term: Terminology, *, source: str = "") -> 
     walker = _Walker(term, source)
     rtype = str(resource.get("resourceType", "Resource"))
     out = walker.walk(resource, rtype)
-    if isinstance(out, dict):
-        for (etype, element), spec in CODE_ELEMENTS.items():
-            if etype == rtype and element in out:
-                out = walker.code_element(out, rtype, element, spec)
+    for element, spec in _CODE_ELEMENTS_OF.get(rtype, ()):
+        if element in out:
+            out = walker.code_element(out, rtype, element, spec)
     return Applied(out, tuple(walker.unmapped), term.version, out is not resource)
 
 
@@ -124,42 +128,90 @@ def _codings(node: Any) -> list[tuple[str, str]]:
     return out
 
 
+#: Concept results memoised per dictionary: (source, codings) -> (codings to add, local codes).
+_ConceptResult = tuple[tuple[Json, ...], tuple[tuple[str, str], ...]]
+_MEMO_SIZE = 65536
+
+
 class _Walker:
     def __init__(self, term: Terminology, source: str) -> None:
         self.term = term
         self.source = source
         self.unmapped: list[Unmapped] = []
+        memo = _MEMOS.get(id(term))
+        if memo is None or memo[0] is not term:
+            memo = (term, {}, {})
+            if len(_MEMOS) > 8:
+                _MEMOS.clear()
+            _MEMOS[id(term)] = memo
+        self.memo: dict[tuple[Any, ...], _ConceptResult] = memo[1]
+        self.units: dict[str, str | None] = memo[2]
 
-    def walk(self, node: Any, path: str) -> Any:
-        if isinstance(node, list):
-            new_list: list[Any] | None = None
-            for i, item in enumerate(node):
-                if isinstance(item, dict | list):
-                    new = self.walk(item, f"{path}[{i}]")
-                    if new is not item:
-                        if new_list is None:
-                            new_list = list(node)
-                        new_list[i] = new
-            return node if new_list is None else new_list
-        if not isinstance(node, dict):
-            return node
+    def child(self, value: Json, path: str) -> Json:
+        """A dict-valued element: a CodeableConcept, a Quantity, a Reference (skipped) or a
+        backbone element walked further."""
+        if "coding" in value:
+            codings = value["coding"]
+            return self.concept(value, path, codings) if type(codings) is list else value
+        if "reference" in value:
+            return value
+        if "value" in value and ("unit" in value or "code" in value):
+            return self.quantity(value, path)
+        return self.walk(value, path)
+
+    def walk(self, node: Json, path: str) -> Json:
         out: Json | None = None
         for key, value in node.items():
-            if isinstance(value, dict | list) and key not in _SKIP:
-                new = self.walk(value, f"{path}.{key}")
-                if new is not value:
-                    if out is None:
-                        out = dict(node)
-                    out[key] = new
-        current = node if out is None else out
-        codings = current.get("coding")
-        if isinstance(codings, list):
-            return self.concept(current, path, codings)
-        if "value" in current and ("unit" in current or "code" in current):
-            return self.quantity(current, path)
-        return current
+            kind = type(value)
+            if kind is dict:
+                new: Any = self.child(value, f"{path}.{key}")
+            elif kind is list and key not in _SKIP:
+                new = self.walk_list(value, f"{path}.{key}")
+            else:
+                continue
+            if new is not value:
+                if out is None:
+                    out = dict(node)
+                out[key] = new
+        return node if out is None else out
+
+    def walk_list(self, items: list[Any], path: str) -> list[Any]:
+        out: list[Any] | None = None
+        for i, item in enumerate(items):
+            if type(item) is not dict:
+                continue
+            new = self.child(item, f"{path}[{i}]")
+            if new is not item:
+                if out is None:
+                    out = list(items)
+                out[i] = new
+        return items if out is None else out
 
     def concept(self, cc: Json, path: str, codings: list[Any]) -> Json:
+        try:
+            if len(codings) == 1:
+                only = codings[0]
+                key: tuple[Any, ...] = (self.source, only["system"], only["code"])
+            else:
+                key = (self.source, *(x for c in codings for x in (c["system"], c["code"])))
+            found = self.memo.get(key)
+        except (KeyError, TypeError):  # a malformed coding: left for validation
+            key, found = (), None
+        if found is None:
+            found = self._concept(codings)
+            if key and len(self.memo) < _MEMO_SIZE:
+                self.memo[key] = found
+        added, local = found
+        if local:
+            where = f"{path}.coding"
+            self.unmapped.extend(Unmapped(where, system, code) for system, code in local)
+        if not added:
+            return cc
+        out = dict(cc)
+        out["coding"] = [*codings, *(_copy(m) for m in added)]
+        return out
+
+    def _concept(self, codings: list[Any]) -> _ConceptResult:
         term = self.term
         added: list[Json] = []
         local: list[tuple[str, str]] = []
@@ -178,18 +230,12 @@ class _Walker:
             if not mapped:
                 local.append((system, code))
             for m in mapped:
-                key = (m["system"], m["code"])
-                if key not in present:
-                    present.add(key)
+                pair = (m["system"], m["code"])
+                if pair not in present:
+                    present.add(pair)
                     added.append(m)
-        if local and not added and not standard:
-            where = f"{path}.coding"
-            self.unmapped.extend(Unmapped(where, system, code) for system, code in local)
-        if not added:
-            return cc
-        out = dict(cc)
-        out["coding"] = [*codings, *(_copy(m) for m in added)]
-        return out
+        unmapped = tuple(local) if local and not added and not standard else ()
+        return tuple(added), unmapped
 
     def quantity(self, q: Json, path: str) -> Json:
         if q.get("system") == UCUM:
@@ -197,7 +243,11 @@ class _Walker:
         spelling = q.get("code") if isinstance(q.get("code"), str) else q.get("unit")
         if not isinstance(spelling, str) or not spelling:
             return q
-        ucum = self.term.unit(spelling)
+        ucum = self.units.get(spelling, "")
+        if ucum == "":
+            ucum = self.term.unit(spelling)
+            if len(self.units) < _MEMO_SIZE:
+                self.units[spelling] = ucum
         if ucum is None:
             if q.get("system") is None:
                 self.unmapped.append(
