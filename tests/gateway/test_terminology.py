@@ -441,3 +441,29 @@ async def test_same_glucose_from_two_institutions_reads_back_alike(tgw: App) -> 
     assert len(records) >= 2 and first_dictionary < min(records)
     assert {leaves[i]["dictionary"] for i in records} == {gw.terminology.version}
     assert leaves[first_dictionary]["version"] == gw.terminology.version
+
+
+async def test_hl7_unmapped_code_rejected_under_the_reject_policy(strict: App) -> None:
+    raw = ORU.format(n=9).replace("GLU^Glucose^LIS", "NOPE^Unknown^LIS").encode()
+    ack = await strict.send(raw)
+    text = ack.decode()
+    assert "MSA|AE|GLU-9" in text, text
+    err = next(s for s in text.split("\r") if s.startswith("ERR")).split("|")
+    assert err[3].startswith("103"), err
+    assert "OBR^1^4" in err[2] or "OBX^1^3" in err[2], err
+
+
+def test_remap_command_reports_what_it_did(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    data = tmp_path / "gw"
+    result = CliRunner().invoke(
+        app,
+        ["dictionary", "remap", "--data-dir", str(data), "--profile", "embedded"],
+        env={"GATEWAY_INSTITUTION": "HOSP-T", "GATEWAY_MLLP_ENABLED": "false"},
+    )
+    assert result.exit_code == 0, result.output
+    version = Terminology.load_default().version
+    assert f"remap: dictionary {version}: 0 records examined" in result.output
