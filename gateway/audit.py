@@ -10,7 +10,8 @@ What is checked, in order (docs/ledger-format.md, "Verifying, step by step"):
    and ``prev`` link to the previous checkpoint must match what the log gives;
 4. every leaf is decoded and validated (canonical RFC 8785 form, known kind, whitelisted
    fields of the right shapes);
-5. the trust file in use must be anchored by a ``key`` leaf of action ``trust``;
+5. the trust file in use must be anchored by a ``key`` leaf of action ``trust``, and every
+   ``record`` leaf's dictionary version by an earlier ``dictionary`` leaf;
 6. the node's stored tree files are checked (CRC of every entry, every node re-hashed from its
    children) and compared with the re-derived tree;
 7. with ``blobs=True``, every stored ciphertext is re-hashed against its ``record`` leaf.
@@ -73,6 +74,8 @@ async def audit(
     report = AuditReport()
     anchors: list[RecordAnchor] = []
     leaf_problems = 0
+    dictionaries: set[str] = set()  # versions anchored by a dictionary leaf so far
+    unanchored: dict[str, list[int]] = {}  # dictionary version -> record leaves naming it
     ledger = Ledger(
         log=backends.log,
         tree=TreeStore.memory(),
@@ -100,8 +103,13 @@ async def audit(
                 if leaf_problems <= MAX_LEAF_PROBLEMS:
                     report.problems.append(f"log message {seq}, leaf {first + offset}: {exc}")
                 continue
-            if blobs and leaf["kind"] == "record":
-                anchors.append(anchor_of_leaf(RecordLeaf.from_leaf(leaf), first + offset))
+            if leaf["kind"] == "dictionary":
+                dictionaries.add(str(leaf["version"]))
+            elif leaf["kind"] == "record":
+                if leaf["dictionary"] not in dictionaries:
+                    unanchored.setdefault(str(leaf["dictionary"]), []).append(first + offset)
+                if blobs:
+                    anchors.append(anchor_of_leaf(RecordLeaf.from_leaf(leaf), first + offset))
         if progress is not None:
             progress(seq, total)
 
@@ -122,6 +130,12 @@ async def audit(
         report.problems.append(
             f"the trust file in use (SHA-256 {trusted.digest().hex()}) is not anchored by any "
             "key leaf of action 'trust'"
+        )
+    for version, indexes in unanchored.items():
+        later = " (anchored only later)" if version in dictionaries else ""
+        report.problems.append(
+            f"{len(indexes)} record leaf/leaves name dictionary version {version!r} with no "
+            f"earlier dictionary leaf{later}: first at leaf {indexes[0]}"
         )
     if stored_tree is not None:
         _check_stored(report, stored_tree, ledger)

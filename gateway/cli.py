@@ -1,4 +1,4 @@
-"""The ``gateway`` command: serve, demo, verify.
+"""The ``gateway`` command: serve, demo, verify, dictionary (import-csv, remap).
 
 Every option of ``serve`` is also a ``GATEWAY_*`` environment variable (see gateway.config).
 Exit codes: 0 success, 1 a check failed (verify, demo), 2 bad usage or configuration.
@@ -109,6 +109,89 @@ def verify(
         code = asyncio.run(run_verify(settings, blobs=blobs, from_checkpoint=from_checkpoint))
     except GatewayError as exc:
         typer.echo(f"verify: {exc}", err=True)
+        code = 2
+    raise typer.Exit(code)
+
+
+dictionary_app = typer.Typer(
+    no_args_is_help=True, help="The unified dictionary: convert curators' CSV maps, re-map."
+)
+app.add_typer(dictionary_app, name="dictionary")
+
+
+@dictionary_app.command("import-csv")
+def dictionary_import_csv(
+    sources: Annotated[
+        list[Path], typer.Argument(help="CSV maps (see mappings/dictionary_csv.py)")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Dictionary directory to write the JSON into")
+    ] = Path("mappings/dictionary"),
+    check: Annotated[
+        bool,
+        typer.Option("--check/--no-check", help="Load the resulting dictionary to validate it"),
+    ] = True,
+) -> None:
+    """Convert curators' CSV maps into ConceptMap (and CodeSystem) JSON, then validate."""
+    import json
+
+    from mappings.dictionary_csv import resources_from_csv
+    from mappings.terminology import DictionaryError, Terminology
+
+    try:
+        for source in sources:
+            for resource in resources_from_csv(source.read_text("utf-8"), name=source.name):
+                target = out / f"{resource['resourceType']}-{resource['id']}.json"
+                text = json.dumps(resource, ensure_ascii=False, indent=2) + "\n"
+                target.write_text(text, "utf-8")
+                typer.echo(f"wrote {target}")
+        if check:
+            term = Terminology.load(out)
+            typer.echo(f"dictionary {out}: version {term.version}, {len(term.files)} files")
+    except (OSError, DictionaryError) as exc:
+        typer.echo(f"import-csv: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@dictionary_app.command("remap")
+def dictionary_remap(
+    data_dir: DataDir = None,
+    dictionary_dir: Annotated[
+        Path | None,
+        typer.Option("--dictionary-dir", help="The new dictionary [env GATEWAY_DICTIONARY_DIR]"),
+    ] = None,
+    profile: Annotated[str | None, typer.Option("--profile")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Re-apply the dictionary to records stored with unmapped codes (new record versions,
+    anchored under the new dictionary version)."""
+    import sys
+
+    from gateway.remap import remap
+    from gateway.runtime import Gateway
+    from gateway.verify_cmd import _progress
+
+    settings = _settings(config, profile=profile, data_dir=data_dir, dictionary_dir=dictionary_dir)
+    configure_logging("WARNING")
+
+    async def run() -> int:
+        gw = Gateway(settings)
+        await gw.start()
+        try:
+            s = await remap(gw, progress=_progress(sys.stderr, label="remap", unit="records"))
+        finally:
+            await gw.stop()
+        typer.echo(
+            f"remap: dictionary {gw.terminology.version}: {s.examined} records examined, "
+            f"{s.tagged} tagged unmapped, {s.remapped} stored as new versions, "
+            f"{s.still_unmapped} still with unmapped codes"
+        )
+        return 0
+
+    try:
+        code = asyncio.run(run())
+    except GatewayError as exc:
+        typer.echo(f"remap: {exc}", err=True)
         code = 2
     raise typer.Exit(code)
 

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     # Processes converting HL7 v2 to FHIR beside the gateway's own (0: convert in-process);
     # each batch of messages is split over them.
     hl7_convert_workers: int = 2
+    # The unified dictionary's directory (default: the one shipped in mappings/dictionary).
+    dictionary_dir: Path | None = None
     # DICOMweb base URL written into ImagingStudy endpoints.
     imaging_endpoint_base: str | None = None
     # Public keys of the alliance's institutions (JSON); default: data_dir/trust.json with our own.

@@ -28,7 +28,6 @@ from gateway.mllp.dedup import Conflict, Deduplicator, InProgress, New, Replay
 from gateway.runtime import Gateway
 from ledger.errors import GroupCommitStoppedError, LedgerError
 from mappings.errors import MappingError
-from mappings.terminology import Terminology
 from mappings.v2.common import ConversionOptions
 from mappings.v2.parse import parse_header
 
@@ -58,7 +57,7 @@ class HL7Ingest:
             master_id_system=s.master_id_system,
             institution=s.institution,
             imaging_endpoint_base=s.imaging_endpoint_base,
-            terminology=Terminology.load_default(),
+            terminology=gw.terminology.terminology,
             authority_systems=dict(s.hl7_authority_systems),
             strict_codes=s.default_sender_profile.unmapped_codes == "reject",
             id_secret=hmac.new(gw.pseudonym_key, b"hl7-resource-ids", hashlib.sha256).digest(),

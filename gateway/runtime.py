@@ -22,11 +22,13 @@ from gateway.errors import ConfigurationError
 from gateway.observability import Metrics
 from gateway.pipeline import RecordPipeline
 from gateway.records import RecordService
+from gateway.terminology_service import TerminologyService
 from gateway.views import RecordIndex
 from gateway.witness_service import WitnessService, parse_peers
 from ledger.checkpoint import Signer, TrustedKeys
 from ledger.sequencer import Ledger
 from ledger.tiles import TreeStore
+from mappings.terminology import DictionaryError, Terminology
 
 log = logging.getLogger("gateway.runtime")
 
@@ -139,6 +141,23 @@ def dictionary_version() -> str:
         return h.hexdigest()[:16]
 
 
+def build_terminology(settings: Settings, backends: Backends) -> TerminologyService:
+    """The dictionary service: ``settings.dictionary_dir`` or the shipped dictionary.
+
+    Raises ConfigurationError naming the file and element when the dictionary is invalid.
+    """
+    try:
+        if settings.dictionary_dir is not None:
+            term = Terminology.load(settings.dictionary_dir)
+        else:
+            term = Terminology.load_default()
+    except DictionaryError as exc:
+        raise ConfigurationError(f"invalid unified dictionary: {exc}") from exc
+    return TerminologyService(
+        terminology=term, state=backends.state, institution=settings.institution
+    )
+
+
 class Gateway:
     """One institution's running gateway."""
 
@@ -156,6 +175,7 @@ class Gateway:
         self.signer = load_signer(settings)
         self.trusted = load_trust(settings, self.signer)
         self.index = RecordIndex()
+        self.terminology = build_terminology(settings, self.backends)
         tree_dir = settings.data_dir / "ledger" / f"tree-{settings.profile}"
         self.ledger = Ledger(
             log=self.backends.log,
@@ -168,6 +188,7 @@ class Gateway:
             on_batch=self.metrics.ledger_batch.observe,
         )
         self.ledger.add_listener(self.index.on_batch)
+        self.ledger.add_listener(self.terminology.anchors.on_batch)
         self.ledger.add_listener(
             lambda first, leaves, seq: self.metrics.ledger_size.set(first + len(leaves))
         )
@@ -177,7 +198,7 @@ class Gateway:
             index=self.index,
             pseudonym_key=self.pseudonym_key,
             institution=settings.institution,
-            dictionary_version=dictionary_version(),
+            dictionary_version=self.terminology.version,
             on_blob_batch=self.metrics.blob_batch.observe,
         )
         self.witness = WitnessService(
@@ -216,6 +237,7 @@ class Gateway:
         await self.ledger.start()
         if settings.anchor_trust:
             await self.ledger.ensure_trust_anchored(self.trusted, source=settings.institution)
+        await self.terminology.ensure_anchored(self.ledger)  # before any record names it
         await self.witness.start()
         self.pipeline.start()
         self.started = True

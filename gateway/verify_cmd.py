@@ -24,7 +24,9 @@ from ledger.verify import verify_checkpoint, verify_consistency
 from ledger.witness import WitnessState
 
 
-def _progress(stream: TextIO) -> Callable[[int, int], None]:
+def _progress(
+    stream: TextIO, *, label: str = "log", unit: str = "messages"
+) -> Callable[[int, int], None]:
     """A progress bar on ``stream``: redrawn in place on a terminal, otherwise one line per
     tenth of the log (so that CI logs show progress without flooding)."""
     tty = stream.isatty()
@@ -34,7 +36,7 @@ def _progress(stream: TextIO) -> Callable[[int, int], None]:
         frac = done / total if total else 1.0
         width = 30
         filled = int(width * frac)
-        bar = f"  log [{'#' * filled}{'.' * (width - filled)}] {done}/{total} messages"
+        bar = f"  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}"
         if tty:
             now = time.monotonic()
             if now - last[0] < 0.1 and done != total:

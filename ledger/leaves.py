@@ -136,6 +136,21 @@ def _contains(v: Any) -> str | None:
     return None
 
 
+_FILE_KEYS = frozenset({"name", "sha256"})
+
+
+def _dictionary_files(v: Any) -> str | None:
+    problem = f"must be a list of 0-{MAX_LIST} {{name, sha256}} objects (name a token)"
+    if not isinstance(v, list) or len(v) > MAX_LIST:
+        return problem
+    for item in v:
+        if not isinstance(item, dict) or item.keys() != _FILE_KEYS:
+            return problem
+        if _token(item["name"]) or _hex64(item["sha256"]):
+            return problem
+    return None
+
+
 PURPOSES = ("TREAT", "ETREAT", "HPAYMT", "HRESCH", "PUBHLTH")
 
 LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
@@ -210,6 +225,7 @@ LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
     "dictionary": {
         "version": FieldSpec(_token, doc="dictionary version"),
         "sha256": FieldSpec(_hex64, doc="SHA-256 of the dictionary bundle, hex"),
+        "files": FieldSpec(_dictionary_files, doc="the bundle's files: [{name, sha256}]"),
         "source": FieldSpec(_token, doc="institution that published it"),
         "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
     },
@@ -244,7 +260,9 @@ def _validate(kind: Any, fields: Mapping[str, Any]) -> None:
     if kind == "access" and fields.get("emergency") and "reason" not in fields:
         raise LeafFormatError("access leaf: emergency needs a reason", kind=kind, field="reason")
     if kind == "record" and fields.get("deleted") and "contains" in fields:
-        raise LeafFormatError("record leaf: a container is never deleted", kind=kind, field="deleted")
+        raise LeafFormatError(
+            "record leaf: a container is never deleted", kind=kind, field="deleted"
+        )
     if kind == "link" and fields["from"] == fields["to"]:
         raise LeafFormatError("link leaf: from and to are the same", kind=kind, field="to")
     if kind == "key":

@@ -322,4 +322,37 @@ def imaging_study_from_dicom_json(
         number_of_instances=n_instances,
         endpoint=_str(first, RETRIEVE_URL) or None,
         description=_str(first, STUDY_DESCRIPTION),
+        procedure=_procedure_code(first, options),
     )
+
+
+#: Procedure Code Sequence and the code item's Code Value, Coding Scheme Designator, Meaning.
+PROCEDURE_CODES, CODE_VALUE, CODING_SCHEME, CODE_MEANING = (
+    "00081032",
+    "00080100",
+    "00080102",
+    "00080104",
+)
+
+
+def _procedure_code(item: dict[str, Any], options: ConversionOptions) -> JsonDict | None:
+    """The study's Procedure Code Sequence as a CodeableConcept (codes as sent; the scheme
+    designator named like an HL7 v2 coding system: local schemes scoped to the institution),
+    or None. The unified dictionary adds standard codings later."""
+    codings = []
+    for code_item in _values(item, PROCEDURE_CODES) or []:
+        if not isinstance(code_item, dict):
+            continue
+        code = _str(code_item, CODE_VALUE)
+        if not code:
+            continue
+        scheme = _str(code_item, CODING_SCHEME)
+        system = dt.coding_system(
+            scheme, facility=options.institution, aliases=options.terminology.aliases
+        )
+        coding: JsonDict = {"system": system, "code": code}
+        meaning = _str(code_item, CODE_MEANING)
+        if meaning:
+            coding["display"] = meaning
+        codings.append(coding)
+    return {"coding": codings} if codings else None

@@ -155,6 +155,29 @@ def _link_patients(gw: Gateway, prepared: PreparedBundle) -> None:
             pe.error, pe.resource = exc, None
 
 
+async def _apply_dictionary(gw: Gateway, prepared: PreparedBundle) -> None:
+    """Map every entry's codes with the unified dictionary under the sender's policy: in a
+    transaction one rejected code fails the whole Bundle (before anything is stored), in a
+    batch only its entry."""
+    source, profile = gw.settings.institution, gw.settings.default_sender_profile
+    entries = [pe for pe in prepared.entries if pe.resource is not None]
+    if prepared.bundle_type == "transaction":
+        mapped = await gw.terminology.apply_all(
+            [pe.resource for pe in entries if pe.resource is not None],
+            source=source,
+            profile=profile,
+        )
+        for pe, resource in zip(entries, mapped, strict=True):
+            pe.resource = resource
+        return
+    for pe in entries:
+        assert pe.resource is not None
+        try:
+            pe.resource = await gw.terminology.apply(pe.resource, source=source, profile=profile)
+        except InvalidInputError as exc:
+            pe.error, pe.resource = exc, None
+
+
 def resolve_patient(
     gw: Gateway, resource: dict[str, Any], in_bundle: dict[str, str], *, where: str
 ) -> str:
@@ -269,6 +292,7 @@ def build_router(gw: Gateway) -> APIRouter:
         body = parse_json(await read_body(request, settings.max_body_bytes))
         prepared = prepare_bundle(body, max_entries=settings.max_bundle_entries)
         _link_patients(gw, prepared)
+        await _apply_dictionary(gw, prepared)
         good = [pe for pe in prepared.entries if pe.resource is not None]
         stored = await gw.records.store(
             [
@@ -308,6 +332,9 @@ def build_router(gw: Gateway) -> APIRouter:
             raise InvalidInputError("resource id differs from the URL", location=f"{rtype}.id")
         resource = dict(resource)
         resource["id"] = rid or uuid.uuid4().hex
+        resource = await gw.terminology.apply(
+            resource, source=settings.institution, profile=settings.default_sender_profile
+        )
         links: list[tuple[str, str, LinkReason]] = []
         if rtype == "Patient":
             identity = _patient_identity(gw, resource)

@@ -50,6 +50,9 @@ def build_router(ingest: HL7Ingest) -> APIRouter:
                 master_system=gw.settings.master_id_system,
                 facility=gw.settings.institution,
             ).pseudonym
+        study = await gw.terminology.apply(
+            study, source=gw.settings.institution, profile=gw.settings.default_sender_profile
+        )
         (stored,) = await gw.records.store([RecordInput(study, patient)])
         resp = entry_response(gw, stored)
         study.setdefault("meta", {})["extension"] = resp["extension"]

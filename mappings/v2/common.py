@@ -279,11 +279,15 @@ class Context:
         return out or None
 
     def _concept_parts(self, rep: Rep) -> tuple[tuple[JsonDict, ...], bool, str]:
-        """(codings as sent then standard ones, whether any standard one was added, text)."""
+        """(codings as sent then standard ones, whether any standard one was added, text).
+
+        The dictionary's rules (:meth:`Terminology.mapped`, keyed by the sending facility):
+        equivalent/equal codings added silently, wider/narrower/relatedto with their
+        equivalence in an extension, inexact/unmatched/disjoint never."""
         codings = dt.cwe_codings(rep, facility=self.facility, aliases=self.term.aliases)
         extra: list[JsonDict] = []
         for coding in codings:
-            for mapped in self.term.translate(coding["system"], coding["code"]):
+            for mapped in self.term.translate(coding["system"], coding["code"], self.facility):
                 if mapped not in codings and mapped not in extra:
                     extra.append(mapped)
             if "display" not in coding:

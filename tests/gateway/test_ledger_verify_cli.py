@@ -199,6 +199,7 @@ def _rewrite_history(work: Path, keep: int) -> None:
             {
                 "version": "forged",
                 "sha256": "0" * 64,
+                "files": [{"name": "ConceptMap-x.json", "sha256": "0" * 64}],
                 "source": signer.name,
                 "time": "2026-01-01T00:00:00Z",
             },

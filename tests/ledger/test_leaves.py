@@ -49,7 +49,13 @@ GOOD: dict[str, dict[str, Any]] = {
         "time": "2026-11-28T19:41:38.123Z",
     },
     "key": {"action": "erasure", "key_id": "kek-9", "patient": HEX, "source": "a", "time": T},
-    "dictionary": {"version": "2026.2", "sha256": HEX, "source": "hosp-a", "time": T},
+    "dictionary": {
+        "version": "2026.2",
+        "sha256": HEX,
+        "files": [{"name": "ConceptMap-lab.json", "sha256": HEX}],
+        "source": "hosp-a",
+        "time": T,
+    },
     "link": {"from": HEX, "to": "cd" * 32, "reason": "merge", "source": "hosp-a", "time": T},
 }
 
