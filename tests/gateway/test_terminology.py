@@ -48,7 +48,7 @@ class App:
             return await c.send(raw)
 
     async def leaves(self) -> list[dict[str, Any]]:
-        raw = await self.gw.leaves_range(0, self.gw.ledger.size)
+        raw = await self.gw.ledger.leaves(0, self.gw.ledger.size)
         return [decode_leaf(leaf) for leaf in raw]
 
 
@@ -353,7 +353,7 @@ async def test_remap_maps_records_tagged_unmapped_after_a_new_version(
         assert added["code"] == "36643-5"
         assert added["extension"][0]["valueCode"] == "relatedto"
         assert study["meta"]["versionId"] == "2"
-        leaves = [decode_leaf(x) for x in await gw.leaves_range(0, gw.ledger.size)]
+        leaves = [decode_leaf(x) for x in await gw.ledger.leaves(0, gw.ledger.size)]
         versions = [leaf["version"] for leaf in leaves if leaf["kind"] == "dictionary"]
         assert versions == [old_version, gw.terminology.version]
         assert leaves[-1]["kind"] == "record" and leaves[-1]["dictionary"] == gw.terminology.version
