@@ -34,9 +34,10 @@ T = TypeVar("T")
 V2_TABLE = "http://terminology.hl7.org/CodeSystem/v2-{}"
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 _V3_MARITAL = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus"
-#: HL7 table 0002 -> the coding FHIR R4's marital-status value set has for the same meaning
-#: (added beside the v2 coding). Codes with no equivalent there (A separated, C common law,
-#: G living together, O other, T unreported) keep their v2 coding only.
+#: HL7 table 0002 -> the coding FHIR R4's marital-status value set has for the same meaning,
+#: used instead of the v2 coding (the original message is kept beside the resources). Codes
+#: with no equivalent there (A separated, C common law, G living together, O other,
+#: T unreported) keep their v2 coding.
 _MARITAL_V2_TO_V3: dict[str, tuple[str, str]] = {
     "M": (_V3_MARITAL, "M"),
     "S": (_V3_MARITAL, "S"),
@@ -441,7 +442,7 @@ class Context:
         if marital:
             v3 = _MARITAL_V2_TO_V3.get(marital["coding"][0]["code"].upper())
             if v3:
-                marital["coding"].append({"system": v3[0], "code": v3[1]})
+                marital["coding"] = [{"system": v3[0], "code": v3[1]}]
             patient["maritalStatus"] = marital
         language = self.concept(pid, 15)
         if language:
