@@ -55,8 +55,16 @@ def outcome_for(exc: Exception) -> tuple[int, dict[str, object]]:
         return 413, operation_outcome("error", "too-costly", str(exc))
     if isinstance(exc, InvalidInputError):
         status = _INPUT_STATUS.get(exc.code, 400)
-        code = "not-supported" if exc.code == "not-supported-media-type" else exc.code
-        return status, operation_outcome("error", code, str(exc), location=exc.location)
+        issues = [
+            operation_outcome(
+                "error",
+                "not-supported" if i.code == "not-supported-media-type" else i.code,
+                i.message,
+                location=i.location,
+            )["issue"][0]
+            for i in exc.issues
+        ]
+        return status, {"resourceType": "OperationOutcome", "issue": issues}
     if isinstance(exc, NotFoundError):
         return 404, operation_outcome("error", "not-found", str(exc))
     if isinstance(exc, KeyDestroyedError):
