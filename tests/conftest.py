@@ -90,7 +90,8 @@ def pytest_terminal_summary(
     totals = validator.totals
     terminalreporter.section("FHIR R4 reference validator (HAPI FHIR)")
     terminalreporter.write_line(
-        f"{totals['resources']} resources: {totals['errors']} errors, "
+        "what the gateway produced from the fixtures: "
+        f"{totals['resources']} resources, {totals['errors']} errors, "
         f"{totals['warnings']} warnings; network attempts: {validator.network_attempts}"
     )
     for kind, count in validator.warning_kinds.most_common(15):
