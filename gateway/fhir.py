@@ -183,6 +183,9 @@ def validate_resource(resource: Any, *, where: str) -> str:
         raise InvalidInputError(
             "the resource is nested too deeply", location=where, code="too-costly"
         ) from None
+    if r4 and r4[0].location == f"{where}.resourceType":
+        # Not an R4 resource type at all: its other problems do not matter.
+        raise InvalidInputError.from_issues(r4[:1], code="processing")
     issues: list[InputIssue] = []
     try:
         model = get_fhir_model_class(rtype)
@@ -207,7 +210,7 @@ def validate_resource(resource: Any, *, where: str) -> str:
     if r4:
         # An element neither R4 nor R4B has: say it is not in R4, once.
         seen = {i.location for i in r4}
-        issues = [i for i in issues if i.location not in seen] + r4
+        issues = r4 + [i for i in issues if i.location not in seen]
         raise InvalidInputError.from_issues(issues, code="processing")
     if issues:
         raise InvalidInputError.from_issues(issues, code="structure")
