@@ -9,6 +9,7 @@ R4 (4.0.1) element table, so that a type or element R4 does not have is rejected
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,6 +48,7 @@ class _R4Elements:
 
 
 _RESOURCE: dict[str, Any] = {}  # marker: the child is a resource (contained, entry.resource)
+_MISSING: dict[str, Any] = {}  # marker: not an element of this context
 
 
 def _load_r4() -> _R4Elements:
@@ -64,28 +66,38 @@ def _load_r4() -> _R4Elements:
 
 _R4 = _load_r4()
 
+#: The R4B model of a resource type. ``get_fhir_model_class`` costs about 0.1 ms a call (an
+#: import lookup); only successful lookups are cached, so the cache is bounded by the types.
+_model_class = functools.lru_cache(maxsize=None)(get_fhir_model_class)
+
 
 def _r4_clean(node: dict[str, Any], table: dict[str, Any]) -> bool:
     """Fast check without locations: True when every key is in R4 (valid input takes only
     this path; :func:`_r4_resource` then finds where the problems are)."""
     for key, value in node.items():
-        if key in table:
-            child = table[key]
-            if child is None:
+        child = table.get(key, _MISSING)
+        if child is None:
+            continue
+        if child is _MISSING:
+            if key == "resourceType":  # (one inside a datatype: the models reject it)
                 continue
-            for item in value if type(value) is list else (value,):
-                if type(item) is dict:
-                    if child is _RESOURCE:
-                        rtype = item.get("resourceType")
-                        if type(rtype) is not str or rtype not in _R4.resources:
-                            return False
-                        if not _r4_clean(item, _R4.tables[rtype]):
-                            return False
-                    elif not _r4_clean(item, child):
-                        return False
-        elif key != "resourceType":  # (one inside a datatype: the models reject it)
+            return False
+        if type(value) is list:
+            for item in value:
+                if type(item) is dict and not _r4_clean_child(item, child):
+                    return False
+        elif type(value) is dict and not _r4_clean_child(value, child):
             return False
     return True
+
+
+def _r4_clean_child(item: dict[str, Any], child: dict[str, Any]) -> bool:
+    if child is _RESOURCE:
+        rtype = item.get("resourceType")
+        if type(rtype) is not str or rtype not in _R4.resources:
+            return False
+        child = _R4.tables[rtype]
+    return _r4_clean(item, child)
 
 
 def _r4_resource(node: dict[str, Any], path: str, out: list[InputIssue]) -> None:
@@ -188,7 +200,7 @@ def validate_resource(resource: Any, *, where: str) -> str:
         raise InvalidInputError.from_issues(r4[:1], code="processing")
     issues: list[InputIssue] = []
     try:
-        model = get_fhir_model_class(rtype)
+        model = _model_class(rtype)
     except (ValueError, KeyError):
         model = None
         if not r4:  # an R4 type the R4B models do not have (R4B removed a few)
