@@ -66,9 +66,11 @@ def _load_r4() -> _R4Elements:
 
 _R4 = _load_r4()
 
-#: The R4B model of a resource type. ``get_fhir_model_class`` costs about 0.1 ms a call (an
-#: import lookup); only successful lookups are cached, so the cache is bounded by the types.
+#: The R4B model of a resource type. Only successful lookups are cached (a lookup that raises
+#: is not), so the cache holds at most one entry per R4B type.
 _model_class = functools.lru_cache(maxsize=None)(get_fhir_model_class)
+#: At most this many issues in one OperationOutcome (a last one says how many more there were).
+MAX_ISSUES = 100
 
 
 def _r4_clean(node: dict[str, Any], table: dict[str, Any]) -> bool:
@@ -167,6 +169,13 @@ def r4_issues(resource: Any, *, where: str) -> list[InputIssue]:
     return out
 
 
+def _capped(issues: list[InputIssue], where: str) -> list[InputIssue]:
+    if len(issues) <= MAX_ISSUES:
+        return issues
+    more = len(issues) - MAX_ISSUES + 1
+    return [*issues[: MAX_ISSUES - 1], InputIssue(f"{more} more problems not listed", where)]
+
+
 def _pydantic_issues(exc: ValidationError, where: str) -> list[InputIssue]:
     issues = []
     for err in exc.errors(include_url=False):
@@ -193,7 +202,7 @@ def validate_resource(resource: Any, *, where: str) -> str:
         r4 = r4_issues(resource, where=where)
     except RecursionError:
         raise InvalidInputError(
-            "the resource is nested too deeply", location=where, code="too-costly"
+            "the resource is nested too deeply", location=where, code="structure"
         ) from None
     if r4 and r4[0].location == f"{where}.resourceType":
         # Not an R4 resource type at all: its other problems do not matter.
@@ -223,9 +232,9 @@ def validate_resource(resource: Any, *, where: str) -> str:
         # An element neither R4 nor R4B has: say it is not in R4, once.
         seen = {i.location for i in r4}
         issues = r4 + [i for i in issues if i.location not in seen]
-        raise InvalidInputError.from_issues(issues, code="processing")
+        raise InvalidInputError.from_issues(_capped(issues, where), code="processing")
     if issues:
-        raise InvalidInputError.from_issues(issues, code="structure")
+        raise InvalidInputError.from_issues(_capped(issues, where), code="structure")
     return rtype
 
 

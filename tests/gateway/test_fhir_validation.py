@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
+import os
 import pkgutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from hypothesis import strategies as st
 from gateway.app import outcome_for
 from gateway.errors import InvalidInputError
 from gateway.fhir import prepare_bundle, r4_issues, validate_resource
+from tests.fhir_validator import ValidatorUnavailable, validator_home
 from tests.gateway.conftest import demo_bundle
 
 R4 = json.loads(
@@ -93,6 +96,26 @@ def _placed(type_name: str, key: str) -> tuple[dict[str, Any], str]:
                 node[key] = "x"
                 return resource, f"{context}.{element}.{key}"
     raise AssertionError(f"{type_name} is used nowhere")
+
+
+def test_the_r4_table_is_what_the_generator_makes_from_hapi() -> None:
+    """gateway/fhir_r4_elements.json is scripts/gen_fhir_r4_elements.py's output over the R4
+    StructureDefinitions in the reference validator's build, unedited."""
+    try:
+        home = validator_home()
+    except ValidatorUnavailable as exc:
+        if "1" in (os.environ.get("GATEWAY_REQUIRE_SERVICES"), os.environ.get("CI")):
+            pytest.fail(f"the reference validator build is required: {exc}")
+        pytest.skip(f"no reference validator build: {exc}")
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "gen_fhir_r4_elements", root / "scripts" / "gen_fhir_r4_elements.py"
+    )
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    (jar,) = sorted((home / "lib").glob("hapi-fhir-validation-resources-r4-*.jar"))
+    assert json.loads(json.dumps(gen.build(jar))) == R4
 
 
 def test_the_differences_are_found() -> None:
@@ -178,6 +201,14 @@ def test_every_problem_has_its_own_issue() -> None:
     del obs["colour"]
     status, issues = _reject(obs, "Observation")
     assert status == 400 and len(issues) == 3
+
+
+def test_issues_are_capped() -> None:
+    obs = copy.deepcopy(demo_bundle()["entry"][1]["resource"])
+    obs["note"] = [{"text": i} for i in range(500)]  # 500 non-strings
+    status, issues = _reject(obs, "Observation")
+    assert status == 400 and len(issues) == 100
+    assert issues[-1]["diagnostics"] == "401 more problems not listed"
 
 
 # ------------------------------------------------------------------ fuzz: never a 5xx
