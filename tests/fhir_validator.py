@@ -1,7 +1,7 @@
 """The FHIR R4 reference validator (HAPI FHIR's instance validator) as a test helper.
 
 ``tools/validator`` is a small Java program around HAPI FHIR's R4 (4.0.1) instance validator,
-offline (no terminology server; every network attempt is refused and counted). This module
+offline (no terminology server; URL connections are refused and counted). This module
 starts it once (``ReferenceValidator``, one JVM per test session) and sends it resources as
 NDJSON on its standard input; it answers one JSON line per resource with the issues found,
 each with its severity and FHIRPath location.
