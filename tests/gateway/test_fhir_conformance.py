@@ -111,10 +111,10 @@ async def test_r4_examples_are_stored_or_refused_never_5xx(
     request: pytest.FixtureRequest,
 ) -> None:
     """Every R4 example of a stored type, sent as is with PUT: stored (201), or 422 when it
-    names a patient this gateway does not have. What is served back (the PUT response with
-    its receipt, then the read) has no error the example itself does not have (checked on one
-    profile: the served JSON does not depend on the backends, and a run over 700 resources
-    takes a minute)."""
+    names a patient this gateway does not have. A read gives the example back as sent; the
+    PUT response (the example with its receipt in meta) has no error by the reference
+    validator that the example itself does not have (checked on one profile: the served JSON
+    does not depend on the backends, and the run over 480 resources takes a while)."""
     patients = {f"Patient/{r['id']}" for r in r4_examples if r["resourceType"] == "Patient"}
     stored: list[dict[str, Any]] = []
     responses: list[dict[str, Any]] = []
@@ -143,24 +143,28 @@ async def test_r4_examples_are_stored_or_refused_never_5xx(
             resource["id"],
         )
     assert len(stored) >= 200 and len(stored) + len(refused) == len(r4_examples)
-    reads = []
     for resource in stored:
         got = await _get(client, f"/fhir/{resource['resourceType']}/{resource['id']}")
         assert got.status_code == 200
-        reads.append(got.json())
+        # The read is the example as sent (the gateway sets meta only).
+        assert _no_meta(got.json()) == _no_meta(resource)
     if profile != "embedded":
         return
     reference_validator: ReferenceValidator = request.getfixturevalue("reference_validator")
     # Not in the session's tally: the examples' own findings are not the gateway's.
-    results = reference_validator.validate([*stored, *responses, *reads], tally=False)
+    results = reference_validator.validate([*stored, *responses], tally=False)
     n = len(stored)
     originals, back = results[:n], results[n:]
     added = [
-        f"{b.resource_type}/{b.id}: {sorted(_errors(b) - _errors(originals[i % n]))}"
-        for i, b in enumerate(back)
-        if _errors(b) - _errors(originals[i % n])
+        f"{b.resource_type}/{b.id}: {sorted(_errors(b) - _errors(o))}"
+        for o, b in zip(originals, back, strict=True)
+        if _errors(b) - _errors(o)
     ]
     assert not added, "\n".join(added)
+
+
+def _no_meta(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k != "meta"}
 
 
 async def test_a_type_r4_does_not_have_is_422_even_contained(
