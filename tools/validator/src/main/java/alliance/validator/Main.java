@@ -68,8 +68,6 @@ public final class Main {
     public void connectFailed(URI uri, SocketAddress sa, IOException ioe) {}
   }
 
-  private record Input(String source, String json) {}
-
   public static void main(String[] args) throws Exception {
     ProxySelector.setDefault(new NoNetwork());
     ObjectMapper mapper = new ObjectMapper();
