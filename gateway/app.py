@@ -36,7 +36,7 @@ from gateway.errors import (
     KeyDestroyedError,
     NotFoundError,
 )
-from gateway.fhir import operation_outcome
+from gateway.fhir import input_outcome, operation_outcome
 from gateway.hl7 import HL7Ingest
 from gateway.mllp.server import MLLPServer
 from gateway.runtime import Gateway
@@ -56,9 +56,7 @@ def outcome_for(exc: Exception) -> tuple[int, dict[str, object]]:
     if isinstance(exc, PayloadTooLargeError):
         return 413, operation_outcome("error", "too-costly", str(exc))
     if isinstance(exc, InvalidInputError):
-        status = _INPUT_STATUS.get(exc.code, 400)
-        code = "not-supported" if exc.code == "not-supported-media-type" else exc.code
-        return status, operation_outcome("error", code, str(exc), location=exc.location)
+        return _INPUT_STATUS.get(exc.code, 400), input_outcome(exc)
     if isinstance(exc, GoneError):
         return 410, operation_outcome("error", "deleted", str(exc))
     if isinstance(exc, NotFoundError):

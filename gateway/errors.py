@@ -8,6 +8,9 @@ Third-party exceptions are translated at the adapter boundary with ``raise ... f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from ledger import errors as ledger_errors
 
 
@@ -85,13 +88,46 @@ class IntegrityError(GatewayError):
         self.cid = cid
 
 
-class InvalidInputError(GatewayError):
-    """Input from a sender is invalid. ``location`` names the element (FHIRPath-like)."""
+@dataclass(frozen=True)
+class InputIssue:
+    """One problem of a sender's input: what (``message``), where (``location``, FHIRPath-like)
+    and its FHIR issue type (``code``: invalid, structure, not-supported ...)."""
 
-    def __init__(self, message: str, *, location: str | None = None, code: str = "invalid") -> None:
+    message: str
+    location: str | None = None
+    code: str = "invalid"
+
+
+class InvalidInputError(GatewayError):
+    """Input from a sender is invalid. ``location`` names the element (FHIRPath-like).
+
+    ``issues`` lists every problem found (each with its own location and issue type); an error
+    raised with a single message has that one issue. ``code`` decides the HTTP status of the
+    whole error (gateway/app.py).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        location: str | None = None,
+        code: str = "invalid",
+        issues: Sequence[InputIssue] = (),
+    ) -> None:
         super().__init__(message)
         self.location = location
         self.code = code
+        self.issues: tuple[InputIssue, ...] = tuple(issues) or (
+            InputIssue(message, location, code),
+        )
+
+    @classmethod
+    def from_issues(cls, issues: Sequence[InputIssue], *, code: str) -> InvalidInputError:
+        """One error for several problems: its message and location are the first one's."""
+        first = issues[0]
+        more = len(issues) - 1
+        message = first.message + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+        return cls(message, location=first.location, code=code, issues=issues)
 
 
 class NotFoundError(GatewayError):

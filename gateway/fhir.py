@@ -1,22 +1,26 @@
 """FHIR R4 input handling: validation, Bundle preparation, patient linkage, response building.
 
 Pure functions over JSON dicts (no I/O): the API layer calls them around the pipeline.
-Untrusted input is validated with the ``fhir.resources`` R4B models (R4 4.0.1 for the resources
-handled here). Raises :class:`gateway.errors.InvalidInputError` with a FHIRPath-like location.
+Untrusted input is validated with the ``fhir.resources`` R4B models, then checked against the
+R4 (4.0.1) element table, so that a type or element R4 does not have is rejected. Raises
+:class:`gateway.errors.InvalidInputError` with every problem and its FHIRPath-like location.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from gateway.errors import InvalidInputError
+from gateway.errors import InputIssue, InvalidInputError
 
 RECEIPT_URL = "https://alliance.example/fhir/StructureDefinition/ledger-receipt"
 SUPPORTED_METHODS = ("POST", "PUT")
@@ -30,10 +34,164 @@ def _loc(prefix: str, loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def validate_resource(resource: Any, *, where: str) -> str:
-    """Validate one resource with its R4B model; return its type.
+@dataclass(frozen=True)
+class _R4Elements:
+    """Every element FHIR R4 (4.0.1) defines (gateway/fhir_r4_elements.json, generated from
+    the R4 StructureDefinitions by scripts/gen_fhir_r4_elements.py)."""
 
-    Raises InvalidInputError naming the element (``where`` + path) and the problem.
+    resources: frozenset[str]
+    #: context (type name or backbone path) -> JSON key -> child context ("" primitive,
+    #: "*" a resource)
+    contexts: dict[str, dict[str, str]]
+    #: the same with each child context replaced by its table (None: primitive; _RESOURCE)
+    tables: dict[str, dict[str, Any]]
+
+
+_RESOURCE: dict[str, Any] = {}  # marker: the child is a resource (contained, entry.resource)
+_MISSING: dict[str, Any] = {}  # marker: not an element of this context
+
+
+def _load_r4() -> _R4Elements:
+    data = json.loads((Path(__file__).parent / "fhir_r4_elements.json").read_text("utf-8"))
+    contexts: dict[str, dict[str, str]] = data["contexts"]
+    tables: dict[str, dict[str, Any]] = {name: {} for name in contexts}
+    for name, keys in contexts.items():
+        table = tables[name]
+        for key, child in keys.items():
+            table[key] = None if not child else _RESOURCE if child == "*" else tables[child]
+            if not child:
+                table["_" + key] = tables["Element"]  # a primitive's id and extensions
+    return _R4Elements(frozenset(data["resources"]), contexts, tables)
+
+
+_R4 = _load_r4()
+
+#: The R4B model of a resource type. Only successful lookups are cached (a lookup that raises
+#: is not), so the cache holds at most one entry per R4B type.
+_model_class = functools.lru_cache(maxsize=None)(get_fhir_model_class)
+#: At most this many issues in one OperationOutcome (a last one says how many more there were).
+MAX_ISSUES = 100
+
+
+def _r4_clean(node: dict[str, Any], table: dict[str, Any]) -> bool:
+    """Fast check without locations: True when every key is in R4 (valid input takes only
+    this path; :func:`_r4_resource` then finds where the problems are)."""
+    for key, value in node.items():
+        child = table.get(key, _MISSING)
+        if child is None:
+            continue
+        if child is _MISSING:
+            if key == "resourceType":  # (one inside a datatype: the models reject it)
+                continue
+            return False
+        if type(value) is list:
+            for item in value:
+                if type(item) is dict and not _r4_clean_child(item, child):
+                    return False
+        elif type(value) is dict and not _r4_clean_child(value, child):
+            return False
+    return True
+
+
+def _r4_clean_child(item: dict[str, Any], child: dict[str, Any]) -> bool:
+    if child is _RESOURCE:
+        rtype = item.get("resourceType")
+        if type(rtype) is not str or rtype not in _R4.resources:
+            return False
+        child = _R4.tables[rtype]
+    return _r4_clean(item, child)
+
+
+def _r4_resource(node: dict[str, Any], path: str, out: list[InputIssue]) -> None:
+    rtype = node.get("resourceType")
+    if not isinstance(rtype, str):
+        out.append(
+            InputIssue(
+                "resourceType is missing or not a string", f"{path}.resourceType", "structure"
+            )
+        )
+        return
+    if rtype not in _R4.resources:
+        out.append(
+            InputIssue(
+                f"resource type {rtype[:64]!r} is not in FHIR R4 (4.0.1)",
+                f"{path}.resourceType",
+                "not-supported",
+            )
+        )
+        return
+    _r4_walk(node, rtype, path, out, True)
+
+
+def _r4_walk(
+    node: dict[str, Any], context: str, path: str, out: list[InputIssue], root: bool
+) -> None:
+    table = _R4.contexts[context]
+    for key, value in node.items():
+        child = table.get(key)
+        if child is None:
+            if key[:1] == "_" and table.get(key[1:]) == "":
+                child = "Element"  # a primitive's id and extensions
+            elif root and key == "resourceType":
+                continue
+            else:
+                out.append(
+                    InputIssue(
+                        f"element {str(key)[:64]!r} is not in FHIR R4 (4.0.1) {context}",
+                        f"{path}.{key}",
+                        "structure",
+                    )
+                )
+                continue
+        elif not child:
+            continue
+        items = enumerate(value) if isinstance(value, list) else ((None, value),)
+        for i, item in items:
+            if not isinstance(item, dict):
+                continue
+            where = f"{path}.{key}" if i is None else f"{path}.{key}[{i}]"
+            if child == "*":
+                _r4_resource(item, where, out)
+            else:
+                _r4_walk(item, child, where, out, False)
+
+
+def r4_issues(resource: Any, *, where: str) -> list[InputIssue]:
+    """Every resource type and element in ``resource`` (contained resources and Bundle entries
+    included) that FHIR R4 (4.0.1) does not have: types R4B added (SubscriptionTopic,
+    Citation ...) and elements it added to R4 types. Raises nothing."""
+    out: list[InputIssue] = []
+    if isinstance(resource, dict):
+        rtype = resource.get("resourceType")
+        if type(rtype) is str and rtype in _R4.resources and _r4_clean(resource, _R4.tables[rtype]):
+            return out
+        _r4_resource(resource, where, out)
+    return out
+
+
+def _capped(issues: list[InputIssue], where: str) -> list[InputIssue]:
+    if len(issues) <= MAX_ISSUES:
+        return issues
+    more = len(issues) - MAX_ISSUES + 1
+    return [*issues[: MAX_ISSUES - 1], InputIssue(f"{more} more problems not listed", where)]
+
+
+def _pydantic_issues(exc: ValidationError, where: str) -> list[InputIssue]:
+    issues = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if isinstance(p, int | str))
+        issues.append(InputIssue(str(err["msg"]), _loc(where, loc), "structure"))
+    return issues
+
+
+def validate_resource(resource: Any, *, where: str) -> str:
+    """Validate one resource as FHIR R4; return its type.
+
+    The ``fhir.resources`` R4B models check structure and datatypes; a walk over the R4
+    element table then rejects every type and element that R4 does not have. Raises
+    InvalidInputError carrying every problem found, each with its location (``where`` +
+    FHIRPath-like path): a resource type or element that is not in R4 makes it code
+    ``processing`` (HTTP 422), other problems ``structure`` (400). Never raises anything else.
     """
     if not isinstance(resource, dict):
         raise InvalidInputError("a resource must be a JSON object", location=where)
@@ -41,20 +199,42 @@ def validate_resource(resource: Any, *, where: str) -> str:
     if not isinstance(rtype, str):
         raise InvalidInputError("resourceType is missing", location=f"{where}.resourceType")
     try:
-        model = get_fhir_model_class(rtype)
-    except (ValueError, KeyError) as exc:
+        r4 = r4_issues(resource, where=where)
+    except RecursionError:
         raise InvalidInputError(
-            f"unknown resourceType {rtype!r}",
-            location=f"{where}.resourceType",
-            code="not-supported",
-        ) from exc
+            "the resource is nested too deeply", location=where, code="structure"
+        ) from None
+    if r4 and r4[0].location == f"{where}.resourceType":
+        # Not an R4 resource type at all: its other problems do not matter.
+        raise InvalidInputError.from_issues(r4[:1], code="processing")
+    issues: list[InputIssue] = []
     try:
-        model.model_validate(resource)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise InvalidInputError(
-            f"{first['msg']}", location=_loc(f"{where}", tuple(first["loc"])), code="structure"
-        ) from exc
+        model = _model_class(rtype)
+    except (ValueError, KeyError):
+        model = None
+        if not r4:  # an R4 type the R4B models do not have (R4B removed a few)
+            r4 = [
+                InputIssue(
+                    f"resource type {rtype[:64]!r} is not supported here",
+                    f"{where}.resourceType",
+                    "not-supported",
+                )
+            ]
+    if model is not None:
+        try:
+            model.model_validate(resource)
+        except ValidationError as exc:
+            issues = _pydantic_issues(exc, where)
+        except Exception as exc:  # the models raise KeyError etc. on some inputs
+            if not r4:
+                issues = [InputIssue(f"cannot be read as FHIR: {type(exc).__name__}", where)]
+    if r4:
+        # An element neither R4 nor R4B has: say it is not in R4, once.
+        seen = {i.location for i in r4}
+        issues = r4 + [i for i in issues if i.location not in seen]
+        raise InvalidInputError.from_issues(_capped(issues, where), code="processing")
+    if issues:
+        raise InvalidInputError.from_issues(_capped(issues, where), code="structure")
     return rtype
 
 
@@ -252,3 +432,19 @@ def operation_outcome(
     if location:
         issue["expression"] = [location]
     return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def input_outcome(exc: InvalidInputError) -> dict[str, Any]:
+    """The OperationOutcome of invalid input: one issue per problem, each with its location."""
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            operation_outcome(
+                "error",
+                "not-supported" if i.code == "not-supported-media-type" else i.code,
+                i.message,
+                location=i.location,
+            )["issue"][0]
+            for i in exc.issues
+        ],
+    }

@@ -8,6 +8,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 scripts/bootstrap.sh || exit 2
 PATH="$("$ROOT/scripts/install-services.sh" | tail -n 1):$PATH" || exit 2
+GATEWAY_VALIDATOR_HOME="$("$ROOT/scripts/install-validator.sh" | tail -n 1)" && export GATEWAY_VALIDATOR_HOME || exit 2
 export PATH
 PY="$ROOT/.venv/bin/python"
 SERVICES_DIR="$(mktemp -d /tmp/gateway-services.XXXXXX)"

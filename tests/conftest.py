@@ -6,6 +6,11 @@ otherwise, if ``scripts/services.sh start`` left them running, those; otherwise 
 starts them itself in a temporary directory (and stops them at the end).
 If they cannot be had and ``GATEWAY_REQUIRE_SERVICES=1``, the test fails: a skipped test must
 never count as passed in CI.
+
+``reference_validator``: HAPI FHIR's R4 instance validator (tests/fhir_validator.py), one JVM for
+the whole session; unavailable with ``GATEWAY_REQUIRE_SERVICES=1`` (or
+``GATEWAY_REQUIRE_VALIDATOR=1``) is a failure, as for the services. The session ends with a
+summary of what it found, and fails if it tried to reach the network.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fhir_validator import ReferenceValidator, ValidatorUnavailable, validator_home
 from tests.services.harness import ROOT, ServiceError, Services
+
+_VALIDATOR = pytest.StashKey[ReferenceValidator]()
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +57,42 @@ def services() -> Iterator[Services]:
     finally:
         started.stop()
         tmp.cleanup()
+
+
+@pytest.fixture(scope="session")
+def reference_validator(request: pytest.FixtureRequest) -> Iterator[ReferenceValidator]:
+    """The running reference validator (see module docstring)."""
+    required = "1" in (
+        os.environ.get("GATEWAY_REQUIRE_SERVICES"),
+        os.environ.get("GATEWAY_REQUIRE_VALIDATOR"),
+    )
+    try:
+        validator = ReferenceValidator(validator_home())
+    except ValidatorUnavailable as exc:
+        if required:
+            pytest.fail(f"the FHIR reference validator is required but unavailable: {exc}")
+        pytest.skip(f"the FHIR reference validator is unavailable: {exc}")
+    request.config.stash[_VALIDATOR] = validator
+    yield validator
+    validator.close()
+    assert validator.network_attempts == 0, (
+        f"the reference validator tried the network {validator.network_attempts} times"
+    )
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    """What the reference validator found over the session, warnings grouped by kind."""
+    validator = config.stash.get(_VALIDATOR, None)
+    if validator is None:
+        return
+    totals = validator.totals
+    terminalreporter.section("FHIR R4 reference validator (HAPI FHIR)")
+    terminalreporter.write_line(
+        "what the gateway produced from the fixtures: "
+        f"{totals['resources']} resources, {totals['errors']} errors, "
+        f"{totals['warnings']} warnings; network attempts: {validator.network_attempts}"
+    )
+    for kind, count in validator.warning_kinds.most_common(15):
+        terminalreporter.write_line(f"  {count:4d}  {kind}")

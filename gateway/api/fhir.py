@@ -24,7 +24,7 @@ from gateway.fhir import (
     PreparedBundle,
     PreparedEntry,
     b64,
-    operation_outcome,
+    input_outcome,
     patient_reference,
     prepare_bundle,
     receipt_extension,
@@ -270,9 +270,7 @@ def _error_entry(pe: PreparedEntry) -> dict[str, Any]:
     return {
         "response": {
             "status": status,
-            "outcome": operation_outcome(
-                "error", pe.error.code, str(pe.error), location=pe.error.location
-            ),
+            "outcome": input_outcome(pe.error),
         }
     }
 

@@ -33,6 +33,24 @@ T = TypeVar("T")
 
 V2_TABLE = "http://terminology.hl7.org/CodeSystem/v2-{}"
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+_V3_MARITAL = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus"
+#: HL7 table 0002 -> the coding FHIR R4's marital-status value set has for the same meaning,
+#: used instead of the v2 coding (the original message is kept beside the resources). Codes
+#: with no equivalent there (A separated, C common law, G living together, O other,
+#: T unreported) keep their v2 coding.
+_MARITAL_V2_TO_V3: dict[str, tuple[str, str]] = {
+    "M": (_V3_MARITAL, "M"),
+    "S": (_V3_MARITAL, "S"),
+    "D": (_V3_MARITAL, "D"),
+    "W": (_V3_MARITAL, "W"),
+    "E": (_V3_MARITAL, "L"),
+    "N": (_V3_MARITAL, "A"),
+    "I": (_V3_MARITAL, "I"),
+    "P": (_V3_MARITAL, "T"),
+    "R": (_V3_MARITAL, "T"),
+    "B": (_V3_MARITAL, "U"),
+    "U": ("http://terminology.hl7.org/CodeSystem/v3-NullFlavor", "UNK"),
+}
 
 _SHA256_BLOCK = 64
 _IPAD = bytes(b ^ 0x36 for b in range(256))
@@ -426,6 +444,9 @@ class Context:
             patient["address"] = addresses
         marital = self.table_concept(pid, 16, "0002")
         if marital:
+            v3 = _MARITAL_V2_TO_V3.get(marital["coding"][0]["code"].upper())
+            if v3:
+                marital["coding"] = [{"system": v3[0], "code": v3[1]}]
             patient["maritalStatus"] = marital
         language = self.concept(pid, 15)
         if language:

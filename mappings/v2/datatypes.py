@@ -401,6 +401,8 @@ CODING_SYSTEMS: dict[str, str] = {
     "DCM": "http://dicom.nema.org/resources/ontology/DCM",
     "CPT": "http://www.ama-assn.org/go/cpt",
     "RXNORM": "http://www.nlm.nih.gov/research/umls/rxnorm",
+    # ISO 639 language codes are BCP 47 tags, the system FHIR binds languages to.
+    "ISO639": "urn:ietf:bcp:47",
 }
 
 

@@ -4,6 +4,12 @@ locations (AIL) and personnel (AIP) as participants.
 Start and end come from SCH-11 (TQ, v2.3-2.5), TQ1-7/8, or AIS-4 plus its duration;
 a booked Appointment must have both (FHIR invariant app-3).
 
+``Appointment.appointmentType`` (SCH-8) is bound by FHIR R4 to v2 table 0276 (appointment
+reason codes: ROUTINE, WALKIN, CHECKUP, FOLLOWUP, EMERGENCY). Senders often send those codes
+in SCH-8 labelled with table 0277 (appointment type: Normal, Tentative, Complete), whose code
+set is disjoint from 0276's: such a coding is put in table 0276, where its code is defined;
+a real 0277 code stays in 0277.
+
 Raises :class:`mappings.errors.MessageContentError` for a missing SCH (100), missing
 appointment identifiers or times (101), malformed values (102).
 """
@@ -31,6 +37,11 @@ _STATUS = {
     "DELETED": "entered-in-error",
     "BLOCKED": "booked",
 }
+_V2_0276 = "http://terminology.hl7.org/CodeSystem/v2-0276"
+_V2_0277 = "http://terminology.hl7.org/CodeSystem/v2-0277"
+#: The codes of HL7 table 0276 (appointment reason codes), the table FHIR binds
+#: Appointment.appointmentType to.
+_TABLE_0276 = frozenset({"ROUTINE", "WALKIN", "CHECKUP", "FOLLOWUP", "EMERGENCY"})
 _UNIT_MINUTES = {"MIN": 1, "M": 1, "S": 1 / 60, "SEC": 1 / 60, "H": 60, "HR": 60, "D": 1440}
 
 
@@ -115,6 +126,9 @@ def convert_siu(ctx: Context) -> None:
         appt["serviceType"] = [service]
     appt_type = ctx.concept(sch, 8)
     if appt_type:
+        for coding in appt_type.get("coding", ()):
+            if coding["system"] == _V2_0277 and coding["code"] in _TABLE_0276:
+                coding["system"] = _V2_0276
         appt["appointmentType"] = appt_type
     appt_reason = ctx.concept(sch, 7)
     if appt_reason:

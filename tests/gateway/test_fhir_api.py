@@ -94,7 +94,7 @@ async def test_bad_input_gets_operation_outcome_and_service_stays_up(
     r = await client.post(
         "/fhir/Observation", content=json.dumps({**obs, "resourceType": "Foo"}), headers=FHIR
     )
-    assert r.status_code == 400 and _outcome(r)["code"] == "not-supported"
+    assert r.status_code == 422 and _outcome(r)["code"] == "not-supported"
 
     r = await client.post("/fhir/Patient", content=json.dumps(obs), headers=FHIR)
     assert r.status_code == 400 and "does not match" in _outcome(r)["diagnostics"]
