@@ -429,7 +429,14 @@ class Policy:
     cache and share). :meth:`evaluate` decides one record access, :meth:`search_filter` says
     which records a search may return."""
 
-    __slots__ = ("_consents", "consent_ids", "inactive_ids", "sensitive")
+    __slots__ = (
+        "_anyone",
+        "_by_institution",
+        "_consents",
+        "consent_ids",
+        "inactive_ids",
+        "sensitive",
+    )
 
     def __init__(
         self,
@@ -439,6 +446,22 @@ class Policy:
         sensitive: frozenset[str],
     ) -> None:
         self._consents = consents
+        # Index by requester institution: a consent whose root provision names institutions
+        # (and nothing else of the requester) is looked at only for them; the others for
+        # everyone. Order kept, so which consent is named in a decision does not depend on it.
+        anyone: list[int] = []
+        named: dict[str, list[int]] = {}
+        for i, c in enumerate(consents):
+            actors = c.root.actors
+            if actors is None or any(a.institution is None for a in actors):
+                anyone.append(i)
+            else:
+                for inst in {a.institution for a in actors if a.institution is not None}:
+                    named.setdefault(inst, []).append(i)
+        self._anyone = tuple(consents[i] for i in anyone)
+        self._by_institution = {
+            inst: tuple(consents[i] for i in sorted([*anyone, *idx])) for inst, idx in named.items()
+        }
         self.consent_ids = tuple(c.id for c in consents)
         """Ids of the active consents, in the order given."""
         self.inactive_ids = inactive_ids
@@ -480,7 +503,7 @@ class Policy:
         purposes = _purposes_of(query.purpose)
         sensitive = record.labels & self.sensitive
         found: list[_Node] = []
-        for consent in self._consents:
+        for consent in self._by_institution.get(query.institution, self._anyone):
             if consent.not_before is not None and query.at < consent.not_before:
                 continue
             self._frontier(consent.root, query, purposes, record, sensitive, found)
@@ -561,7 +584,7 @@ class Policy:
                 )
             return _or(applies, below)
 
-        for consent in self._consents:
+        for consent in self._by_institution.get(query.institution, self._anyone):
             if consent.not_before is not None and query.at < consent.not_before:
                 continue
             walk(consent.root, ALL)
