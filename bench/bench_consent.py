@@ -18,6 +18,7 @@ Prints a markdown table; ``--write`` also puts it into docs/benchmarks.md (secti
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -188,7 +189,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    load0 = os.getloadavg()[0]
     rows = [measure(n, args.samples) for n in (20, 200)]
+    load = max(load0, os.getloadavg()[0])
     lines = [
         "| consents (+ default) | evaluate median | evaluate p99 | permitted |"
         " compile (once per version) | search_filter median | search_filter p99 |",
@@ -210,6 +213,8 @@ def main() -> None:
         + "\n".join(lines)
         + f"\n\nTarget: evaluate median under 50 µs with 20 consents: {target}."
         " Compile is once per consent version (cached); search_filter once per search."
+        f" Load average during the run up to {load:.1f} on {os.cpu_count()} cores: the p99"
+        " figures are mostly time spent descheduled."
     )
     print(body)
     if args.write:
