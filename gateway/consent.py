@@ -758,10 +758,21 @@ class _Compiler:
         self.count += 1
         if self.count > MAX_PROVISIONS:
             raise self.error(f"more than {MAX_PROVISIONS} provisions in one consent", location)
+        # Extensions may be ignored; a modifierExtension may not (it is refused below).
         supported = {
-            "id", "type", "period", "actor", "action", "securityLabel", "purpose", "class",
-            "code", "dataPeriod", "provision",
-        }  # fmt: skip
+            "id",
+            "type",
+            "period",
+            "actor",
+            "action",
+            "securityLabel",
+            "purpose",
+            "class",
+            "code",
+            "dataPeriod",
+            "provision",
+            "extension",
+        }
         for key in value:
             if key not in supported:
                 raise self.error(f"provision element {key!r} is not supported", f"{location}.{key}")
@@ -903,6 +914,8 @@ def compile_policy(
         if ident in seen:
             raise c.error("the same consent id is given twice", "Consent.id")
         seen.add(ident)
+        if "modifierExtension" in consent:
+            raise c.error("modifier extensions are not supported", "Consent.modifierExtension")
         status = consent.get("status")
         if status not in _STATUSES:
             raise c.error(f"unknown status {status!r}", "Consent.status")

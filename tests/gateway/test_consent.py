@@ -816,6 +816,16 @@ INVALID = [
     ),
     ("no id", {k: v for k, v in consent("x", HOSP_TREAT).items() if k != "id"}, "Consent.id"),
     (
+        "provision modifier extension",
+        consent("bad", {"type": "permit", "modifierExtension": [{"url": "urn:x"}]}),
+        "Consent.provision.modifierExtension",
+    ),
+    (
+        "consent modifier extension",
+        {**consent("bad", HOSP_TREAT), "modifierExtension": [{"url": "urn:x"}]},
+        "Consent.modifierExtension",
+    ),
+    (
         "too deep",
         deep(MAX_DEPTH + 1),
         "Consent.provision" + ".provision[0]" * MAX_DEPTH + ".provision",
@@ -831,6 +841,12 @@ def test_invalid_consents_are_located(resource: dict[str, Any], location: str) -
         compile_policy([default_consent("clinic"), resource])
     assert err.value.location == location
     assert "consent" in str(err.value).lower()
+
+
+def test_plain_extensions_are_ignored() -> None:
+    ext = [{"url": "urn:x", "valueString": "note"}]
+    policy = compile_policy([consent("ext", {**HOSP_TREAT, "extension": ext})])
+    assert policy.evaluate(query_of({}, {})).permitted
 
 
 def test_depth_limit_is_exact() -> None:
