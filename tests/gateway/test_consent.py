@@ -142,6 +142,9 @@ CONSENTS: dict[str, dict[str, Any]] = {
             "dataPeriod": {"start": "2020-01-01", "end": "2022-12-31"},
         },
     ),
+    "hosp-emergency-only": consent(
+        "hosp-emergency-only", {**HOSP_TREAT, "purpose": purpose("ETREAT")}
+    ),
     "hosp-2020": consent(
         "hosp-2020", {**HOSP_TREAT, "period": {"start": "2020-01-01", "end": "2020-12-31"}}
     ),
@@ -308,11 +311,16 @@ CASES = [
     ),
     Case(
         "purpose ETREAT does not cover TREAT",
-        (),
+        ("hosp-emergency-only",),
         False,
         query=q(purpose="TREAT"),
-        record=q(custodian="hosp"),
-        defaults=False,
+    ),
+    Case(
+        "purpose ETREAT permit used for ETREAT",
+        ("hosp-emergency-only",),
+        True,
+        "hosp-emergency-only",
+        query=q(purpose="ETREAT"),
     ),
     # class and custodian
     Case("class and custodian permitted", ("hosp-labs-of-clinic",), True, "hosp-labs-of-clinic"),
@@ -614,8 +622,6 @@ def test_the_table_has_enough_cases() -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_decision_table(case: Case) -> None:
     consents = [CONSENTS[c] for c in case.consents] + (DEFAULTS if case.defaults else [])
-    if case.name == "purpose ETREAT does not cover TREAT":
-        consents = [consent("etreat", {**HOSP_TREAT, "purpose": purpose("ETREAT")})]
     policy = compile_policy(consents)
     query = query_of(case.query, case.record)
     decision = policy.evaluate(query)
