@@ -954,9 +954,12 @@ def test_search_filter_agrees_with_evaluate(seed: int) -> None:
     # draws cost more than the evaluation on this shared machine. A failure names the seed.
     consents, query, recs = random_case(random.Random(seed))
     policy = compile_policy(consents)
+    reordered = compile_policy(consents[::-1])  # the order of consents never matters
     where = policy.search_filter(query)
     for rec in recs:
-        assert where.matches(rec) is policy.evaluate(replace(query, record=rec)).permitted
+        permitted = policy.evaluate(replace(query, record=rec)).permitted
+        assert where.matches(rec) is permitted
+        assert reordered.evaluate(replace(query, record=rec)).permitted is permitted
 
 
 def test_generated_cases_exercise_both_outcomes() -> None:
