@@ -30,7 +30,7 @@ from mappings.v2.convert import convert
 from mappings.v2.parse import parse
 from tests.gateway.conftest import settings_for
 
-HL7 = Path(__file__).resolve().parents[2] / "fixtures" / "hl7v2"
+HL7 = Path(__file__).resolve().parents[3] / "fixtures" / "hl7v2"
 OPTIONS = json.loads((HL7 / "options.json").read_text())
 FIXTURES = sorted(p for p in HL7.glob("*.hl7") if not p.name.startswith("batch"))
 

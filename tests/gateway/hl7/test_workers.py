@@ -17,14 +17,14 @@ import orjson
 import pytest
 
 from gateway.crypto import pseudonym, record_id
-from gateway.hl7_workers import ConversionWorkers, Converted, Crashed, Failed, convert_one
+from gateway.hl7.workers import ConversionWorkers, Converted, Crashed, Failed, convert_one
 from mappings.errors import MappingError
 from mappings.terminology import Terminology
 from mappings.v2.common import ConversionOptions
 from mappings.v2.convert import convert
 from mappings.v2.parse import parse
 
-HL7 = Path(__file__).resolve().parents[2] / "fixtures" / "hl7v2"
+HL7 = Path(__file__).resolve().parents[3] / "fixtures" / "hl7v2"
 _O = json.loads((HL7 / "options.json").read_text())
 OPTIONS = ConversionOptions(
     default_tz=_O["default_tz"],
@@ -152,9 +152,9 @@ def test_a_worker_exits_when_its_gateway_process_is_killed(tmp_path: Path) -> No
     script = tmp_path / "gw.py"
     script.write_text(
         "import asyncio, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
-        "from tests.gateway.test_hl7_workers import OPTIONS, KEY\n"
-        "from gateway.hl7_workers import ConversionWorkers\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[3])!r})\n"
+        "from tests.gateway.hl7.test_workers import OPTIONS, KEY\n"
+        "from gateway.hl7.workers import ConversionWorkers\n"
         "async def main():\n"
         "    conv = ConversionWorkers(OPTIONS, pseudonym_key=KEY, workers=1)\n"
         "    await conv.start()\n"

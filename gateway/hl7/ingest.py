@@ -22,9 +22,9 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from gateway.errors import BackendError
-from gateway.hl7_workers import ConversionWorkers, Converted, Failed, Outcome
-from gateway.mllp.ack import AckCode, Header, acks_to_send, build_ack, read_header
-from gateway.mllp.dedup import Conflict, Deduplicator, InProgress, New, Replay
+from gateway.hl7.ack import AckCode, Header, acks_to_send, build_ack, read_header
+from gateway.hl7.dedup import Conflict, Deduplicator, InProgress, New, Replay
+from gateway.hl7.workers import ConversionWorkers, Converted, Failed, Outcome
 from gateway.runtime import Gateway
 from ledger.errors import LedgerError
 from mappings.errors import MappingError
