@@ -4,33 +4,51 @@ Used by the MLLP listener and by ``POST /hl7v2``. For each message: read the hea
 in the de-duplication state, parse and convert it (``mappings``, pure), then store the produced
 resources plus the original message (an encrypted ``Binary`` linked by a ``Provenance``, so
 nothing that was received is lost) through the record pipeline. ``AA`` is built only after the
-pipeline returned, i.e. after every record is stored and durably anchored. A message that cannot
-be parsed or is unsupported is answered ``AR``; one that is well formed but cannot be processed
-``AE``; a backend failure ``AE`` with ERR 207 (nothing was acknowledged; the sender's retry is
-processed normally once the backend is back).
+pipeline returned, i.e. after every record is stored and durably anchored, and carries the
+container's ledger receipt (``ZRC``). A message that cannot be parsed or is unsupported is
+answered ``AR``; one that is well formed but cannot be processed ``AE``; a backend failure
+``AE`` with ERR 207 (nothing was acknowledged; the sender's retry is processed normally once the
+backend is back).
+
+A message claimed as new whose original (the ``Binary`` with its stable id) is already anchored
+was stored by a gateway that died before acknowledging it: the stored bytes are compared with
+the re-sent ones; equal, it is answered AA with the stored container's receipt and not stored
+again; different, AE 205 like any reused control id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
 import logging
+import socket
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from gateway.errors import BackendError
-from gateway.hl7.ack import AckCode, Header, acks_to_send, build_ack, read_header
+from gateway.config import Settings
+from gateway.errors import BackendError, GatewayError
+from gateway.hl7.ack import (
+    AckCode,
+    ErrorLike,
+    Header,
+    Receipt,
+    acks_to_send,
+    build_ack,
+    read_header,
+)
 from gateway.hl7.dedup import Conflict, Deduplicator, InProgress, New, Replay
 from gateway.hl7.workers import ConversionWorkers, Converted, Failed, Outcome
 from gateway.runtime import Gateway
 from ledger.errors import LedgerError
 from mappings.errors import MappingError
 from mappings.terminology import Terminology
-from mappings.v2.common import ConversionOptions
-from mappings.v2.parse import parse_header
+from mappings.v2.common import ConversionOptions, stable_id
+from mappings.v2.parse import ParsedMessage, parse_header
 
 log = logging.getLogger("gateway.hl7")
 
@@ -45,6 +63,15 @@ class _Internal:
     field: int | None = None
     component: int | None = None
     repetition: int | None = None
+
+
+def instance_id(settings: Settings) -> str:
+    """This gateway's instance id: ``settings.instance_id``, else a digest of the institution,
+    the host name and the data directory (stable across restarts). Raises nothing."""
+    if settings.instance_id:
+        return settings.instance_id
+    where = f"{settings.institution}\x00{socket.gethostname()}\x00{settings.data_dir.resolve()}"
+    return hashlib.sha256(where.encode()).hexdigest()[:32]
 
 
 class HL7Ingest:
@@ -63,7 +90,7 @@ class HL7Ingest:
             strict_codes=s.default_sender_profile.unmapped_codes == "reject",
             id_secret=hmac.new(gw.pseudonym_key, b"hl7-resource-ids", hashlib.sha256).digest(),
         )
-        self.dedup = Deduplicator(gw.backends.state)
+        self.dedup = Deduplicator(gw.backends.state, instance=instance_id(s))
         self.converter = ConversionWorkers(
             self.options, pseudonym_key=gw.pseudonym_key, workers=s.hl7_convert_workers
         )
@@ -71,9 +98,10 @@ class HL7Ingest:
         self._finishing: set[asyncio.Future[list[None]]] = set()
 
     async def start(self) -> None:
-        """Start the conversion workers and the de-duplication state's grouping."""
+        """Start the conversion workers and the de-duplication state (its liveness lock and
+        grouping). Raises BackendError when the state store is unreachable."""
         await self.converter.start()
-        self.dedup.start()
+        await self.dedup.start()
 
     async def stop(self) -> None:
         """Stop them (after the listeners have closed and the last acceptances are recorded)."""
@@ -91,8 +119,12 @@ class HL7Ingest:
         outcome: Literal["accept", "error", "reject"],
         error: Any = None,
         text: str = "",
+        *,
+        warnings: tuple[tuple[ErrorLike, str], ...] = (),
+        receipt: Receipt | None = None,
     ) -> list[bytes]:
-        """The acknowledgement messages (each to be framed on its own) for ``outcome``."""
+        """The acknowledgement messages (each to be framed on its own) for ``outcome``; an
+        accepting one carries ``warnings`` (ERR of severity W) and ``receipt`` (ZRC)."""
         now = self._now()
         codes: list[AckCode] = acks_to_send(header, outcome)
         out = [
@@ -103,6 +135,8 @@ class HL7Ingest:
                 error=error if code not in ("AA", "CA") else None,
                 text=text,
                 gateway_facility=self.gw.settings.institution,
+                warnings=warnings if code in ("AA", "CA") else (),
+                receipt=receipt if code in ("AA", "CA") else None,
             )
             for code in codes
         ]
@@ -174,6 +208,31 @@ class HL7Ingest:
             log.info("hl7 copy of a message still being processed: AE", extra=extra)
             return self._ack(header, "error", _Internal(), "message is being processed; retry")
         try:
+            found = await self._stored_before(msg, raw)
+        except GatewayError as exc:
+            conversion.cancel()
+            await self._release(facility, msg.control_id)
+            log.error(
+                "hl7 stored original could not be read back",
+                extra={**extra, "error": type(exc).__name__},
+            )
+            return self._ack(header, "error", _Internal(), "storage temporarily unavailable; retry")
+        if found is not False:
+            conversion.cancel()
+            if found is None:
+                await self._release(facility, msg.control_id)
+                log.warning("hl7 control id of a stored message reused: AE", extra=extra)
+                return self._ack(
+                    header,
+                    "error",
+                    _Internal(hl7_code="205"),
+                    "control id already used by a different message from this facility",
+                )
+            log.info("hl7 message stored before, not acknowledged: accepted again", extra=extra)
+            acks = self._ack(header, "accept", receipt=found)
+            self._remember(facility, msg.control_id, digest, acks, extra)
+            return acks
+        try:
             acks, accepted = await self._process(header, extra, await conversion)
         except BaseException:
             await self._release(facility, msg.control_id)
@@ -209,6 +268,30 @@ class HL7Ingest:
         self._finishing.add(fut)
         fut.add_done_callback(recorded)
 
+    async def _stored_before(
+        self, msg: ParsedMessage, raw: bytes
+    ) -> Receipt | Literal[False] | None:
+        """False when the message's original (its ``Binary``) is not anchored yet; else the
+        stored container's receipt when the stored bytes are ``raw``, None when they differ.
+        One in-memory index lookup for a new message. Raises GatewayError (BackendError,
+        IntegrityError, KeyDestroyedError) when the stored original cannot be read."""
+        facility = msg.sending_facility_id or "unknown"
+        binary_id = stable_id(self.options, "Binary", facility, msg.control_id)
+        anchor = self.gw.index.latest(self.gw.pipeline.record_of("Binary", binary_id))
+        if anchor is None:
+            return False
+        stored = await self.gw.pipeline.read_anchor(anchor)
+        try:
+            same = base64.b64decode(str(stored.get("data", "")), validate=True) == raw
+        except (binascii.Error, ValueError):
+            same = False
+        if not same:
+            return None
+        latest = self.gw.ledger.latest
+        size = latest.checkpoint.size if latest is not None else anchor.leaf_index + 1
+        root = latest.checkpoint.root if latest is not None else self.gw.ledger.tree.root(size)
+        return Receipt(anchor.leaf_index, size, root, anchor.cid, anchor.byte_range)
+
     async def _release(self, facility: str, control_id: str) -> None:
         try:
             await self.dedup.abort(facility, control_id)
@@ -242,4 +325,8 @@ class HL7Ingest:
             "hl7 message stored",
             extra={**extra, "records": len(stored), "last_leaf": stored[-1].leaf_index},
         )
-        return self._ack(header, "accept"), True
+        first = stored[0]  # every record of the message is in the one container leaf
+        receipt = Receipt(
+            first.leaf_index, first.tree_size, first.root, first.cid, first.byte_range
+        )
+        return self._ack(header, "accept", receipt=receipt), True
