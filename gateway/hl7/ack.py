@@ -29,14 +29,21 @@ _SEPARATOR_CHARS = frozenset("|^~\\&#!$%*+,-./:;=?@[]_`{}'\"")
 
 
 class ErrorLike(Protocol):
-    """What an ERR segment is built from (mappings.errors.MappingError has it)."""
+    """What an ERR segment is built from (mappings.errors.MappingError and
+    ConversionWarning have it); read only."""
 
-    hl7_code: str
-    segment: str | None
-    segment_index: int | None
-    field: int | None
-    component: int | None
-    repetition: int | None
+    @property
+    def hl7_code(self) -> str: ...
+    @property
+    def segment(self) -> str | None: ...
+    @property
+    def segment_index(self) -> int | None: ...
+    @property
+    def field(self) -> int | None: ...
+    @property
+    def component(self) -> int | None: ...
+    @property
+    def repetition(self) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from gateway.hl7.ack import (
     read_header,
 )
 from gateway.hl7.dedup import Conflict, Deduplicator, InProgress, New, Replay
-from gateway.hl7.workers import ConversionWorkers, Converted, Failed, Outcome
+from gateway.hl7.workers import ConversionWorkers, Converted, Failed, MessagePolicy, Outcome
 from gateway.runtime import Gateway
 from ledger.errors import LedgerError
 from mappings.errors import MappingError
@@ -72,6 +72,19 @@ def instance_id(settings: Settings) -> str:
         return settings.instance_id
     where = f"{settings.institution}\x00{socket.gethostname()}\x00{settings.data_dir.resolve()}"
     return hashlib.sha256(where.encode()).hexdigest()[:32]
+
+
+def sender_policy(settings: Settings, msg: ParsedMessage) -> MessagePolicy:
+    """The conversion policy of a message's sender: the profile of ``MSH-3^MSH-4`` (their
+    first components, or the second when the first is empty), else ``*^MSH-4``, else
+    ``MSH-3^*``, else the default profile. Raises nothing."""
+    app = msg.msh.text(3, 1) or msg.msh.text(3, 2)
+    facility = msg.sending_facility_id
+    profile = settings.sender_profile(f"{app}^{facility}", f"*^{facility}", f"{app}^*")
+    return MessagePolicy(
+        strict_types=profile.strict_types,
+        reject_provisional=profile.missing_master_id == "reject",
+    )
 
 
 class HL7Ingest:
@@ -184,7 +197,7 @@ class HL7Ingest:
         digest = hashlib.sha256(raw).hexdigest()
         # The conversion (in a worker process) runs while the claim is made; for the rare
         # duplicate its result is simply dropped.
-        conversion = self.converter.begin(raw)
+        conversion = self.converter.begin(raw, sender_policy(self.gw.settings, msg))
         try:
             decision = await self.dedup.begin(facility, msg.control_id, digest)
         except BackendError:
@@ -329,4 +342,5 @@ class HL7Ingest:
         receipt = Receipt(
             first.leaf_index, first.tree_size, first.root, first.cid, first.byte_range
         )
-        return self._ack(header, "accept", receipt=receipt), True
+        warnings = tuple((w, w.text) for w in result.warnings)
+        return self._ack(header, "accept", warnings=warnings, receipt=receipt), True

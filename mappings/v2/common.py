@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from mappings.errors import MappingError, MessageContentError
+from mappings.errors import ConversionWarning, MappingError, MessageContentError
 from mappings.terminology import Terminology
 from mappings.v2 import datatypes as dt
 from mappings.v2.parse import ParsedMessage, Rep, Segment, comp, comps
@@ -59,7 +59,10 @@ class ConversionOptions:
     URL for ImagingStudy endpoints. ``authority_systems``: assigning authority namespace or
     universal id -> system URI. ``strict_codes``: reject local clinical codes the dictionary
     cannot map (103) instead of keeping them as sent. ``id_secret``: when set, resource ids
-    are HMAC-SHA256 instead of SHA-256 of their source identifiers.
+    are HMAC-SHA256 instead of SHA-256 of their source identifiers. ``strict_types``: reject
+    (102) a value that does not fit its type (a non-numeric OBX-5 under NM) instead of keeping
+    it as text with a warning; :func:`mappings.v2.convert.convert` can override it per
+    message (the sender's profile).
 
     ``memo`` (not an argument, not copied by ``dataclasses.replace``) memoises conversions
     that depend only on these options and on values that recur from message to message
@@ -74,6 +77,7 @@ class ConversionOptions:
     authority_systems: Mapping[str, str] = field(default_factory=dict)
     strict_codes: bool = False
     id_secret: bytes | None = None
+    strict_types: bool = False
     memo: dict[tuple[str, ...], Any] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -92,6 +96,7 @@ class ConversionOptions:
                 self.authority_systems,
                 self.strict_codes,
                 self.id_secret,
+                self.strict_types,
             ),
         )
 
@@ -108,6 +113,10 @@ class ConversionResult:
     patient_identifiers: list[tuple[str, str]]
     master_identifier: tuple[str, str] | None
     message_type: str
+    #: Values kept although they did not fit (ERR of severity W in the ACK).
+    warnings: list[ConversionWarning] = field(default_factory=list)
+    #: (system, value) identifiers of a patient this message merges into the patient (A40).
+    prior_identifiers: list[tuple[str, str]] = field(default_factory=list)
 
 
 @lru_cache(maxsize=16)
@@ -156,9 +165,14 @@ def patient_key(
 class Context:
     """State of one conversion: message, options, produced resources and references."""
 
-    def __init__(self, msg: ParsedMessage, options: ConversionOptions) -> None:
+    def __init__(
+        self, msg: ParsedMessage, options: ConversionOptions, strict_types: bool | None = None
+    ) -> None:
         self.msg = msg
         self.options = options
+        self.strict_types = options.strict_types if strict_types is None else strict_types
+        self.warnings: list[ConversionWarning] = []
+        self.prior_identifiers: list[tuple[str, str]] = []
         self.tz = options.default_tz
         self.term = options.terminology
         self.memo = options.memo
@@ -567,6 +581,8 @@ class Context:
             patient_identifiers=self.patient_identifiers,
             master_identifier=self.master,
             message_type=self.msg.message_type,
+            warnings=self.warnings,
+            prior_identifiers=self.prior_identifiers,
         )
 
 

@@ -115,15 +115,19 @@ def check_header(msg: ParsedMessage) -> Converter:
     return converter
 
 
-def convert(msg: ParsedMessage, *, options: ConversionOptions) -> ConversionResult:
+def convert(
+    msg: ParsedMessage, *, options: ConversionOptions, strict_types: bool | None = None
+) -> ConversionResult:
     """Convert a parsed message to FHIR R4 resources (pure; no I/O, no clock).
 
+    ``strict_types`` (default: ``options.strict_types``) rejects a value that does not fit
+    its type instead of keeping it as text with a warning (``ConversionResult.warnings``).
     Raises MappingError subclasses (see the module docstring); every error carries the
     message control id.
     """
     converter = check_header(msg)
     try:
-        ctx = Context(msg, options)
+        ctx = Context(msg, options, strict_types)
         converter(ctx)
         return ctx.result()
     except MappingError as exc:
