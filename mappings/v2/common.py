@@ -365,37 +365,12 @@ class Context:
         """
         if pid is None:
             raise MessageContentError("PID segment is missing", segment="PID")
-        identifiers: list[JsonDict] = []
-        for n in (3, 2, 4):
-            for rep in pid.reps(n):
-                try:
-                    ident = dt.identifier(rep, facility=self.facility, systems=self.systems)
-                except MappingError as exc:
-                    raise exc.locate(pid.name, pid.index, n) from exc.__cause__
-                if ident is not None and ident not in identifiers:
-                    identifiers.append(ident)
-        if not identifiers:
-            raise MessageContentError(
-                "no patient identifier in PID-3",
-                segment="PID",
-                segment_index=pid.index,
-                field=3,
-            )
-        master_system = self.options.master_id_system
-        for ident in identifiers:
-            pair = (ident["system"], ident["value"])
-            self.patient_identifiers.append(pair)
-            if (
-                master_system
-                and self.master is None
-                and (
-                    ident["system"] == master_system
-                    or ident.get("assigner", {}).get("display") == master_system
-                )
-            ):
-                self.master = pair
-                ident["use"] = "official"
-        key = patient_key(identifiers, self.master)
+        identifiers = self.identifiers(pid, (3, 2, 4))
+        master = self._master(identifiers)
+        self.patient_identifiers += [(i["system"], i["value"]) for i in identifiers]
+        if self.master is None:
+            self.master = master
+        key = patient_key(identifiers, master)
         assert key is not None
         patient: JsonDict = {
             "resourceType": "Patient",
@@ -447,6 +422,52 @@ class Context:
             patient["managingOrganization"] = {"reference": self.organization_ref}
         self.patient_ref = self.add(patient)
         return self.patient_ref
+
+    def identifiers(self, seg: Segment, fields: tuple[int, ...]) -> list[JsonDict]:
+        """The distinct identifiers (CX) in ``fields`` of ``seg``, in order. Raises
+        MessageContentError: none at all (101 at the first field), bad values (102)."""
+        identifiers: list[JsonDict] = []
+        for n in fields:
+            for rep in seg.reps(n):
+                try:
+                    ident = dt.identifier(rep, facility=self.facility, systems=self.systems)
+                except MappingError as exc:
+                    raise exc.locate(seg.name, seg.index, n) from exc.__cause__
+                if ident is not None and ident not in identifiers:
+                    identifiers.append(ident)
+        if not identifiers:
+            raise MessageContentError(
+                f"no patient identifier in {seg.name}-{fields[0]}",
+                segment=seg.name,
+                segment_index=seg.index,
+                field=fields[0],
+            )
+        return identifiers
+
+    def _master(self, identifiers: list[JsonDict]) -> tuple[str, str] | None:
+        """The first of ``identifiers`` in the master identifier system (marked ``official``),
+        or None."""
+        master_system = self.options.master_id_system
+        if not master_system:
+            return None
+        for ident in identifiers:
+            if (
+                ident["system"] == master_system
+                or ident.get("assigner", {}).get("display") == master_system
+            ):
+                ident["use"] = "official"
+                return ident["system"], ident["value"]
+        return None
+
+    def prior_patient(self, mrg: Segment) -> str:
+        """MRG-1 (the prior patient's identifiers) -> the id that patient's Patient has (as
+        computed for any PID); the identifiers go to ``prior_identifiers``. Raises
+        MessageContentError: no identifier in MRG-1 (101), bad values (102)."""
+        identifiers = self.identifiers(mrg, (1,))
+        key = patient_key(identifiers, self._master(identifiers))
+        assert key is not None
+        self.prior_identifiers = [(i["system"], i["value"]) for i in identifiers]
+        return stable_id(self.options, "Patient", *key)
 
     def _contacts(self) -> list[JsonDict]:
         out: list[JsonDict] = []

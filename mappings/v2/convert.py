@@ -1,7 +1,7 @@
 """Entry point of the HL7 v2 -> FHIR R4 conversion: checks the message header and
 dispatches to one module per message family.
 
-Supported: ADT^A01/A03/A04/A08/A28/A31, ORU^R01, ORM^O01, OML^O21, OMI^O23, MDM^T02
+Supported: ADT^A01/A03/A04/A08/A28/A31/A40, ORU^R01, ORM^O01, OML^O21, OMI^O23, MDM^T02
 (and T04/T08/T10 carrying a document), SIU^S12, for versions 2.3 to 2.8 and processing ids
 P, T and D. Resources are FHIR R4 JSON dicts with stable ids and relative references.
 

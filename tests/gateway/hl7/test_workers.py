@@ -17,7 +17,14 @@ import orjson
 import pytest
 
 from gateway.crypto import pseudonym, record_id
-from gateway.hl7.workers import ConversionWorkers, Converted, Crashed, Failed, convert_one
+from gateway.hl7.workers import (
+    ConversionWorkers,
+    Converted,
+    Crashed,
+    Failed,
+    MessagePolicy,
+    convert_one,
+)
 from mappings.errors import MappingError
 from mappings.terminology import Terminology
 from mappings.v2.common import ConversionOptions
@@ -65,6 +72,37 @@ def test_converted_is_the_conversion_plus_original_and_provenance() -> None:
     assert isinstance(again, Converted)
     assert again.container_id == outcome.container_id
     assert [e[:3] for e in again.entries] == [e[:3] for e in outcome.entries]
+
+
+def test_merge_gives_aliases_of_the_prior_patient_and_identity_flags() -> None:
+    """A40: ``aliases`` are the pseudonyms of the prior patient's identifiers (MRG-1) and of
+    the patient's own other identifiers; the master identifier makes it not provisional."""
+    outcome = convert_one((HL7 / "adt_a40.hl7").read_bytes(), OPTIONS, KEY)
+    assert isinstance(outcome, Converted)
+    master = OPTIONS.master_id_system
+    assert master is not None
+    hospa = OPTIONS.authority_systems["HOSPA"]
+    assert outcome.patient == pseudonym(KEY, master, "H3101011985050512X")
+    assert not outcome.provisional and outcome.warnings == ()
+    assert set(outcome.aliases) == {
+        pseudonym(KEY, hospa, "MRN000123"),  # the survivor's other identifier
+        pseudonym(KEY, hospa, "MRN000999"),  # the prior patient's
+        pseudonym(KEY, hospa, "T0000777"),
+    }
+    assert outcome.patient not in outcome.aliases
+    # A patient known only by a facility's record number is provisional.
+    local = ORU.replace(b"~H3101011985050512X^^^HCN^HC", b"", 1)
+    provisional = convert_one(local, OPTIONS, KEY)
+    assert isinstance(provisional, Converted) and provisional.provisional
+    assert provisional.patient == pseudonym(KEY, hospa, "MRN000123")
+    rejected = convert_one(local, OPTIONS, KEY, MessagePolicy(reject_provisional=True))
+    assert isinstance(rejected, Failed)
+    assert (rejected.ack_code, rejected.hl7_code, rejected.segment, rejected.field) == (
+        "AE",
+        "101",
+        "PID",
+        3,
+    )
 
 
 def test_failed_carries_the_mapping_error_exactly() -> None:
