@@ -231,8 +231,8 @@ class HL7Ingest:
             )
             return self._ack(header, "error", _Internal(), "storage temporarily unavailable; retry")
         if found is not False:
-            conversion.cancel()
             if found is None:
+                conversion.cancel()
                 await self._release(facility, msg.control_id)
                 log.warning("hl7 control id of a stored message reused: AE", extra=extra)
                 return self._ack(
@@ -242,7 +242,15 @@ class HL7Ingest:
                     "control id already used by a different message from this facility",
                 )
             log.info("hl7 message stored before, not acknowledged: accepted again", extra=extra)
-            acks = self._ack(header, "accept", receipt=found)
+            # The same warnings as the first answer would have carried (rare path: waits for
+            # the conversion already under way).
+            converted = await conversion
+            warnings = (
+                tuple((w, w.text) for w in converted.warnings)
+                if isinstance(converted, Converted)
+                else ()
+            )
+            acks = self._ack(header, "accept", warnings=warnings, receipt=found)
             self._remember(facility, msg.control_id, digest, acks, extra)
             return acks
         try:

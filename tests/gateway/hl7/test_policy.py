@@ -19,6 +19,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import SenderProfile
+from gateway.hl7.dedup import _key as _dedup_key
 from mappings.v2.parse import parse
 from tests.gateway.hl7.test_ingest import App, _settings, msa
 
@@ -82,6 +83,14 @@ async def test_value_not_fitting_its_type_is_kept_as_text_and_warned(make_gw: An
     assert "NM" in stored["note"][0]["text"]
     first = (await gw.http.get(f"/fhir/Observation/{observations[0]['id']}")).json()
     assert first["valueQuantity"]["value"] == 56
+    # Stored but its acceptance forgotten (a crash): the re-sent copy's AA has the same ERR.
+    size = gw.gw.ledger.size
+    await gw.app.state.hl7.dedup.stop()
+    await gw.gw.backends.state.delete(_dedup_key("CLINIC-Q", "AE-0001"))
+    await gw.app.state.hl7.dedup.start()
+    again = await gw.send(ADVERSE_EVENT)
+    assert msa(again)[1] == "AA" and err_segments(again) == err_segments(ack)
+    assert gw.gw.ledger.size == size
 
 
 @pytest.mark.parametrize("key", ["VAXREP^CLINIC-Q", "*^CLINIC-Q", "VAXREP^*"])
