@@ -36,8 +36,8 @@ from gateway.app import create_app  # noqa: E402
 from gateway.backends.blobs_kubo import KuboBlobStore  # noqa: E402
 from gateway.backends.log_jetstream import JetStreamLog  # noqa: E402
 from gateway.config import Settings  # noqa: E402
-from gateway.hl7_workers import ConversionWorkers  # noqa: E402
-from gateway.mllp.dedup import Deduplicator  # noqa: E402
+from gateway.hl7.dedup import Deduplicator  # noqa: E402
+from gateway.hl7.workers import ConversionWorkers  # noqa: E402
 from gateway.pipeline import RecordPipeline  # noqa: E402
 from ledger.checkpoint import Signer  # noqa: E402
 from ledger.sequencer import Ledger  # noqa: E402

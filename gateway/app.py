@@ -37,7 +37,7 @@ from gateway.errors import (
     NotFoundError,
 )
 from gateway.fhir import input_outcome, operation_outcome
-from gateway.hl7 import HL7Ingest
+from gateway.hl7.ingest import HL7Ingest
 from gateway.mllp.server import MLLPServer
 from gateway.runtime import Gateway
 from ledger.errors import LedgerError

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # part may be ``*``), or by a FHIR client id; ``default`` applies to everyone else.
     sender_profiles: dict[str, SenderProfile] = {}
     default_sender_profile: SenderProfile = SenderProfile()
+    # This gateway process's name in the shared state (the owner of its HL7 de-duplication
+    # claims): the same after a restart, distinct for every gateway process running at once.
+    # Empty: derived from the institution, the host name and data_dir.
+    instance_id: str = ""
     # Processes converting HL7 v2 to FHIR beside the gateway's own (0: convert in-process);
     # each batch of messages is split over them.
     hl7_convert_workers: int = 2

@@ -24,7 +24,7 @@ from gateway.app import create_app
 from gateway.audit import audit
 from gateway.config import Settings
 from gateway.fhir import RECEIPT_URL
-from gateway.mllp.ack import acks_to_send, read_header
+from gateway.hl7.ack import acks_to_send, read_header
 from gateway.mllp.client import MLLPClient
 from gateway.runtime import build_backends, load_secrets, load_signer, load_trust
 from ledger.checkpoint import SignedCheckpoint

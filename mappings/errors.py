@@ -10,7 +10,10 @@ repetition). Messages name locations and field names only, never patient data.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 __all__ = [
+    "ConversionWarning",
     "MappingError",
     "MessageContentError",
     "ParseError",
@@ -125,3 +128,18 @@ class MessageContentError(MappingError):
 
     default_code = "101"
     ack_code = "AE"
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionWarning:
+    """A value the conversion kept rather than rejected, for an ERR of severity ``W`` in the
+    acknowledgement: the HL7 code (table 0357), a fixed ``text`` and the location (as in
+    :class:`MappingError`). Never carries the value itself."""
+
+    hl7_code: str
+    text: str
+    segment: str | None = None
+    segment_index: int | None = None
+    field: int | None = None
+    component: int | None = None
+    repetition: int | None = None

@@ -38,12 +38,17 @@ def convert_fixture(path: Path, options: ConversionOptions) -> Any:
 
 def _result(msg: Any, options: ConversionOptions) -> dict[str, Any]:
     result = convert(msg, options=options)
-    return {
+    out: dict[str, Any] = {
         "message_type": result.message_type,
         "patient_identifiers": [list(p) for p in result.patient_identifiers],
         "master_identifier": list(result.master_identifier) if result.master_identifier else None,
         "resources": result.resources,
     }
+    if result.prior_identifiers:  # a merge (A40)
+        out["prior_identifiers"] = [list(p) for p in result.prior_identifiers]
+    if result.warnings:
+        out["warnings"] = [w.text + f" ({w.segment}-{w.field})" for w in result.warnings]
+    return out
 
 
 def dump(value: Any) -> str:

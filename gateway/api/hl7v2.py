@@ -1,6 +1,6 @@
 """``POST /hl7v2``: one HL7 v2 message, or an FHS/BHS batch, answered with the ACK(s).
 
-Same processing as the MLLP listener (gateway/hl7.py). The body is the ER7 message
+Same processing as the MLLP listener (gateway/hl7/ingest.py). The body is the ER7 message
 (``Content-Type: x-application/hl7-v2+er7``); the answer has the same type: the ACK (in
 enhanced mode the commit ACK followed by the application ACK), or for a batch the ACKs of its
 messages wrapped in BHS/BTS, encoded in the batch's character set. HTTP status 200 whenever an
@@ -16,8 +16,8 @@ from fastapi.responses import Response
 
 from gateway.api.common import read_body
 from gateway.errors import BackendError, InvalidInputError
-from gateway.hl7 import HL7Ingest
-from gateway.hl7_workers import HL7_MEDIA_TYPE
+from gateway.hl7.ingest import HL7Ingest
+from gateway.hl7.workers import HL7_MEDIA_TYPE
 from mappings.errors import MappingError
 from mappings.v2.parse import decode, detect_charset, split_batch
 

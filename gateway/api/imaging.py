@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from gateway.api.common import fhir_response, parse_json, read_body
 from gateway.api.fhir import entry_response, stored_headers
 from gateway.errors import InvalidInputError
-from gateway.hl7 import HL7Ingest
+from gateway.hl7.ingest import HL7Ingest
 from gateway.identity import patient_identity
 from gateway.pipeline import RecordInput
 from mappings.errors import MappingError

@@ -1,7 +1,8 @@
 """Ledger reads and the witness endpoint.
 
-Reads: latest final checkpoint, inclusion and consistency proofs, raw leaves, and an upgraded
-receipt (a leaf proved against the latest *final* checkpoint). Witness: ``POST /ledger/witness``
+Reads: latest final checkpoint, inclusion and consistency proofs, raw leaves, and a receipt (a
+leaf proved against the latest *final* checkpoint when one covers it, else the latest signed
+one, or the one of a given tree size). Witness: ``POST /ledger/witness``
 (cosign a checkpoint, or 409 with split-view evidence, or 412 asking for a consistency proof),
 ``GET /ledger/witness`` (status) and ``GET /ledger/witness/evidence``.
 
@@ -67,21 +68,50 @@ def build_router(gw: Gateway) -> APIRouter:
         return JSONResponse(_checkpoint_json(latest, final=is_done, gw=gw))
 
     @router.get("/receipt")
-    async def receipt(index: int = Query(ge=0)) -> Response:
-        """Leaf ``index`` proved against the latest final checkpoint (an upgraded receipt)."""
+    async def receipt(
+        index: int = Query(ge=0), tree_size: int | None = Query(default=None, ge=1)
+    ) -> Response:
+        """Leaf ``index`` proved against a signed checkpoint: the latest final (cosigned) one
+        when it covers the leaf, else the latest one (``"final": false``); with ``tree_size``
+        (e.g. ZRC-2 of an HL7 ACK), the checkpoint of exactly that size. Raises
+        NotFoundError (404) when no such checkpoint covers the leaf, InvalidInputError (400)."""
         done = gw.witness.final_checkpoint()
-        if done is None or index >= done.checkpoint.size:
-            raise NotFoundError(f"leaf {index} is not yet covered by a final checkpoint")
-        size = done.checkpoint.size
+        signed: SignedCheckpoint | None
+        if tree_size is not None:
+            if not index < tree_size <= ledger.size:
+                raise InvalidInputError(
+                    f"need index < tree_size <= {ledger.size}", location="tree_size"
+                )
+            if done is not None and done.checkpoint.size == tree_size:
+                signed = done
+            else:
+                signed = await ledger.checkpoint_at(tree_size)
+            if signed is None:
+                raise NotFoundError(f"no checkpoint was signed at tree size {tree_size}")
+        elif done is not None and index < done.checkpoint.size:
+            signed = done
+        else:
+            signed = ledger.latest
+            if signed is None or index >= signed.checkpoint.size:
+                raise NotFoundError(f"leaf {index} is not yet covered by a checkpoint")
+        cosigned = gw.witness.cosigned
+        if cosigned is not None and cosigned.checkpoint == signed.checkpoint:
+            signed = cosigned  # the same checkpoint with the cosignatures gathered so far
+        final = done is not None and done.checkpoint == signed.checkpoint
+        if final:
+            assert done is not None
+            signed = done
+        size = signed.checkpoint.size
         return JSONResponse(
             {
                 "index": index,
                 "tree_size": size,
                 "leaf_hash": ledger.leaf_hash(index).hex(),
-                "root_hash": done.checkpoint.root.hex(),
+                "root_hash": signed.checkpoint.root.hex(),
                 "proof": [h.hex() for h in ledger.inclusion_proof(index, size)],
-                "checkpoint": base64.b64encode(done.to_bytes()).decode(),
-                "cosigners": count_cosigners(done, gw.trusted),
+                "checkpoint": base64.b64encode(signed.to_bytes()).decode(),
+                "final": final,
+                "cosigners": count_cosigners(signed, gw.trusted),
             }
         )
 

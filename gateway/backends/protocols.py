@@ -116,6 +116,21 @@ class StateStore(Protocol):
         """Set each (key, value, ttl) unconditionally, in one round trip. Raises BackendError."""
         ...
 
+    async def replace_if(
+        self,
+        key: str,
+        expected: bytes,
+        value: bytes,
+        *,
+        ttl: float | None = None,
+        unless_exists: str | None = None,
+    ) -> bool:
+        """Atomically set ``key`` to ``value`` if it holds exactly ``expected`` and, when
+        ``unless_exists`` is given, that key is absent (a compare-and-set guarded by another
+        key, e.g. a liveness lock). True when this call set it. Not retried after a connection
+        error. Raises BackendError."""
+        ...
+
     async def delete(self, key: str) -> None:
         """Remove the key if present. Raises BackendError."""
         ...

@@ -82,3 +82,11 @@ async def pipeline(client: aioredis.Redis, commands: Sequence[Sequence[bytes]]) 
         raise
     finally:
         await pool.release(conn)
+
+
+async def eval_script(
+    client: aioredis.Redis, script: str, keys: Sequence[str], args: Sequence[bytes]
+) -> Any:
+    """Run a Lua ``script`` (EVAL; used off the hot paths only) with ``keys`` and ``args``;
+    its reply. Raises what redis-py raises."""
+    return await client.eval(script, len(keys), *keys, *args)

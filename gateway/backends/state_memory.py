@@ -60,6 +60,23 @@ class MemoryStateStore:
         for key, value, ttl in items:
             self._data[key] = (value, self._expiry(ttl))
 
+    async def replace_if(
+        self,
+        key: str,
+        expected: bytes,
+        value: bytes,
+        *,
+        ttl: float | None = None,
+        unless_exists: str | None = None,
+    ) -> bool:
+        """Compare-and-set, unless ``unless_exists`` is present; True when this call set it."""
+        if self._live(key) != expected:
+            return False
+        if unless_exists is not None and self._live(unless_exists) is not None:
+            return False
+        self._data[key] = (value, self._expiry(ttl))
+        return True
+
     async def delete(self, key: str) -> None:
         """Remove the key."""
         self._data.pop(key, None)

@@ -11,9 +11,21 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway.backends.protocols import StateItem
-from gateway.backends.redis_common import call, connect, pipeline
+from gateway.backends.redis_common import call, connect, eval_script, pipeline
 
 NAME = "redis"
+
+#: KEYS[1] the key, KEYS[2] (optional) the guard; ARGV expected value, new value, PX or "".
+REPLACE_IF = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if #KEYS > 1 and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[1], ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
+"""
 
 
 class RedisStateStore:
@@ -70,6 +82,25 @@ class RedisStateStore:
         ]
         if commands:
             await self._call("set", lambda: pipeline(self._r, commands))
+
+    async def replace_if(
+        self,
+        key: str,
+        expected: bytes,
+        value: bytes,
+        *,
+        ttl: float | None = None,
+        unless_exists: str | None = None,
+    ) -> bool:
+        """Compare-and-set in one Lua script (atomic on the server), guarded by the absence of
+        ``unless_exists``. Not retried (a second attempt would see its own first one)."""
+        keys = [self._k(key)] + ([] if unless_exists is None else [self._k(unless_exists)])
+        px = _px(ttl)
+        args = [expected, value, b"" if px is None else b"%d" % px]
+        done = await self._call(
+            "replace", lambda: eval_script(self._r, REPLACE_IF, keys, args), retry=False
+        )
+        return bool(done)
 
     async def delete(self, key: str) -> None:
         """DEL."""

@@ -1,12 +1,18 @@
 """ADT (A01 admit, A03 discharge, A04 register, A08 update, A28 add person, A31 update
-person) -> Organization, Patient, Encounter (PV1) and Condition (DG1).
+person, A40 merge patient) -> Organization, Patient, Encounter (PV1) and Condition (DG1).
 
-An A08/A31 maps to the same resource ids as the A01/A28 it updates, so it replaces them.
-Raises :class:`mappings.errors.MessageContentError` (see :mod:`mappings.v2.common`).
+An A08/A31 maps to the same resource ids as the A01/A28 it updates, so it replaces them. An
+A40 merges the patient named by MRG-1 into the one of PID: the surviving Patient gets
+``link: [{other: Patient/<prior id>, type: replaces}]``, the prior id computed from MRG-1
+exactly as any PID's, and the prior identifiers are returned as
+``ConversionResult.prior_identifiers``.
+Raises :class:`mappings.errors.MessageContentError` (see :mod:`mappings.v2.common`; an A40
+without MRG: 101 at MRG-1, with more than one patient group: 207).
 """
 
 from __future__ import annotations
 
+from mappings.errors import MessageContentError
 from mappings.v2.common import Context, JsonDict
 
 __all__ = ["EVENTS", "convert_adt"]
@@ -19,6 +25,7 @@ EVENTS: dict[str, str | None] = {
     "A08": None,
     "A28": None,
     "A31": None,
+    "A40": None,
 }
 
 _DIAGNOSIS_STATUS = {"F": "confirmed", "W": "provisional", "A": "provisional"}
@@ -28,7 +35,9 @@ def convert_adt(ctx: Context) -> None:
     """Convert an ADT message into ``ctx.resources``."""
     msg = ctx.msg
     ctx.organization()
-    ctx.patient(msg.first("PID"))
+    patient_ref = ctx.patient(msg.first("PID"))
+    if msg.event == "A40":
+        _merge(ctx, patient_ref)
     status = EVENTS.get(msg.event)
     pv1 = msg.first("PV1")
     if msg.event == "A01" and pv1 is not None and pv1.text(45):
@@ -77,3 +86,23 @@ def convert_adt(ctx: Context) -> None:
         for res in ctx.resources:
             if f"Encounter/{res['id']}" == encounter:
                 res["diagnosis"] = diagnoses
+
+
+def _merge(ctx: Context, patient_ref: str) -> None:
+    """A40: link the surviving Patient to the prior one named by MRG-1."""
+    msg = ctx.msg
+    if len(msg.all("PID")) > 1 or len(msg.all("MRG")) > 1:
+        raise MessageContentError(
+            "more than one patient merge in one message", hl7_code="207", segment="PID"
+        )
+    mrg = msg.first("MRG")
+    if mrg is None:
+        raise MessageContentError(
+            "MRG segment is missing (A40)", segment="MRG", segment_index=1, field=1
+        )
+    prior = f"Patient/{ctx.prior_patient(mrg)}"
+    if prior == patient_ref:
+        return  # MRG names the surviving patient itself: nothing to link
+    for resource in ctx.resources:
+        if f"{resource['resourceType']}/{resource['id']}" == patient_ref:
+            resource["link"] = [{"other": {"reference": prior}, "type": "replaces"}]

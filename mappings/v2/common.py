@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from mappings.errors import MappingError, MessageContentError
+from mappings.errors import ConversionWarning, MappingError, MessageContentError
 from mappings.terminology import Terminology
 from mappings.v2 import datatypes as dt
 from mappings.v2.parse import ParsedMessage, Rep, Segment, comp, comps
@@ -77,7 +77,10 @@ class ConversionOptions:
     URL for ImagingStudy endpoints. ``authority_systems``: assigning authority namespace or
     universal id -> system URI. ``strict_codes``: reject local clinical codes the dictionary
     cannot map (103) instead of keeping them as sent. ``id_secret``: when set, resource ids
-    are HMAC-SHA256 instead of SHA-256 of their source identifiers.
+    are HMAC-SHA256 instead of SHA-256 of their source identifiers. ``strict_types``: reject
+    (102) a value that does not fit its type (a non-numeric OBX-5 under NM) instead of keeping
+    it as text with a warning; :func:`mappings.v2.convert.convert` can override it per
+    message (the sender's profile).
 
     ``memo`` (not an argument, not copied by ``dataclasses.replace``) memoises conversions
     that depend only on these options and on values that recur from message to message
@@ -92,6 +95,7 @@ class ConversionOptions:
     authority_systems: Mapping[str, str] = field(default_factory=dict)
     strict_codes: bool = False
     id_secret: bytes | None = None
+    strict_types: bool = False
     memo: dict[tuple[str, ...], Any] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -110,6 +114,7 @@ class ConversionOptions:
                 self.authority_systems,
                 self.strict_codes,
                 self.id_secret,
+                self.strict_types,
             ),
         )
 
@@ -126,6 +131,10 @@ class ConversionResult:
     patient_identifiers: list[tuple[str, str]]
     master_identifier: tuple[str, str] | None
     message_type: str
+    #: Values kept although they did not fit (ERR of severity W in the ACK).
+    warnings: list[ConversionWarning] = field(default_factory=list)
+    #: (system, value) identifiers of a patient this message merges into the patient (A40).
+    prior_identifiers: list[tuple[str, str]] = field(default_factory=list)
 
 
 @lru_cache(maxsize=16)
@@ -174,9 +183,14 @@ def patient_key(
 class Context:
     """State of one conversion: message, options, produced resources and references."""
 
-    def __init__(self, msg: ParsedMessage, options: ConversionOptions) -> None:
+    def __init__(
+        self, msg: ParsedMessage, options: ConversionOptions, strict_types: bool | None = None
+    ) -> None:
         self.msg = msg
         self.options = options
+        self.strict_types = options.strict_types if strict_types is None else strict_types
+        self.warnings: list[ConversionWarning] = []
+        self.prior_identifiers: list[tuple[str, str]] = []
         self.tz = options.default_tz
         self.term = options.terminology
         self.memo = options.memo
@@ -373,37 +387,12 @@ class Context:
         """
         if pid is None:
             raise MessageContentError("PID segment is missing", segment="PID")
-        identifiers: list[JsonDict] = []
-        for n in (3, 2, 4):
-            for rep in pid.reps(n):
-                try:
-                    ident = dt.identifier(rep, facility=self.facility, systems=self.systems)
-                except MappingError as exc:
-                    raise exc.locate(pid.name, pid.index, n) from exc.__cause__
-                if ident is not None and ident not in identifiers:
-                    identifiers.append(ident)
-        if not identifiers:
-            raise MessageContentError(
-                "no patient identifier in PID-3",
-                segment="PID",
-                segment_index=pid.index,
-                field=3,
-            )
-        master_system = self.options.master_id_system
-        for ident in identifiers:
-            pair = (ident["system"], ident["value"])
-            self.patient_identifiers.append(pair)
-            if (
-                master_system
-                and self.master is None
-                and (
-                    ident["system"] == master_system
-                    or ident.get("assigner", {}).get("display") == master_system
-                )
-            ):
-                self.master = pair
-                ident["use"] = "official"
-        key = patient_key(identifiers, self.master)
+        identifiers = self.identifiers(pid, (3, 2, 4))
+        master = self._master(identifiers)
+        self.patient_identifiers += [(i["system"], i["value"]) for i in identifiers]
+        if self.master is None:
+            self.master = master
+        key = patient_key(identifiers, master)
         assert key is not None
         patient: JsonDict = {
             "resourceType": "Patient",
@@ -458,6 +447,52 @@ class Context:
             patient["managingOrganization"] = {"reference": self.organization_ref}
         self.patient_ref = self.add(patient)
         return self.patient_ref
+
+    def identifiers(self, seg: Segment, fields: tuple[int, ...]) -> list[JsonDict]:
+        """The distinct identifiers (CX) in ``fields`` of ``seg``, in order. Raises
+        MessageContentError: none at all (101 at the first field), bad values (102)."""
+        identifiers: list[JsonDict] = []
+        for n in fields:
+            for rep in seg.reps(n):
+                try:
+                    ident = dt.identifier(rep, facility=self.facility, systems=self.systems)
+                except MappingError as exc:
+                    raise exc.locate(seg.name, seg.index, n) from exc.__cause__
+                if ident is not None and ident not in identifiers:
+                    identifiers.append(ident)
+        if not identifiers:
+            raise MessageContentError(
+                f"no patient identifier in {seg.name}-{fields[0]}",
+                segment=seg.name,
+                segment_index=seg.index,
+                field=fields[0],
+            )
+        return identifiers
+
+    def _master(self, identifiers: list[JsonDict]) -> tuple[str, str] | None:
+        """The first of ``identifiers`` in the master identifier system (marked ``official``),
+        or None."""
+        master_system = self.options.master_id_system
+        if not master_system:
+            return None
+        for ident in identifiers:
+            if (
+                ident["system"] == master_system
+                or ident.get("assigner", {}).get("display") == master_system
+            ):
+                ident["use"] = "official"
+                return ident["system"], ident["value"]
+        return None
+
+    def prior_patient(self, mrg: Segment) -> str:
+        """MRG-1 (the prior patient's identifiers) -> the id that patient's Patient has (as
+        computed for any PID); the identifiers go to ``prior_identifiers``. Raises
+        MessageContentError: no identifier in MRG-1 (101), bad values (102)."""
+        identifiers = self.identifiers(mrg, (1,))
+        key = patient_key(identifiers, self._master(identifiers))
+        assert key is not None
+        self.prior_identifiers = [(i["system"], i["value"]) for i in identifiers]
+        return stable_id(self.options, "Patient", *key)
 
     def _contacts(self) -> list[JsonDict]:
         out: list[JsonDict] = []
@@ -592,6 +627,8 @@ class Context:
             patient_identifiers=self.patient_identifiers,
             master_identifier=self.master,
             message_type=self.msg.message_type,
+            warnings=self.warnings,
+            prior_identifiers=self.prior_identifiers,
         )
 
 

@@ -1,7 +1,7 @@
 """Entry point of the HL7 v2 -> FHIR R4 conversion: checks the message header and
 dispatches to one module per message family.
 
-Supported: ADT^A01/A03/A04/A08/A28/A31, ORU^R01, ORM^O01, OML^O21, OMI^O23, MDM^T02
+Supported: ADT^A01/A03/A04/A08/A28/A31/A40, ORU^R01, ORM^O01, OML^O21, OMI^O23, MDM^T02
 (and T04/T08/T10 carrying a document), SIU^S12, for versions 2.3 to 2.8 and processing ids
 P, T and D. Resources are FHIR R4 JSON dicts with stable ids and relative references.
 
@@ -115,15 +115,19 @@ def check_header(msg: ParsedMessage) -> Converter:
     return converter
 
 
-def convert(msg: ParsedMessage, *, options: ConversionOptions) -> ConversionResult:
+def convert(
+    msg: ParsedMessage, *, options: ConversionOptions, strict_types: bool | None = None
+) -> ConversionResult:
     """Convert a parsed message to FHIR R4 resources (pure; no I/O, no clock).
 
+    ``strict_types`` (default: ``options.strict_types``) rejects a value that does not fit
+    its type instead of keeping it as text with a warning (``ConversionResult.warnings``).
     Raises MappingError subclasses (see the module docstring); every error carries the
     message control id.
     """
     converter = check_header(msg)
     try:
-        ctx = Context(msg, options)
+        ctx = Context(msg, options, strict_types)
         converter(ctx)
         return ctx.result()
     except MappingError as exc:

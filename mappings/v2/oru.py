@@ -8,8 +8,10 @@ impression in ``conclusion`` instead of one Observation per text line. Encapsula
 (OBX-2 ``ED``, such as a PDF report) becomes a ``presentedForm`` attachment.
 
 Raises :class:`mappings.errors.MessageContentError` for a missing OBR-4 (101), values that
-do not fit OBX-2 (102), unknown result status under ``strict_codes`` (103), more than one
-patient in one message (207).
+do not fit OBX-2 (102) under ``strict_types`` (otherwise an NM, SN, DT, DTM, TS or TM value
+that does not fit is kept as ``valueString`` with a note, and reported as a warning 102),
+unknown result status under ``strict_codes`` (103), more than one patient in one message
+(207).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import base64
 import binascii
 from typing import Any
 
-from mappings.errors import MappingError, MessageContentError
+from mappings.errors import ConversionWarning, MappingError, MessageContentError
 from mappings.imaging import DICOM_MODALITIES, RADIOLOGY_SECTIONS, imaging_study
 from mappings.v2 import datatypes as dt
 from mappings.v2.common import Context, JsonDict, group_after
@@ -132,14 +134,35 @@ def observation_value(
     return _located_value(ctx, obx, vtype, reps, obx.rep(6))
 
 
+#: Value types whose unreadable values are kept as text (with a warning) unless strict.
+_KEPT_AS_TEXT = frozenset(("NM", "SN", "DT", "DTM", "TS", "TM"))
+
+
 def _located_value(
     ctx: Context, obx: Segment, vtype: str, reps: list[Rep], unit: Rep | None
 ) -> tuple[str, Any] | None:
-    """:func:`_typed_value`, locating its MappingError at OBX-5."""
+    """:func:`_typed_value`, locating its MappingError at OBX-5. A value that does not fit
+    its type (102) is kept as ``valueString`` with a warning, unless ``ctx.strict_types``."""
     try:  # ctx.at inlined: this is on the hot path
         return _typed_value(ctx, obx, vtype, reps, unit)
     except MappingError as exc:
-        raise exc.locate(obx.name, obx.index, 5) from exc.__cause__
+        exc.locate(obx.name, obx.index, 5)
+        if exc.hl7_code == "102" and vtype in _KEPT_AS_TEXT and not ctx.strict_types:
+            text = "\n".join(t for r in reps if (t := _text_of(r, obx)))
+            if text:
+                ctx.warnings.append(
+                    ConversionWarning(
+                        "102",
+                        f"value does not fit its type {vtype}; kept as text",
+                        exc.segment,
+                        exc.segment_index,
+                        exc.field,
+                        exc.component,
+                        exc.repetition,
+                    )
+                )
+                return "valueString", text
+        raise exc from exc.__cause__
 
 
 def _typed_value(
@@ -454,9 +477,12 @@ def _observation(
     # there an unreadable OBX-6 is not located at OBX-7)
     reps = obx.reps(5)
     unit = obx.rep(6) if reps else None
+    warned = len(ctx.warnings)
     value = _located_value(ctx, obx, vtype, reps, unit) if reps else None
     if value is not None:
         obs[value[0]] = value[1]
+        if len(ctx.warnings) > warned:
+            obs["note"] = [{"text": f"OBX-5 did not fit value type {vtype}; kept as text"}]
     flags = [dt.interpretation(flag) for r in obx.reps(8) if (flag := comp(r, 1))]
     if flags:
         obs["interpretation"] = flags

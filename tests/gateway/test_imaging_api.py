@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.gateway.test_hl7_ingest import HL7, App, hl7gw, msa
+from tests.gateway.hl7.test_ingest import HL7, App, hl7gw, msa
 
 __all__ = ["hl7gw"]  # the fixture (a gateway with MLLP), shared with the HL7 tests
 

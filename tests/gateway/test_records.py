@@ -28,7 +28,7 @@ from ledger.checkpoint import Signer, TrustedKeys
 from mappings.v2.convert import convert
 from mappings.v2.parse import parse
 from tests.gateway.conftest import FHIR, settings_for
-from tests.gateway.test_hl7_ingest import HL7, OPTIONS, App, hl7gw, msa
+from tests.gateway.hl7.test_ingest import HL7, OPTIONS, App, hl7gw, msa
 
 __all__ = ["hl7gw"]
 
@@ -408,3 +408,70 @@ async def test_type_history_pages_newest_first_without_repeats(client: httpx.Asy
     bad = await client.get("/fhir/Observation/_history?_count=0")
     assert bad.status_code == 400
     assert (await client.get("/fhir/Observation/_history?_sort=x")).status_code == 400
+
+
+def _hl7(
+    control: str, event: str, pid3: str, *, mrg: str | None = None, obx: bool = False
+) -> bytes:
+    structure = {"A04": "ADT_A01", "A08": "ADT_A01", "A40": "ADT_A39", "R01": "ORU_R01"}[event]
+    kind = "ORU" if event == "R01" else "ADT"
+    segments = [
+        f"MSH|^~\\&|HIS|CLINIC9|GATEWAY|ALLIANCE|20260401090000||{kind}^{event}^{structure}|"
+        f"{control}|P|2.5.1",
+    ]
+    if kind == "ADT":
+        segments.append(f"EVN|{event}|20260401090000")
+    segments.append(f"PID|1||{pid3}||Wu^Yi||19900101|F")
+    if mrg is not None:
+        segments.append(f"MRG|{mrg}")
+    if obx:
+        segments += [
+            f"OBR|1||LAB-{control}|GLU^Glucose^LN|||20260401080000",
+            "OBX|1|NM|GLU^Glucose^LN||5.5|mmol/L|3.9-6.1|N|||F",
+        ]
+    return ("\r".join(segments) + "\r").encode()
+
+
+async def test_an_hl7_patient_without_the_master_identifier_is_linked_by_a08_and_a40(
+    hl7gw: App,
+) -> None:
+    """First known by two local ids (two registrations, no master identifier), the patient is
+    one patient for reads once an A08 adds the master identifier to one and an A40 merges the
+    other into it; every gateway derives the same links from the ledger."""
+    gw = hl7gw.gw
+    first, second = "LOC-1^^^CLINIC9^MR", "LOC-2^^^CLINIC9^MR"
+    for n, (pid3, control) in enumerate(((first, "R-1"), (second, "R-2"))):
+        assert msa(await hl7gw.send(_hl7(f"A-{n}", "A04", pid3)))[1] == "AA"
+        assert msa(await hl7gw.send(_hl7(control, "R01", pid3, obx=True)))[1] == "AA"
+    key = gw.pseudonym_key
+    p1 = pseudonym(key, "urn:alliance:authority:CLINIC9", "LOC-1")
+    p2 = pseudonym(key, "urn:alliance:authority:CLINIC9", "LOC-2")
+    master = pseudonym(key, MASTER, "H999")
+    assert gw.index.has_patient(p1) and gw.index.has_patient(p2)
+    observations = {
+        a.record
+        for p in (p1, p2)
+        for a in gw.index.records_of(p)
+        if a.resource_type == "Observation"
+    }
+    assert len(observations) == 2
+    # A08: the master identifier arrives beside the first local id.
+    a08 = _hl7("U-1", "A08", f"{first}~H999^^^HCN^HC")
+    assert msa(await hl7gw.send(a08))[1] == "AA"
+    assert gw.index.links.linked(p1, master) and not gw.index.links.linked(p2, master)
+    # A40: the second registration is merged into the patient (MRG names the old id).
+    a40 = _hl7("M-1", "A40", f"{first}~H999^^^HCN^HC", mrg=second)
+    assert msa(await hl7gw.send(a40))[1] == "AA"
+    assert gw.index.links.all_of(master) >= {p1, p2, master}
+    assert gw.index.leaf_kinds["link"] == 2  # one per new link; nothing anchored twice
+    seen = {
+        a.record for a in gw.records.records_of_patient(master) if a.resource_type == "Observation"
+    }
+    assert seen == observations
+    # Every other node derives the same: a fresh replay of the log gives the same classes.
+    from gateway.views import RecordIndex
+
+    replayed = RecordIndex()
+    size = gw.ledger.size
+    replayed.on_batch(0, await gw.ledger.leaves(0, size), 0)
+    assert replayed.links.all_of(p2) == gw.index.links.all_of(p2)

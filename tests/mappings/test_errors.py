@@ -90,7 +90,7 @@ def test_oru_errors_locate_the_obx(options: ConversionOptions) -> None:
         + "OBX|2|NM|K^Potassium^ALB||high||||||F\r"
     )
     with pytest.raises(MessageContentError) as info:
-        _convert(text, options)
+        _convert(text, replace(options, strict_types=True))
     err = info.value
     assert (err.hl7_code, err.segment, err.segment_index, err.field) == ("102", "OBX", 2, 5)
     assert err.location == "OBX[2]-5"
@@ -98,6 +98,33 @@ def test_oru_errors_locate_the_obx(options: ConversionOptions) -> None:
     with pytest.raises(MessageContentError) as info:
         _convert(missing_code, options)
     assert (info.value.hl7_code, info.value.segment, info.value.field) == ("101", "OBR", 4)
+
+
+def test_value_that_does_not_fit_its_type_is_kept_as_text_with_a_warning(
+    options: ConversionOptions,
+) -> None:
+    text = (
+        _header(type_="ORU^R01")
+        + PID
+        + "OBR|1||F1|GLU^Glucose^ALB\rOBX|1|NM|GLU^Glucose^ALB||7.8||||||F\r"
+        + "OBX|2|NM|K^Potassium^ALB||SECRET high||||||F\r"
+    )
+    result = convert(parse(text.encode()), options=options)
+    (warning,) = result.warnings
+    assert (warning.hl7_code, warning.segment, warning.segment_index, warning.field) == (
+        "102",
+        "OBX",
+        2,
+        5,
+    )
+    assert "SECRET" not in warning.text and "NM" in warning.text
+    observations = [r for r in result.resources if r["resourceType"] == "Observation"]
+    assert observations[0]["valueQuantity"]["value"] == 7.8 and "note" not in observations[0]
+    assert observations[1]["valueString"] == "SECRET high"
+    assert "valueQuantity" not in observations[1] and "NM" in observations[1]["note"][0]["text"]
+    # The per-message override of the options (a sender's strict profile) rejects it.
+    with pytest.raises(MessageContentError):
+        convert(parse(text.encode()), options=options, strict_types=True)
 
 
 def test_strict_policy_rejects_unmapped_local_codes(options: ConversionOptions) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
+from mappings.errors import MessageContentError
 from mappings.v2.convert import ConversionOptions, convert
 from mappings.v2.parse import parse
 from tests.mappings.conftest import HL7_DIR, REGEN
@@ -57,8 +58,15 @@ def test_references_resolve_and_ids_unique(path: Path, options: ConversionOption
     for result in _results(path, options):
         keys = [f"{r['resourceType']}/{r['id']}" for r in result["resources"]]
         assert len(keys) == len(set(keys))
+        # A merge (A40) links to the prior Patient, which the message does not carry.
+        merged = [
+            link["other"]["reference"]
+            for r in result["resources"]
+            for link in r.get("link", [])
+            if r["resourceType"] == "Patient" and link["type"] == "replaces"
+        ]
         for ref in _references(result["resources"]):
-            assert ref.startswith("#") or ref in keys, ref
+            assert ref.startswith("#") or ref in keys or ref in merged, ref
 
 
 def _ids(name: str, options: ConversionOptions) -> dict[str, set[str]]:
@@ -77,6 +85,37 @@ def test_updates_map_to_the_same_ids(options: ConversionOptions) -> None:
     a28, a31 = _ids("adt_a28_latin1", options), _ids("adt_a31", options)
     assert a28["Patient"] == a31["Patient"]
     assert "Encounter" not in a28
+
+
+def test_a40_links_the_surviving_patient_to_the_prior_one(options: ConversionOptions) -> None:
+    raw = (HL7_DIR / "adt_a40.hl7").read_bytes()
+    result = convert(parse(raw), options=options)
+    (patient,) = [r for r in result.resources if r["resourceType"] == "Patient"]
+    assert patient["id"] == _ids("adt_a01_utf8", options)["Patient"].pop()
+    # The prior id is the one a PID with MRG-1's identifiers gets.
+    prior_pid = raw.split(b"\rMRG|")[0].split(b"PID|1||")[0] + (
+        b"PID|1||MRN000999^^^HOSPA^MR~T0000777^^^HOSPA^PI\r"
+    )
+    prior = convert(
+        parse(prior_pid.replace(b"ADT^A40^ADT_A39", b"ADT^A31^ADT_A05")), options=options
+    )
+    (prior_patient,) = [r for r in prior.resources if r["resourceType"] == "Patient"]
+    assert patient["link"] == [
+        {"other": {"reference": f"Patient/{prior_patient['id']}"}, "type": "replaces"}
+    ]
+    assert result.prior_identifiers == [
+        ("urn:oid:1.2.156.112604.1.2.1", "MRN000999"),
+        ("urn:oid:1.2.156.112604.1.2.1", "T0000777"),
+    ]
+    assert result.prior_identifiers == prior.patient_identifiers
+    no_mrg = raw.split(b"MRG|")[0]
+    with pytest.raises(MessageContentError) as info:
+        convert(parse(no_mrg), options=options)
+    assert (info.value.hl7_code, info.value.segment, info.value.field) == ("101", "MRG", 1)
+    empty_mrg = no_mrg + b"MRG|\r"
+    with pytest.raises(MessageContentError) as info:
+        convert(parse(empty_mrg), options=options)
+    assert (info.value.hl7_code, info.value.segment, info.value.field) == ("101", "MRG", 1)
 
 
 def test_order_report_and_study_link_up(options: ConversionOptions) -> None:

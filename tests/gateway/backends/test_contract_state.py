@@ -61,3 +61,35 @@ async def test_set_many_overwrites_with_ttls(state: Any) -> None:
     assert (await state.get("x"), await state.get("y")) == (b"1", b"2")
     await asyncio.sleep(0.5)
     assert await state.get("y") is None and await state.get("x") == b"1"
+
+
+async def test_replace_if_is_a_compare_and_set(state: Any) -> None:
+    assert not await state.replace_if("cas", b"x", b"y"), "an absent key was replaced"
+    assert await state.get("cas") is None
+    await state.set("cas", b"old")
+    assert not await state.replace_if("cas", b"other", b"new")
+    assert await state.get("cas") == b"old"
+    assert await state.replace_if("cas", b"old", b"new", ttl=0.3)
+    assert await state.get("cas") == b"new"
+    assert not await state.replace_if("cas", b"old", b"newer"), "replaced twice"
+    await asyncio.sleep(0.5)
+    assert await state.get("cas") is None, "the TTL of a replacement was not applied"
+
+
+async def test_replace_if_is_guarded_by_the_absence_of_another_key(state: Any) -> None:
+    await state.set("claim", b"owner-a")
+    await state.set("alive:a", b"1", ttl=0.3)
+    assert not await state.replace_if("claim", b"owner-a", b"owner-b", unless_exists="alive:a")
+    assert await state.get("claim") == b"owner-a"
+    await asyncio.sleep(0.5)  # the owner's liveness lock lapsed
+    assert await state.replace_if("claim", b"owner-a", b"owner-b", unless_exists="alive:a")
+    assert await state.get("claim") == b"owner-b"
+
+
+async def test_replace_if_lets_exactly_one_of_concurrent_takers_win(state: Any) -> None:
+    await state.set("race", b"dead")
+    won = await asyncio.gather(
+        *(state.replace_if("race", b"dead", b"t%d" % i, unless_exists="gone") for i in range(8))
+    )
+    assert sum(won) == 1
+    assert await state.get("race") == b"t%d" % won.index(True)

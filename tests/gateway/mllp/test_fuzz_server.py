@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from gateway.app import create_app
-from gateway.mllp.ack import acks_to_send, read_header
+from gateway.hl7.ack import acks_to_send, read_header
 from gateway.mllp.client import MLLPClient
 from tests.gateway.conftest import settings_for
 

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from gateway.app import create_app
 from gateway.backends.protocols import Backends
 from gateway.errors import BackendError, IntegrityError
+from gateway.hl7.dedup import _key as _dedup_key
 from gateway.mllp.client import MLLPClient
 from gateway.mllp.framing import END, START
 from gateway.runtime import build_backends, load_secrets
@@ -30,7 +31,7 @@ from mappings.v2.convert import convert
 from mappings.v2.parse import parse
 from tests.gateway.conftest import settings_for
 
-HL7 = Path(__file__).resolve().parents[2] / "fixtures" / "hl7v2"
+HL7 = Path(__file__).resolve().parents[3] / "fixtures" / "hl7v2"
 OPTIONS = json.loads((HL7 / "options.json").read_text())
 FIXTURES = sorted(p for p in HL7.glob("*.hl7") if not p.name.startswith("batch"))
 
@@ -428,3 +429,31 @@ async def test_hl7_containers_pass_the_audit_and_a_damaged_one_is_named(tmp_path
     async with app.router.lifespan_context(app):
         with pytest.raises(IntegrityError, match=victim.cid):
             await app.state.gateway.pipeline.read_anchor(victim)
+
+
+async def test_stored_but_unacknowledged_message_is_recognised_when_resent(hl7gw: App) -> None:
+    """The gateway stored a message and died before its acceptance was recorded (here: the
+    de-duplication state forgets it). The re-sent copy is answered AA with the stored
+    container's receipt and not stored again; other content under that control id is AE 205."""
+    raw = (HL7 / "oru_r01_lab.hl7").read_bytes()
+    first = await hl7gw.send(raw)
+    assert msa(first)[1] in ("AA", "CA")
+    size = hl7gw.gw.ledger.size
+    header = parse(raw)
+    dedup_key = _dedup_key(header.sending_facility_id or "", header.control_id)
+    await hl7gw.app.state.hl7.dedup.stop()  # let the acceptance land, then forget it
+    await hl7gw.gw.backends.state.delete(dedup_key)
+    await hl7gw.app.state.hl7.dedup.start()
+    again = await hl7gw.send(raw)
+    assert msa(again)[1] in ("AA", "CA")
+    zrc_first = next(s for s in first.split(b"\r") if s.startswith(b"ZRC")).split(b"|")
+    zrc_again = next(s for s in again.split(b"\r") if s.startswith(b"ZRC")).split(b"|")
+    assert zrc_again[1] == zrc_first[1] and zrc_again[4] == zrc_first[4]  # same leaf, same CID
+    assert hl7gw.gw.ledger.size == size, "a message already stored was stored again"
+    assert await hl7gw.send(raw) == again  # now recorded: replayed
+    await hl7gw.gw.backends.state.delete(dedup_key)
+    changed = raw.replace(b"OBX|1|", b"OBX|1|", 1).replace(b"|F|", b"|C|", 1)
+    assert changed != raw
+    ack = await hl7gw.send(changed)
+    assert msa(ack)[1] in ("AE", "CE") and err(ack)[3].startswith("205^")
+    assert hl7gw.gw.ledger.size == size

@@ -13,6 +13,10 @@ The worker runs the same pure ``mappings`` function the tests check; the raw mes
 and FHIR JSON, pseudonyms and record ids (HMACs under the gateway's pseudonym key, which the
 worker is given at start) or an error description come out.
 
+Each message goes with its sender's policy (:class:`MessagePolicy`, from the sender profile):
+whether a value that does not fit its type is rejected rather than kept as text with a warning,
+and whether a patient without the alliance's master identifier is rejected (AE, 101 at PID-3).
+
 A worker that dies takes its batch with it: the batch's messages are answered AE 207 (nothing
 was stored; the senders retry) and the pool is replaced. A worker whose gateway process died
 exits on its own. Raises nothing to callers.
@@ -32,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -41,7 +45,7 @@ from gateway.identity import fhir_identifiers, institution_pseudonym, patient_id
 from gateway.pipeline import PreparedResource
 from ledger.errors import GroupCommitStoppedError
 from ledger.groupcommit import GroupCommitter
-from mappings.errors import MappingError
+from mappings.errors import ConversionWarning, MappingError
 from mappings.v2.common import ConversionOptions, ConversionResult, stable_id
 from mappings.v2.convert import convert
 from mappings.v2.parse import ParsedMessage, parse
@@ -52,14 +56,30 @@ log = logging.getLogger("gateway.hl7")
 HL7_MEDIA_TYPE = "x-application/hl7-v2+er7"
 
 
+class MessagePolicy(NamedTuple):
+    """A sender's policy for one message (see ``gateway.config.SenderProfile``)."""
+
+    strict_types: bool = False
+    reject_provisional: bool = False
+
+
+DEFAULT_POLICY = MessagePolicy()
+
+
 @dataclass(frozen=True, slots=True)
 class Converted:
     """Everything one message is stored as: its entries (distinct type/id pairs, in order),
-    the patient's pseudonym and the id of the container (collection Bundle) they go in."""
+    the patient's pseudonym and the id of the container (collection Bundle) they go in; the
+    conversion's warnings (values kept as text); whether the pseudonym is provisional (no
+    master identifier); and ``aliases``, the pseudonyms the patient is also known by (its
+    other identifiers, and for a merge (A40) the prior patient's), for ``link`` leaves."""
 
     entries: tuple[PreparedResource, ...]
     patient: str
     container_id: str
+    warnings: tuple[ConversionWarning, ...] = ()
+    provisional: bool = False
+    aliases: tuple[str, ...] = ()
 
     def resources(self) -> list[dict[str, Any]]:
         """The entries' resources as dicts (without ``meta``)."""
@@ -130,21 +150,33 @@ def prepare(
     resources = result.resources
     facility = msg.sending_facility_id or "unknown"
     patient_res = next((r for r in resources if r.get("resourceType") == "Patient"), None)
+    provisional = False
+    aliases: list[str] = []
     if patient_res is not None or result.patient_identifiers:
         identifiers = (
             fhir_identifiers(patient_res)
             if patient_res is not None
             else list(result.patient_identifiers)
         )
-        patient = patient_identity(
+        identity = patient_identity(
             pseudonym_key,
             identifiers,
             master_system=options.master_id_system,
             facility=facility,
             master=result.master_identifier,
-        ).pseudonym
+        )
+        patient, provisional = identity.pseudonym, identity.provisional
+        aliases += identity.aliases
     else:
         patient = institution_pseudonym(pseudonym_key, options.institution)
+    if result.prior_identifiers:
+        prior = patient_identity(
+            pseudonym_key,
+            result.prior_identifiers,
+            master_system=options.master_id_system,
+            facility=facility,
+        )
+        aliases += [p for p in (prior.pseudonym, *prior.aliases) if p != patient]
     binary_id = stable_id(options, "Binary", facility, msg.control_id)
     binary = {
         "resourceType": "Binary",
@@ -183,14 +215,41 @@ def prepare(
         )
         for (rtype, rid), r in unique.items()
     )
-    return Converted(entries, patient, stable_id(options, "Bundle", facility, msg.control_id))
+    return Converted(
+        entries,
+        patient,
+        stable_id(options, "Bundle", facility, msg.control_id),
+        warnings=tuple(result.warnings),
+        provisional=provisional,
+        aliases=tuple(dict.fromkeys(aliases)),
+    )
 
 
-def convert_one(raw: bytes, options: ConversionOptions, pseudonym_key: bytes) -> Outcome:
-    """Parse, convert and prepare one message for storage. Pure; never raises."""
+def convert_one(
+    raw: bytes,
+    options: ConversionOptions,
+    pseudonym_key: bytes,
+    policy: MessagePolicy = DEFAULT_POLICY,
+) -> Outcome:
+    """Parse, convert and prepare one message for storage under the sender's ``policy``.
+    Pure; never raises."""
     try:
         msg = parse(raw)
-        return prepare(raw, msg, convert(msg, options=options), options, pseudonym_key)
+        result = convert(msg, options=options, strict_types=policy.strict_types)
+        converted = prepare(raw, msg, result, options, pseudonym_key)
+        if policy.reject_provisional and converted.provisional:
+            # Table 0357 code 101 (required field missing): the sender's profile makes the
+            # master identifier a required repetition of PID-3. Not 204 (unknown key
+            # identifier: a key the receiver does not know) nor 207 (our own failure).
+            return Failed(
+                ack_code="AE",
+                hl7_code="101",
+                text="patient has no master identifier (required by the sender policy)",
+                segment="PID",
+                segment_index=1,
+                field=3,
+            )
+        return converted
     except MappingError as exc:
         return Failed(
             ack_code=exc.ack_code,
@@ -206,10 +265,10 @@ def convert_one(raw: bytes, options: ConversionOptions, pseudonym_key: bytes) ->
         return Crashed(type(exc).__name__)
 
 
-def convert_batch(raws: Sequence[bytes]) -> list[Outcome]:
-    """Worker entry point: convert each message with the options given at start-up."""
+def convert_batch(items: Sequence[tuple[bytes, MessagePolicy]]) -> list[Outcome]:
+    """Worker entry point: convert each (message, policy) with the options given at start-up."""
     assert _OPTIONS is not None, "conversion worker not initialised"
-    return [convert_one(raw, _OPTIONS, _KEY) for raw in raws]
+    return [convert_one(raw, _OPTIONS, _KEY, policy) for raw, policy in items]
 
 
 class ConversionWorkers:
@@ -221,7 +280,7 @@ class ConversionWorkers:
         self._key = pseudonym_key
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
-        self._group: GroupCommitter[bytes, Outcome] = GroupCommitter(
+        self._group: GroupCommitter[tuple[bytes, MessagePolicy], Outcome] = GroupCommitter(
             self._run_batch,
             name="hl7-convert",
             max_items=CONVERT_BATCH_MAX,
@@ -256,17 +315,17 @@ class ConversionWorkers:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    async def convert(self, raw: bytes) -> Outcome:
+    async def convert(self, raw: bytes, policy: MessagePolicy = DEFAULT_POLICY) -> Outcome:
         """The conversion of one message. Never raises (a stopped converter: Crashed)."""
-        return await self.begin(raw)
+        return await self.begin(raw, policy)
 
-    def begin(self, raw: bytes) -> asyncio.Future[Outcome]:
-        """Start converting one message: a future that never fails (a stopped converter:
-        Crashed), so that the caller can do something else meanwhile without a task.
-        Cancelling it drops the result, not the conversion."""
+    def begin(self, raw: bytes, policy: MessagePolicy = DEFAULT_POLICY) -> asyncio.Future[Outcome]:
+        """Start converting one message under its sender's ``policy``: a future that never
+        fails (a stopped converter: Crashed), so that the caller can do something else
+        meanwhile without a task. Cancelling it drops the result, not the conversion."""
         outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         try:
-            batch = self._group.enqueue([raw])
+            batch = self._group.enqueue([(raw, policy)])
         except GroupCommitStoppedError as exc:
             outcome.set_result(Crashed(type(exc).__name__))
             return outcome
@@ -284,12 +343,12 @@ class ConversionWorkers:
         batch.add_done_callback(done)
         return outcome
 
-    async def _run_batch(self, raws: list[bytes]) -> list[Outcome]:
+    async def _run_batch(self, raws: list[tuple[bytes, MessagePolicy]]) -> list[Outcome]:
         """Convert a batch, split evenly over the workers, and return it whole: the batch
         stays one batch downstream (one blob-store write, one ledger batch), which costs far
         less per message than the same messages in several smaller batches."""
         if self._pool is None:
-            return [convert_one(raw, self.options, self._key) for raw in raws]
+            return [convert_one(raw, self.options, self._key, policy) for raw, policy in raws]
         pool = self._pool
         loop = asyncio.get_running_loop()
         size = -(-len(raws) // self.workers)

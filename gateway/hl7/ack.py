@@ -3,14 +3,17 @@
 :func:`read_header` reads what an ACK needs from the raw bytes of a message, tolerant of
 garbage, so even a message the real parser rejects can be answered ``AR``. :func:`build_ack`
 writes the ACK: MSH with sending and receiving application/facility swapped, MSA-2 echoing the
-message's MSH-10, and an ERR segment locating the problem (ERR-2 as ERL:
-segment^sequence^field^repetition^component, ERR-3 the table 0357 code, ERR-4 the severity).
-ACKs never contain patient data: only codes, locations and fixed texts.
+message's MSH-10, ERR segments locating the problem and any warnings (ERR-2 as ERL:
+segment^sequence^field^repetition^component, ERR-3 the table 0357 code, ERR-4 the severity,
+``E`` or ``W``), and for an accepted message a ``ZRC`` segment with its ledger receipt (see
+:func:`zrc_segment`). ACKs never contain patient data: only codes, locations, fixed texts and
+hashes.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
@@ -26,14 +29,33 @@ _SEPARATOR_CHARS = frozenset("|^~\\&#!$%*+,-./:;=?@[]_`{}'\"")
 
 
 class ErrorLike(Protocol):
-    """What an ERR segment is built from (mappings.errors.MappingError has it)."""
+    """What an ERR segment is built from (mappings.errors.MappingError and
+    ConversionWarning have it); read only."""
 
-    hl7_code: str
-    segment: str | None
-    segment_index: int | None
-    field: int | None
-    component: int | None
-    repetition: int | None
+    @property
+    def hl7_code(self) -> str: ...
+    @property
+    def segment(self) -> str | None: ...
+    @property
+    def segment_index(self) -> int | None: ...
+    @property
+    def field(self) -> int | None: ...
+    @property
+    def component(self) -> int | None: ...
+    @property
+    def repetition(self) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Where an accepted message's container is anchored: its leaf, the tree size and root of
+    the checkpoint that covers it, and its ciphertext's block CID (and byte range in a pack)."""
+
+    leaf_index: int
+    tree_size: int
+    root: bytes
+    cid: str
+    byte_range: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +145,9 @@ def new_control_id(header: Header, now: datetime) -> str:
     return "ACK" + digest[:17]
 
 
-def err_segment(error: ErrorLike, header: Header, text: str) -> str:
-    """An ERR segment locating ``error`` (ERR-2 ERL, ERR-3 code, ERR-4 severity, ERR-8 text)."""
+def err_segment(error: ErrorLike, header: Header, text: str, severity: str = "E") -> str:
+    """An ERR segment locating ``error`` (ERR-2 ERL, ERR-3 code, ERR-4 severity from HL7 table
+    0516: ``E`` error, ``W`` warning, ``I`` information; ERR-8 text)."""
     fs, comp = header.field_sep, header.encoding[0]
     location = ""
     if error.segment:
@@ -137,7 +160,24 @@ def err_segment(error: ErrorLike, header: Header, text: str) -> str:
         ]
         location = comp.join(parts).rstrip(comp)
     code = f"{error.hl7_code}{comp}{_clean(text, header)[:80]}{comp}HL70357"
-    fields = ["ERR", "", location, code, "E", "", "", "", _clean(text, header)[:250]]
+    fields = ["ERR", "", location, code, severity, "", "", "", _clean(text, header)[:250]]
+    return fs.join(fields)
+
+
+def zrc_segment(receipt: Receipt, header: Header) -> str:
+    """The ledger receipt segment: ``ZRC|leaf index|tree size|root hash (hex)|CID|offset^length``
+    (ZRC-5 empty when the ciphertext is its whole block). ``GET /ledger/receipt?index=<ZRC-1>
+    &tree_size=<ZRC-2>`` gives the inclusion proof against that root."""
+    fs, comp = header.field_sep, header.encoding[0]
+    span = "" if receipt.byte_range is None else comp.join(str(n) for n in receipt.byte_range)
+    fields = [
+        "ZRC",
+        str(receipt.leaf_index),
+        str(receipt.tree_size),
+        receipt.root.hex(),
+        receipt.cid,
+        span,
+    ]
     return fs.join(fields)
 
 
@@ -150,8 +190,12 @@ def build_ack(
     text: str = "",
     gateway_app: str = "ALLIANCE-GW",
     gateway_facility: str = "",
+    warnings: Sequence[tuple[ErrorLike, str]] = (),
+    receipt: Receipt | None = None,
 ) -> bytes:
-    """The ACK for a message whose header is ``header``, encoded in the message's charset."""
+    """The ACK for a message whose header is ``header``, encoded in the message's charset:
+    MSH, MSA, an ERR of severity E for ``error``, one of severity W per (warning, text) and
+    the ``ZRC`` receipt segment when ``receipt`` is given. Raises nothing."""
     fs, comp = header.field_sep, header.encoding[0]
     stamp = now.strftime("%Y%m%d%H%M%S") + now.strftime("%z")
     msh = [
@@ -173,6 +217,9 @@ def build_ack(
     segments = [fs.join(msh), fs.join(["MSA", code, header.control_id])]
     if error is not None:
         segments.append(err_segment(error, header, text or code))
+    segments += [err_segment(w, header, wtext, "W") for w, wtext in warnings]
+    if receipt is not None:
+        segments.append(zrc_segment(receipt, header))
     body = "\r".join(segments) + "\r"
     try:
         return body.encode(header.codec, errors="replace")

@@ -4,32 +4,51 @@ Used by the MLLP listener and by ``POST /hl7v2``. For each message: read the hea
 in the de-duplication state, parse and convert it (``mappings``, pure), then store the produced
 resources plus the original message (an encrypted ``Binary`` linked by a ``Provenance``, so
 nothing that was received is lost) through the record pipeline. ``AA`` is built only after the
-pipeline returned, i.e. after every record is stored and durably anchored. A message that cannot
-be parsed or is unsupported is answered ``AR``; one that is well formed but cannot be processed
-``AE``; a backend failure ``AE`` with ERR 207 (nothing was acknowledged; the sender's retry is
-processed normally once the backend is back).
+pipeline returned, i.e. after every record is stored and durably anchored, and carries the
+container's ledger receipt (``ZRC``). A message that cannot be parsed or is unsupported is
+answered ``AR``; one that is well formed but cannot be processed ``AE``; a backend failure
+``AE`` with ERR 207 (nothing was acknowledged; the sender's retry is processed normally once the
+backend is back).
+
+A message claimed as new whose original (the ``Binary`` with its stable id) is already anchored
+was stored by a gateway that died before acknowledging it: the stored bytes are compared with
+the re-sent ones; equal, it is answered AA with the stored container's receipt and not stored
+again; different, AE 205 like any reused control id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
 import logging
+import socket
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from gateway.errors import BackendError
-from gateway.hl7_workers import ConversionWorkers, Converted, Failed, Outcome
-from gateway.mllp.ack import AckCode, Header, acks_to_send, build_ack, read_header
-from gateway.mllp.dedup import Conflict, Deduplicator, InProgress, New, Replay
+from gateway.config import Settings
+from gateway.errors import BackendError, GatewayError
+from gateway.hl7.ack import (
+    AckCode,
+    ErrorLike,
+    Header,
+    Receipt,
+    acks_to_send,
+    build_ack,
+    read_header,
+)
+from gateway.hl7.dedup import Conflict, Deduplicator, InProgress, New, Replay
+from gateway.hl7.workers import ConversionWorkers, Converted, Failed, MessagePolicy, Outcome
+from gateway.records import LinkReason
 from gateway.runtime import Gateway
 from ledger.errors import GroupCommitStoppedError, LedgerError
 from mappings.errors import MappingError
-from mappings.v2.common import ConversionOptions
-from mappings.v2.parse import parse_header
+from mappings.v2.common import ConversionOptions, stable_id
+from mappings.v2.parse import ParsedMessage, parse_header
 
 log = logging.getLogger("gateway.hl7")
 
@@ -44,6 +63,28 @@ class _Internal:
     field: int | None = None
     component: int | None = None
     repetition: int | None = None
+
+
+def instance_id(settings: Settings) -> str:
+    """This gateway's instance id: ``settings.instance_id``, else a digest of the institution,
+    the host name and the data directory (stable across restarts). Raises nothing."""
+    if settings.instance_id:
+        return settings.instance_id
+    where = f"{settings.institution}\x00{socket.gethostname()}\x00{settings.data_dir.resolve()}"
+    return hashlib.sha256(where.encode()).hexdigest()[:32]
+
+
+def sender_policy(settings: Settings, msg: ParsedMessage) -> MessagePolicy:
+    """The conversion policy of a message's sender: the profile of ``MSH-3^MSH-4`` (their
+    first components, or the second when the first is empty), else ``*^MSH-4``, else
+    ``MSH-3^*``, else the default profile. Raises nothing."""
+    app = msg.msh.text(3, 1) or msg.msh.text(3, 2)
+    facility = msg.sending_facility_id
+    profile = settings.sender_profile(f"{app}^{facility}", f"*^{facility}", f"{app}^*")
+    return MessagePolicy(
+        strict_types=profile.strict_types,
+        reject_provisional=profile.missing_master_id == "reject",
+    )
 
 
 class HL7Ingest:
@@ -62,7 +103,7 @@ class HL7Ingest:
             strict_codes=s.default_sender_profile.unmapped_codes == "reject",
             id_secret=hmac.new(gw.pseudonym_key, b"hl7-resource-ids", hashlib.sha256).digest(),
         )
-        self.dedup = Deduplicator(gw.backends.state)
+        self.dedup = Deduplicator(gw.backends.state, instance=instance_id(s))
         self.converter = ConversionWorkers(
             self.options, pseudonym_key=gw.pseudonym_key, workers=s.hl7_convert_workers
         )
@@ -70,9 +111,10 @@ class HL7Ingest:
         self._finishing: set[asyncio.Future[list[None]]] = set()
 
     async def start(self) -> None:
-        """Start the conversion workers and the de-duplication state's grouping."""
+        """Start the conversion workers and the de-duplication state (its liveness lock and
+        grouping). Raises BackendError when the state store is unreachable."""
         await self.converter.start()
-        self.dedup.start()
+        await self.dedup.start()
 
     async def stop(self) -> None:
         """Stop them (after the listeners have closed and the last acceptances are recorded)."""
@@ -90,8 +132,12 @@ class HL7Ingest:
         outcome: Literal["accept", "error", "reject"],
         error: Any = None,
         text: str = "",
+        *,
+        warnings: tuple[tuple[ErrorLike, str], ...] = (),
+        receipt: Receipt | None = None,
     ) -> list[bytes]:
-        """The acknowledgement messages (each to be framed on its own) for ``outcome``."""
+        """The acknowledgement messages (each to be framed on its own) for ``outcome``; an
+        accepting one carries ``warnings`` (ERR of severity W) and ``receipt`` (ZRC)."""
         now = self._now()
         codes: list[AckCode] = acks_to_send(header, outcome)
         out = [
@@ -102,6 +148,8 @@ class HL7Ingest:
                 error=error if code not in ("AA", "CA") else None,
                 text=text,
                 gateway_facility=self.gw.settings.institution,
+                warnings=warnings if code in ("AA", "CA") else (),
+                receipt=receipt if code in ("AA", "CA") else None,
             )
             for code in codes
         ]
@@ -149,7 +197,7 @@ class HL7Ingest:
         digest = hashlib.sha256(raw).hexdigest()
         # The conversion (in a worker process) runs while the claim is made; for the rare
         # duplicate its result is simply dropped.
-        conversion = self.converter.begin(raw)
+        conversion = self.converter.begin(raw, sender_policy(self.gw.settings, msg))
         try:
             decision = await self.dedup.begin(facility, msg.control_id, digest)
         except BackendError:
@@ -172,6 +220,39 @@ class HL7Ingest:
         if isinstance(decision, InProgress):
             log.info("hl7 copy of a message still being processed: AE", extra=extra)
             return self._ack(header, "error", _Internal(), "message is being processed; retry")
+        try:
+            found = await self._stored_before(msg, raw)
+        except GatewayError as exc:
+            conversion.cancel()
+            await self._release(facility, msg.control_id)
+            log.error(
+                "hl7 stored original could not be read back",
+                extra={**extra, "error": type(exc).__name__},
+            )
+            return self._ack(header, "error", _Internal(), "storage temporarily unavailable; retry")
+        if found is not False:
+            if found is None:
+                conversion.cancel()
+                await self._release(facility, msg.control_id)
+                log.warning("hl7 control id of a stored message reused: AE", extra=extra)
+                return self._ack(
+                    header,
+                    "error",
+                    _Internal(hl7_code="205"),
+                    "control id already used by a different message from this facility",
+                )
+            log.info("hl7 message stored before, not acknowledged: accepted again", extra=extra)
+            # The same warnings as the first answer would have carried (rare path: waits for
+            # the conversion already under way).
+            converted = await conversion
+            warnings = (
+                tuple((w, w.text) for w in converted.warnings)
+                if isinstance(converted, Converted)
+                else ()
+            )
+            acks = self._ack(header, "accept", warnings=warnings, receipt=found)
+            self._remember(facility, msg.control_id, digest, acks, extra)
+            return acks
         try:
             acks, accepted = await self._process(header, extra, await conversion)
         except BaseException:
@@ -208,6 +289,30 @@ class HL7Ingest:
         self._finishing.add(fut)
         fut.add_done_callback(recorded)
 
+    async def _stored_before(
+        self, msg: ParsedMessage, raw: bytes
+    ) -> Receipt | Literal[False] | None:
+        """False when the message's original (its ``Binary``) is not anchored yet; else the
+        stored container's receipt when the stored bytes are ``raw``, None when they differ.
+        One in-memory index lookup for a new message. Raises GatewayError (BackendError,
+        IntegrityError, KeyDestroyedError) when the stored original cannot be read."""
+        facility = msg.sending_facility_id or "unknown"
+        binary_id = stable_id(self.options, "Binary", facility, msg.control_id)
+        anchor = self.gw.index.latest(self.gw.records.record_of("Binary", binary_id))
+        if anchor is None:
+            return False
+        stored = await self.gw.pipeline.read_anchor(anchor)
+        try:
+            same = base64.b64decode(str(stored.get("data", "")), validate=True) == raw
+        except (binascii.Error, ValueError):
+            same = False
+        if not same:
+            return None
+        latest = self.gw.ledger.latest
+        size = latest.checkpoint.size if latest is not None else anchor.leaf_index + 1
+        root = latest.checkpoint.root if latest is not None else self.gw.ledger.root(size)
+        return Receipt(anchor.leaf_index, size, root, anchor.cid, anchor.byte_range)
+
     async def _release(self, facility: str, control_id: str) -> None:
         try:
             await self.dedup.abort(facility, control_id)
@@ -224,9 +329,18 @@ class HL7Ingest:
         if not isinstance(result, Converted):  # a defect, or a worker died: say so, stay up
             log.error("hl7 conversion failed unexpectedly", extra={**extra, "error": result.error})
             return self._ack(header, "error", _Internal(), "internal error in conversion"), False
+        reason: LinkReason = "merge" if header.event == "A40" else "master-identifier"
+        links = (
+            [(alias, result.patient, reason) for alias in result.aliases]
+            if reason == "merge" or not result.provisional
+            else []
+        )
         try:
-            stored = await self.gw.pipeline.store_group(
-                result.entries, patient=result.patient, container_id=result.container_id
+            stored = await self.gw.records.store_message(
+                result.entries,
+                patient=result.patient,
+                container_id=result.container_id,
+                links=links,
             )
         except (BackendError, LedgerError) as exc:
             log.error(
@@ -236,9 +350,13 @@ class HL7Ingest:
             return self._ack(
                 header, "error", _Internal(), "storage temporarily unavailable; retry"
             ), False
-        self.gw.metrics.count_stored(s.resource_type for s in stored)
         log.info(
             "hl7 message stored",
             extra={**extra, "records": len(stored), "last_leaf": stored[-1].leaf_index},
         )
-        return self._ack(header, "accept"), True
+        first = stored[0]  # every record of the message is in the one container leaf
+        receipt = Receipt(
+            first.leaf_index, first.tree_size, first.root, first.cid, first.byte_range
+        )
+        warnings = tuple((w, w.text) for w in result.warnings)
+        return self._ack(header, "accept", warnings=warnings, receipt=receipt), True

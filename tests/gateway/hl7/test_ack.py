@@ -1,4 +1,4 @@
-"""MLLP framing and ACK building (pure)."""
+"""ACK building (pure)."""
 
 from __future__ import annotations
 
@@ -6,36 +6,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.mllp.ack import acks_to_send, build_ack, read_header
-from gateway.mllp.framing import Discarded, Frame, FrameDecoder, Oversize, frame
-from mappings.errors import MessageContentError
+from gateway.hl7.ack import Receipt, acks_to_send, build_ack, read_header
+from mappings.errors import ConversionWarning, MessageContentError
 
 MSG = (
     b"MSH|^~\\&|LIS|HOSPA|GATEWAY|ALLIANCE|20260315113000||ORU^R01^ORU_R01|C-1|P|2.5.1\r"
     b"PID|1||X^^^A^MR\r"
 )
-
-
-@pytest.mark.parametrize("split", [1, 2, 3, 7, 50, len(MSG) + 1, len(MSG) + 2])
-def test_frames_split_anywhere(split: int) -> None:
-    data = frame(MSG) + frame(b"second")
-    decoder = FrameDecoder(1024)
-    events = decoder.feed(data[:split]) + decoder.feed(data[split:])
-    assert events == [Frame(MSG), Frame(b"second")]
-    assert not decoder.in_frame
-
-
-def test_bytes_before_start_block_are_discarded_and_reported() -> None:
-    events = FrameDecoder().feed(b"garbage\r\n" + frame(MSG) + b"xx")
-    assert events == [Discarded(9), Frame(MSG), Discarded(2)]
-
-
-def test_oversize_frame_is_reported_then_decoder_resyncs() -> None:
-    decoder = FrameDecoder(max_size=100, head_bytes=20)
-    big = frame(b"MSH|" + b"x" * 300)
-    events = decoder.feed(big[:150]) + decoder.feed(big[150:] + frame(b"ok"))
-    assert events[0] == Oversize(b"MSH|" + b"x" * 16, 100)
-    assert events[-1] == Frame(b"ok")
 
 
 def test_ack_swaps_parties_and_echoes_control_id() -> None:
@@ -98,3 +75,34 @@ def test_enhanced_mode_decisions() -> None:
     er_al = read_header(MSG.replace(b"|2.5.1\r", b"|2.5.1|||ER|AL\r"))
     assert acks_to_send(er_al, "accept") == ["AA"]
     assert acks_to_send(er_al, "error") == ["CE", "AE"]
+
+
+def test_accept_with_warnings_and_receipt() -> None:
+    header = read_header(MSG)
+    warnings = [
+        (ConversionWarning("102", "kept as text", "OBX", 2, 5), "kept as text"),
+        (ConversionWarning("102", "kept as text", "OBX", 4, 5), "kept as text"),
+    ]
+    receipt = Receipt(41, 57, bytes(range(32)), "bafkreiexample", (128, 640))
+    ack = build_ack(
+        header,
+        code="AA",
+        now=datetime(2026, 3, 15, 12, 0, tzinfo=UTC),
+        warnings=warnings,
+        receipt=receipt,
+    )
+    segs = [s.split("|") for s in ack.decode().split("\r") if s]
+    assert [s[0] for s in segs] == ["MSH", "MSA", "ERR", "ERR", "ZRC"]
+    assert segs[1][1] == "AA"
+    assert [(s[2], s[3].split("^")[0], s[4]) for s in segs[2:4]] == [
+        ("OBX^2^5^1", "102", "W"),
+        ("OBX^4^5^1", "102", "W"),
+    ]
+    assert segs[4] == ["ZRC", "41", "57", bytes(range(32)).hex(), "bafkreiexample", "128^640"]
+    whole = build_ack(
+        header,
+        code="CA",
+        now=datetime(2026, 3, 15, 12, 0, tzinfo=UTC),
+        receipt=Receipt(0, 1, b"\x00" * 32, "bafkreiwhole"),
+    )
+    assert whole.decode().split("\r")[2] == "ZRC|0|1|" + "00" * 32 + "|bafkreiwhole|"

@@ -17,14 +17,21 @@ import orjson
 import pytest
 
 from gateway.crypto import pseudonym, record_id
-from gateway.hl7_workers import ConversionWorkers, Converted, Crashed, Failed, convert_one
+from gateway.hl7.workers import (
+    ConversionWorkers,
+    Converted,
+    Crashed,
+    Failed,
+    MessagePolicy,
+    convert_one,
+)
 from mappings.errors import MappingError
 from mappings.terminology import Terminology
 from mappings.v2.common import ConversionOptions
 from mappings.v2.convert import convert
 from mappings.v2.parse import parse
 
-HL7 = Path(__file__).resolve().parents[2] / "fixtures" / "hl7v2"
+HL7 = Path(__file__).resolve().parents[3] / "fixtures" / "hl7v2"
 _O = json.loads((HL7 / "options.json").read_text())
 OPTIONS = ConversionOptions(
     default_tz=_O["default_tz"],
@@ -65,6 +72,37 @@ def test_converted_is_the_conversion_plus_original_and_provenance() -> None:
     assert isinstance(again, Converted)
     assert again.container_id == outcome.container_id
     assert [e[:3] for e in again.entries] == [e[:3] for e in outcome.entries]
+
+
+def test_merge_gives_aliases_of_the_prior_patient_and_identity_flags() -> None:
+    """A40: ``aliases`` are the pseudonyms of the prior patient's identifiers (MRG-1) and of
+    the patient's own other identifiers; the master identifier makes it not provisional."""
+    outcome = convert_one((HL7 / "adt_a40.hl7").read_bytes(), OPTIONS, KEY)
+    assert isinstance(outcome, Converted)
+    master = OPTIONS.master_id_system
+    assert master is not None
+    hospa = OPTIONS.authority_systems["HOSPA"]
+    assert outcome.patient == pseudonym(KEY, master, "H3101011985050512X")
+    assert not outcome.provisional and outcome.warnings == ()
+    assert set(outcome.aliases) == {
+        pseudonym(KEY, hospa, "MRN000123"),  # the survivor's other identifier
+        pseudonym(KEY, hospa, "MRN000999"),  # the prior patient's
+        pseudonym(KEY, hospa, "T0000777"),
+    }
+    assert outcome.patient not in outcome.aliases
+    # A patient known only by a facility's record number is provisional.
+    local = ORU.replace(b"~H3101011985050512X^^^HCN^HC", b"", 1)
+    provisional = convert_one(local, OPTIONS, KEY)
+    assert isinstance(provisional, Converted) and provisional.provisional
+    assert provisional.patient == pseudonym(KEY, hospa, "MRN000123")
+    rejected = convert_one(local, OPTIONS, KEY, MessagePolicy(reject_provisional=True))
+    assert isinstance(rejected, Failed)
+    assert (rejected.ack_code, rejected.hl7_code, rejected.segment, rejected.field) == (
+        "AE",
+        "101",
+        "PID",
+        3,
+    )
 
 
 def test_failed_carries_the_mapping_error_exactly() -> None:
@@ -152,9 +190,9 @@ def test_a_worker_exits_when_its_gateway_process_is_killed(tmp_path: Path) -> No
     script = tmp_path / "gw.py"
     script.write_text(
         "import asyncio, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
-        "from tests.gateway.test_hl7_workers import OPTIONS, KEY\n"
-        "from gateway.hl7_workers import ConversionWorkers\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[3])!r})\n"
+        "from tests.gateway.hl7.test_workers import OPTIONS, KEY\n"
+        "from gateway.hl7.workers import ConversionWorkers\n"
         "async def main():\n"
         "    conv = ConversionWorkers(OPTIONS, pseudonym_key=KEY, workers=1)\n"
         "    await conv.start()\n"

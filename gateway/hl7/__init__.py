@@ -1,0 +1,2 @@
+"""HL7 v2 ingest: conversion workers, acknowledgements and de-duplication (MLLP transport is
+``gateway.mllp``)."""
