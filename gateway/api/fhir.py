@@ -19,6 +19,7 @@ from gateway.api.common import (
     read_body,
     require_json_content_type,
 )
+from gateway.auth.policy import authorize_entry
 from gateway.errors import InvalidInputError
 from gateway.fhir import (
     PreparedBundle,
@@ -239,6 +240,7 @@ def build_router(gw: Gateway) -> APIRouter:
         _link_patients(gw, prepared)
         for pe in prepared.entries:
             if pe.resource is not None:
+                authorize_entry(request.state.caller, pe.resource["resourceType"], pe.method)
                 await gw.policy.check_write(request, pe.resource["resourceType"])
         good = [pe for pe in prepared.entries if pe.resource is not None]
         stored = await store_and_count(
