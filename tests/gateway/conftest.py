@@ -19,13 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
-
 from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.auth.dev import dev_token
-from gateway.auth.registry import ClientRecord
+from gateway.auth.guard import issuer_of, token_key
+from gateway.auth.registry import ClientRecord, ClientRegistry, registry_path
 from gateway.auth.scopes import parse_scopes
+from gateway.auth.tokens import TokenService
+from gateway.backends.state_memory import MemoryStateStore
 from gateway.config import Settings
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -82,24 +84,24 @@ def gw_settings(profile: str, tmp_path: Path, request: pytest.FixtureRequest) ->
 TEST_SCOPE = "system/*.cruds"
 
 
-def access_token(
-    app: FastAPI,
+def settings_token(
+    settings: Settings,
     *,
     client_id: str = "test-his",
     scope: str = TEST_SCOPE,
     purpose: str = "TREAT",
     patient: str | None = None,
 ) -> str:
-    """An access token for ``app``: a dev token on the embedded profile (what ``gateway
-    dev-token`` prints), else a token of a client registered here for the test."""
-    settings: Settings = app.state.gateway.settings
+    """An access token for the gateway of ``settings`` (started or not, in this process or
+    another): a dev token on the embedded profile (what ``gateway dev-token`` prints), else a
+    token of a client registered in its registry for the test."""
     if settings.profile == "embedded":
         return dev_token(
             settings, client_id=client_id, scope=scope, purpose=purpose, patient=patient
         )
     assert patient is None, "patient tokens on production come from /auth/patient-token"
-    auth = app.state.auth
-    auth.registry.put(
+    registry = ClientRegistry(registry_path(settings.data_dir))
+    registry.put(
         ClientRecord(
             client_id=client_id,
             institution=settings.institution,
@@ -107,7 +109,14 @@ def access_token(
             purposes=tuple(purpose.split()),
         )
     )
-    token, _exp = auth.tokens.mint(
+    service = TokenService(
+        key=token_key(settings),
+        issuer=issuer_of(settings),
+        institution=settings.institution,
+        registry=registry,
+        state=MemoryStateStore(),
+    )
+    token, _exp = service.mint(
         client_id=client_id,
         institution=settings.institution,
         kind="system",
@@ -115,6 +124,16 @@ def access_token(
         purposes=tuple(purpose.split()),
     )
     return str(token)
+
+
+def access_token(app: FastAPI, **kwargs: Any) -> str:
+    """:func:`settings_token` for a started app."""
+    return settings_token(app.state.gateway.settings, **kwargs)
+
+
+def bearer(settings: Settings, **kwargs: Any) -> dict[str, str]:
+    """``Authorization`` header with :func:`settings_token`."""
+    return {"Authorization": f"Bearer {settings_token(settings, **kwargs)}"}
 
 
 def auth_headers(app: FastAPI, **kwargs: Any) -> dict[str, str]:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from gateway.demo import free_port
-from tests.gateway.conftest import FHIR, demo_bundle, settings_for
+from tests.gateway.conftest import FHIR, bearer, demo_bundle, settings_for
 
 
 def _env_for(settings: Any) -> dict[str, str]:
@@ -72,9 +72,10 @@ async def test_sigkill_loses_nothing_acknowledged(
     proc = _start(settings, port, log)
     acked: list[tuple[str, dict[str, Any]]] = []
     base = f"http://127.0.0.1:{port}"
+    token = bearer(settings)
 
     async def poster(n: int) -> None:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async with httpx.AsyncClient(base_url=base, timeout=10, headers=token) as c:
             i = 0
             while True:
                 bundle = demo_bundle()
@@ -97,7 +98,7 @@ async def test_sigkill_loses_nothing_acknowledged(
 
     proc = _start(settings, port, log)
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async with httpx.AsyncClient(base_url=base, timeout=10, headers=token) as c:
             for location, sent in acked:
                 rtype, rid, _, version = location.split("/")
                 r = await c.get(f"/fhir/{rtype}/{rid}")
