@@ -66,7 +66,12 @@ def serve(
     # Python's default thresholds the collector traverses them every few thousand allocations,
     # which cost about a fifth of the HL7 throughput (docs/benchmarks.md). Collect less often.
     gc.set_threshold(50_000, 20, 100)
-    fastapi_app = create_app(settings)
+    try:
+        tls = https_options(settings)
+        fastapi_app = create_app(settings)
+    except ConfigurationError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     uvicorn.run(
         fastapi_app,
         host=settings.host,
@@ -74,7 +79,38 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        **tls,
     )
+
+
+def https_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS options: HTTPS with this gateway's certificate, client certificates from
+    the alliance CA asked for but optional (gateways present theirs; other callers use
+    tokens), modern ciphers only. Without a certificate the HTTP port must be on loopback.
+
+    Raises ConfigurationError for a plain port on another address or a certificate without
+    its key.
+    """
+    import ssl
+
+    from gateway.auth.tls import CIPHERS_TLS12, is_loopback
+
+    if settings.tls_cert_file is None:
+        if not is_loopback(settings.host):
+            raise ConfigurationError(
+                f"plain HTTP is allowed on loopback only; {settings.host} needs tls_cert_file"
+            )
+        return {}
+    if settings.tls_key_file is None:
+        raise ConfigurationError("tls_cert_file needs tls_key_file")
+    options: dict[str, Any] = {
+        "ssl_certfile": str(settings.tls_cert_file),
+        "ssl_keyfile": str(settings.tls_key_file),
+        "ssl_ciphers": CIPHERS_TLS12,
+    }
+    if settings.tls_ca_file is not None:
+        options.update(ssl_ca_certs=str(settings.tls_ca_file), ssl_cert_reqs=ssl.CERT_OPTIONAL)
+    return options
 
 
 @app.command()
