@@ -61,6 +61,8 @@ _INPUT_STATUS = {
 def outcome_for(exc: Exception) -> tuple[int, dict[str, object]]:
     """Map an exception to (HTTP status, OperationOutcome). The one place that decides."""
     if isinstance(exc, AuthError):
+        if exc.status >= 500:
+            return exc.status, operation_outcome("error", "transient", str(exc))
         code = "login" if exc.status == 401 else "forbidden"
         return exc.status, operation_outcome("error", code, str(exc))
     if isinstance(exc, PayloadTooLargeError):
@@ -109,6 +111,8 @@ def create_app(
     )
     gw = Gateway(settings, backends=backends, witness_transport=peer_transport)
     auth = Authenticator(settings, gw.backends.state, gw.metrics.registry)
+    if settings.auth_off_for_benchmark:
+        log.warning("authentication is OFF (auth_off_for_benchmark): a benchmark setting only")
     gw.policy = CallerPolicy(auth)
 
     @asynccontextmanager

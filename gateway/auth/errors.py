@@ -44,7 +44,10 @@ class TokenRequestError(AuthError):
 
 
 class RegistryError(AuthError):
-    """The client registry cannot be read or written, or a registration is invalid."""
+    """The client registry cannot be read or written, or a registration is invalid (HTTP 503
+    when met while serving: nobody can be checked until it is fixed)."""
+
+    status = 503
 
     def __init__(self, message: str) -> None:
         super().__init__(message, reason="registry")

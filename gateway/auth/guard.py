@@ -65,6 +65,10 @@ def token_key(settings: Settings) -> bytes:
     return value
 
 
+#: Who calls a public route: nobody in particular, allowed nothing.
+ANONYMOUS = Caller(client_id="anonymous", institution="", kind="system")
+
+
 def local_caller(settings: Settings) -> Caller:
     """The loopback MLLP sender (embedded profile, tests): a configured local client of this
     institution that may create every type."""
@@ -117,7 +121,7 @@ class Authenticator:
         if rule is None:
             raise ForbiddenError(f"{method} {template} has no access rule", reason="no-rule")
         if rule.kind == "public":
-            return Caller(client_id="", institution="", kind="local")
+            return ANONYMOUS
         caller = self.tokens.verify(request.headers.get("authorization"))
         purpose = select_purpose(caller.purposes, request.headers.get(HEADER))
         caller = self.tokens.with_purpose(caller, purpose)

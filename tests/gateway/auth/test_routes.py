@@ -24,14 +24,16 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from joserfc.jwk import ECKey
 
 from gateway.app import create_app
 from gateway.auth.dev import dev_token
 from gateway.auth.guard import issuer_of, token_key
+from gateway.auth.peer import client_assertion, public_jwks
 from gateway.auth.policy import FRAMEWORK_ROUTES, ROUTES, rule_for
 from gateway.auth.registry import ClientRecord
 from gateway.auth.scopes import parse_scopes
-from gateway.auth.tokens import TokenService
+from gateway.auth.tokens import ASSERTION_TYPE, TokenService
 from gateway.backends.state_memory import MemoryStateStore
 from gateway.config import Settings
 from tests.gateway.conftest import FHIR, FIXTURES, demo_bundle, settings_for
@@ -272,6 +274,8 @@ async def test_route_refuses_every_wrong_caller(world: World, method: str, path:
     if rule is None or rule.kind == "public":
         r = await _send(w, method, path, {})
         assert r.status_code not in (401, 403), (method, path, r.status_code, r.text)
+        if (method, path) == ("POST", "/auth/token"):
+            await _replayed_assertion_is_refused(w)
         return
     gw = w.app.state.gateway
     size = gw.ledger.size
@@ -291,6 +295,31 @@ async def test_route_refuses_every_wrong_caller(world: World, method: str, path:
     assert 'gateway_auth_refusals_total{reason="no-token"}' in metrics
     r = await _send(w, method, path, _right_caller(w, method, path))
     assert r.status_code not in (401, 403), ("right caller refused", method, path, r.text)
+
+
+async def _replayed_assertion_is_refused(w: World) -> None:
+    """The token route's own wrong caller: a client assertion sent a second time."""
+    key = ECKey.generate_key("P-384", private=True, auto_kid=True)
+    w.app.state.auth.registry.put(
+        ClientRecord(
+            client_id="replayer",
+            institution=w.settings.institution,
+            jwks=public_jwks(key),
+            scopes=("system/*.rs",),
+            purposes=("TREAT",),
+        )
+    )
+    form = {
+        "grant_type": "client_credentials",
+        "client_assertion_type": ASSERTION_TYPE,
+        "client_assertion": client_assertion(key, "replayer", "http://gw/auth/token"),
+        "scope": "system/*.rs",
+    }
+    first = await w.http.post("/auth/token", data=form)
+    assert first.status_code == 200, first.text
+    again = await w.http.post("/auth/token", data=form)
+    assert again.status_code == 401 and again.json()["error"] == "invalid_client", again.text
+    assert "access_token" not in again.text
 
 
 async def test_patient_token_reads_own_records_only(world: World) -> None:
