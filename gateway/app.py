@@ -2,6 +2,10 @@
 
 All errors become a FHIR ``OperationOutcome`` in one place (:func:`outcome_for`), with the status
 the error calls for; messages name elements, records and CIDs but never patient data.
+
+Every API route depends on the authentication guard (gateway/auth/guard.py: one policy table,
+deny by default); the MLLP listener identifies its peers by TLS client certificate, or as the
+local sender on a plain loopback connection. Raises ConfigurationError for unusable TLS files.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.api import auth as auth_api
 from gateway.api import fhir as fhir_api
 from gateway.api import hl7v2 as hl7v2_api
 from gateway.api import imaging as imaging_api
@@ -25,6 +30,10 @@ from gateway.api import ledger as ledger_api
 from gateway.api import ops as ops_api
 from gateway.api import terminology as terminology_api
 from gateway.api.common import PayloadTooLargeError, fhir_response
+from gateway.auth.errors import AuthError
+from gateway.auth.guard import Authenticator, CallerPolicy, guard_for
+from gateway.auth.peer import PeerTokenTransport, gateway_key
+from gateway.auth.tls import client_context, mllp_identifier, mllp_server_context
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
 from gateway.errors import (
@@ -53,6 +62,11 @@ _INPUT_STATUS = {
 
 def outcome_for(exc: Exception) -> tuple[int, dict[str, object]]:
     """Map an exception to (HTTP status, OperationOutcome). The one place that decides."""
+    if isinstance(exc, AuthError):
+        if exc.status >= 500:
+            return exc.status, operation_outcome("error", "transient", str(exc))
+        code = "login" if exc.status == 401 else "forbidden"
+        return exc.status, operation_outcome("error", code, str(exc))
     if isinstance(exc, PayloadTooLargeError):
         return 413, operation_outcome("error", "too-costly", str(exc))
     if isinstance(exc, InvalidInputError):
@@ -83,9 +97,25 @@ def create_app(
     """Build the gateway app; the lifespan starts and stops the :class:`Gateway`.
 
     ``backends`` and ``witness_transport`` (how this gateway reaches its peers' witnesses) are
-    seams for tests; by default they follow the settings.
+    seams for tests; by default they follow the settings. Witness requests to peers carry an
+    access token from each peer (gateway/auth/peer.py), over mutual TLS when configured.
     """
-    gw = Gateway(settings, backends=backends, witness_transport=witness_transport)
+    inner = witness_transport
+    if inner is None:
+        tls = (
+            client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+            if settings.tls_cert_file is not None
+            else None
+        )
+        inner = httpx.AsyncHTTPTransport(verify=tls) if tls else httpx.AsyncHTTPTransport()
+    peer_transport = PeerTokenTransport(
+        inner, client_id=settings.institution, key=gateway_key(settings)
+    )
+    gw = Gateway(settings, backends=backends, witness_transport=peer_transport)
+    auth = Authenticator(settings, gw.backends.state, gw.metrics.registry)
+    if settings.auth_off_for_benchmark:
+        log.warning("authentication is OFF (auth_off_for_benchmark): a benchmark setting only")
+    gw.records.policy = CallerPolicy(auth, gw.index.links)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,11 +133,15 @@ def create_app(
         title="Alliance gateway",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs",
+        # The interactive docs only on the embedded profile; the OpenAPI description says
+        # what the API is, not what it holds, and stays public (gateway/auth/policy.py).
+        docs_url="/docs" if settings.profile == "embedded" else None,
         openapi_url="/openapi.json",
         redoc_url=None,
+        dependencies=[Depends(guard_for(auth))],
     )
     app.state.gateway = gw
+    app.state.auth = auth
     app.state.start_hooks = []
     app.state.stop_hooks = []
 
@@ -126,6 +160,8 @@ def create_app(
             exc_info=exc if status == 500 else None,
         )
         headers = {"Retry-After": "5"} if status == 503 else None
+        if status == 401:
+            headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
         return fhir_response(outcome, status=status, headers=headers)
 
     async def handle_validation(request: Request, exc: Exception) -> Response:
@@ -180,6 +216,7 @@ def create_app(
     app.state.start_hooks.append(ingest.start)
     app.include_router(ops_api.build_router(gw))
     app.include_router(terminology_api.build_router(gw))  # before fhir's /fhir/{type}/{id}
+    app.include_router(auth_api.build_router(gw, auth))
     app.include_router(fhir_api.build_router(gw))
     app.include_router(ledger_api.build_router(gw))
     app.include_router(hl7v2_api.build_router(ingest))
@@ -192,6 +229,8 @@ def create_app(
             max_message_size=settings.max_mllp_message_bytes,
             idle_timeout=settings.mllp_idle_timeout,
             on_oversize=lambda head, limit: ingest.oversize_ack(head, limit),
+            ssl_context=mllp_server_context(settings),
+            identify=mllp_identifier(auth),
         )
         app.state.mllp = mllp
         app.state.start_hooks.append(mllp.start)

@@ -1,4 +1,5 @@
-"""The ``gateway`` command: serve, demo, verify, dictionary (import-csv, remap).
+"""The ``gateway`` command: serve, demo, verify, dictionary (import-csv, remap), clients
+add|list|disable|self, dev-token.
 
 Every option of ``serve`` is also a ``GATEWAY_*`` environment variable (see gateway.config).
 Exit codes: 0 success, 1 a check failed (verify, demo), 2 bad usage or configuration.
@@ -66,7 +67,12 @@ def serve(
     # Python's default thresholds the collector traverses them every few thousand allocations,
     # which cost about a fifth of the HL7 throughput (docs/benchmarks.md). Collect less often.
     gc.set_threshold(50_000, 20, 100)
-    fastapi_app = create_app(settings)
+    try:
+        tls = https_options(settings)
+        fastapi_app = create_app(settings)
+    except ConfigurationError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     uvicorn.run(
         fastapi_app,
         host=settings.host,
@@ -74,7 +80,38 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        **tls,
     )
+
+
+def https_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS options: HTTPS with this gateway's certificate, client certificates from
+    the alliance CA asked for but optional (gateways present theirs; other callers use
+    tokens), modern ciphers only. Without a certificate the HTTP port must be on loopback.
+
+    Raises ConfigurationError for a plain port on another address or a certificate without
+    its key.
+    """
+    import ssl
+
+    from gateway.auth.tls import CIPHERS_TLS12, is_loopback
+
+    if settings.tls_cert_file is None:
+        if not is_loopback(settings.host):
+            raise ConfigurationError(
+                f"plain HTTP is allowed on loopback only; {settings.host} needs tls_cert_file"
+            )
+        return {}
+    if settings.tls_key_file is None:
+        raise ConfigurationError("tls_cert_file needs tls_key_file")
+    options: dict[str, Any] = {
+        "ssl_certfile": str(settings.tls_cert_file),
+        "ssl_keyfile": str(settings.tls_key_file),
+        "ssl_ciphers": CIPHERS_TLS12,
+    }
+    if settings.tls_ca_file is not None:
+        options.update(ssl_ca_certs=str(settings.tls_ca_file), ssl_cert_reqs=ssl.CERT_OPTIONAL)
+    return options
 
 
 @app.command()
@@ -194,6 +231,162 @@ def dictionary_remap(
         typer.echo(f"remap: {exc}", err=True)
         code = 2
     raise typer.Exit(code)
+
+
+clients_app = typer.Typer(
+    no_args_is_help=True, help="The client registry: who may ask this gateway for tokens."
+)
+app.add_typer(clients_app, name="clients")
+
+Many = Annotated[list[str] | None, typer.Option()]
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    return tuple(v for item in values or [] for v in item.replace(",", " ").split())
+
+
+def _registry(config: Path | None, data_dir: Path | None) -> Any:
+    from gateway.auth.registry import ClientRegistry, registry_path
+
+    settings = _settings(config, data_dir=data_dir)
+    return ClientRegistry(registry_path(settings.data_dir))
+
+
+@clients_app.command("add")
+def clients_add(
+    client: Annotated[str, typer.Option("--client", help="Client id")],
+    institution: Annotated[str, typer.Option("--institution", help="The client's institution")],
+    jwks: Annotated[
+        Path | None, typer.Option("--jwks", help="JSON file: a JWKS or one public JWK")
+    ] = None,
+    scope: Many = None,
+    purpose: Many = None,
+    role: Many = None,
+    certificate: Annotated[
+        list[Path] | None, typer.Option("--certificate", help="PEM client certificate (MLLP)")
+    ] = None,
+    break_glass: Annotated[bool, typer.Option("--break-glass")] = False,
+    gateway: Annotated[bool, typer.Option("--gateway", help="Another member's gateway")] = False,
+    portal: Annotated[bool, typer.Option("--portal", help="May ask for patient tokens")] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Register (or replace) a client: keys, institution, scopes, purposes, roles."""
+    import json
+    import ssl
+
+    from gateway.auth.errors import AuthError
+    from gateway.auth.registry import ClientRecord
+    from gateway.auth.tls import fingerprint
+
+    try:
+        keys: dict[str, Any] = {"keys": []}
+        if jwks is not None:
+            loaded = json.loads(jwks.read_text())
+            keys = loaded if "keys" in loaded else {"keys": [loaded]}
+        prints = tuple(
+            fingerprint(ssl.PEM_cert_to_DER_cert(p.read_text())) for p in certificate or []
+        )
+        record = ClientRecord.from_json(
+            {
+                "client_id": client,
+                "institution": institution,
+                "jwks": keys,
+                "scopes": _split(scope),
+                "purposes": _split(purpose),
+                "roles": _split(role),
+                "certificates": prints,
+                "break_glass": break_glass,
+                "gateway": gateway,
+                "portal": portal,
+            }
+        )
+        _registry(config, data_dir).put(record)
+    except (AuthError, OSError, ValueError) as exc:
+        typer.echo(f"clients add: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"registered {client} ({institution})")
+
+
+@clients_app.command("list")
+def clients_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """List the registered clients."""
+    for c in _registry(config, data_dir).all():
+        flags = [
+            f
+            for f, on in (
+                ("gateway", c.gateway),
+                ("portal", c.portal),
+                ("break-glass", c.break_glass),
+                ("DISABLED", c.disabled),
+            )
+            if on
+        ]
+        typer.echo(
+            f"{c.client_id}\t{c.institution}\tkeys={','.join(c.key_algorithms()) or '-'}"
+            f"\tscopes={' '.join(c.scopes) or '-'}\tpurposes={' '.join(c.purposes) or '-'}"
+            f"\troles={' '.join(c.roles) or '-'}\t{' '.join(flags)}"
+        )
+
+
+@clients_app.command("disable")
+def clients_disable(
+    client: Annotated[str, typer.Argument(help="Client id")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Disable a client: its tokens stop working at once."""
+    from gateway.auth.errors import AuthError
+
+    try:
+        _registry(config, data_dir).disable(client)
+    except AuthError as exc:
+        typer.echo(f"clients disable: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"disabled {client}")
+
+
+@clients_app.command("self")
+def clients_self(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Print this gateway's public JWKS (what peers register with ``clients add --gateway``)."""
+    import json
+
+    from gateway.auth.peer import gateway_key, public_jwks
+
+    settings = _settings(config, data_dir=data_dir)
+    typer.echo(json.dumps(public_jwks(gateway_key(settings))))
+
+
+@app.command("dev-token")
+def dev_token_cmd(
+    client: Annotated[str, typer.Option("--client", help="Client id the token stands for")],
+    scope: Annotated[str, typer.Option("--scope", help="SMART scopes, space-separated")],
+    patient: Annotated[
+        str | None, typer.Option("--patient", help="Master identifier value: a patient token")
+    ] = None,
+    institution: Annotated[str | None, typer.Option("--institution")] = None,
+    purpose: Annotated[str | None, typer.Option("--purpose", help="Purposes of use")] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Print a dev access token (embedded profile only) on the last line."""
+    from gateway.auth.dev import dev_token
+
+    settings = _settings(config, data_dir=data_dir)
+    try:
+        token = dev_token(
+            settings,
+            client_id=client,
+            scope=scope,
+            patient=patient,
+            institution=institution,
+            purpose=purpose,
+        )
+    except GatewayError as exc:
+        typer.echo(f"dev-token: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"dev token for {client} ({settings.profile} profile, {settings.data_dir}):")
+    typer.echo(token)
 
 
 def main() -> None:

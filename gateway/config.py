@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.errors import ConfigurationError
@@ -114,6 +114,24 @@ class Settings(BaseSettings):
     receipt_wait_final_ms: float = 0.0
     # Anchor the trust file with a ``key`` leaf of action ``trust`` at start when not yet anchored.
     anchor_trust: bool = True
+
+    # Who may call (gateway/auth/). Access tokens last at most 5 minutes (SMART); their key is
+    # data_dir/secrets/token.key unless given (hex, 32 bytes or more). The token URL client
+    # assertions name as ``aud`` is ``public_base_url`` + /auth/token (default: the request's).
+    token_lifetime: int = Field(default=300, ge=1, le=300)
+    token_key: SecretStr | None = None
+    public_base_url: str | None = None
+    # TLS for HTTPS and MLLP: this gateway's certificate and key, and the CA that signs the
+    # alliance's client certificates (MLLP peers, other gateways: mutual TLS). Without them,
+    # plain sockets are allowed on loopback only.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # The client a plain loopback MLLP connection is taken to be (embedded profile, tests).
+    mllp_local_sender: str = "local-mllp"
+    # Benchmark only (bench/bench_auth.py): every request is taken as the local sender, no
+    # token checked. Never set it on a gateway that serves anyone.
+    auth_off_for_benchmark: bool = False
 
     log_level: str = "INFO"
 

@@ -1,6 +1,8 @@
 """``gateway demo``: a newcomer's end-to-end run on the embedded profile.
 
-Starts a gateway in this process on a free loopback port, posts the sample transaction Bundle,
+Starts a gateway in this process on a free loopback port, registers a demo HIS client (its own
+ES384 key) and gets an access token from ``/auth/token`` with a signed JWT assertion (SMART
+Backend Services), shows a request without it refused, then posts the sample transaction Bundle,
 checks every receipt's inclusion proof against the signed checkpoint with the pure verifier,
 reads every record back decrypted and compares it with what was sent, audits the ledger, and
 prints a short summary. Returns 0 when all of it checked out.
@@ -102,6 +104,7 @@ async def run_demo(*, data_dir: Path | None, keep: bool) -> int:
                     pass
                 await asyncio.sleep(0.05)
             print(f"gateway (embedded profile) listening on {base}, data in {root}")
+            client.headers["Authorization"] = "Bearer " + await _token_step(client, app)
             bundle = json.loads(FIXTURE.read_text(encoding="utf-8"))
             resp = await client.post(
                 "/fhir",
@@ -167,6 +170,46 @@ async def run_demo(*, data_dir: Path | None, keep: bool) -> int:
     if temp and not keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if ok else 1
+
+
+async def _token_step(client: httpx.AsyncClient, app: Any) -> str:
+    """Register a demo HIS, get its access token with a signed assertion, show a refusal."""
+    from joserfc.jwk import ECKey
+
+    from gateway.auth.peer import client_assertion, public_jwks
+    from gateway.auth.registry import ClientRecord
+    from gateway.auth.tokens import ASSERTION_TYPE
+
+    key = ECKey.generate_key("P-384", private=True, auto_kid=True)
+    app.state.auth.registry.put(
+        ClientRecord(
+            client_id="demo-his",
+            institution=app.state.gateway.settings.institution,
+            jwks=public_jwks(key),
+            scopes=("system/*.cru",),
+            purposes=("TREAT",),
+        )
+    )
+    refused = await client.get("/ledger/checkpoint")
+    print(f"without a token: HTTP {refused.status_code} ({refused.json()['issue'][0]['code']})")
+    token_url = str(client.base_url).rstrip("/") + "/auth/token"
+    resp = await client.post(
+        "/auth/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": client_assertion(key, "demo-his", token_url),
+            "scope": "system/*.cru",
+            "purpose_of_use": "TREAT",
+        },
+    )
+    resp.raise_for_status()
+    answer = resp.json()
+    print(
+        f"registered client demo-his (ES384 key); /auth/token granted '{answer['scope']}' "
+        f"for {answer['purpose_of_use']}, {answer['expires_in']} s"
+    )
+    return str(answer["access_token"])
 
 
 async def _hl7_step(client: httpx.AsyncClient, mllp_port: int, options: Any) -> bool:

@@ -19,6 +19,7 @@ from gateway.api.common import (
     read_body,
     require_json_content_type,
 )
+from gateway.auth.policy import authorize_entry
 from gateway.errors import InvalidInputError, NotFoundError
 from gateway.fhir import (
     PreparedBundle,
@@ -290,6 +291,9 @@ def build_router(gw: Gateway) -> APIRouter:
         body = parse_json(await read_body(request, settings.max_body_bytes))
         prepared = prepare_bundle(body, max_entries=settings.max_bundle_entries)
         _link_patients(gw, prepared)
+        for pe in prepared.entries:
+            if pe.resource is not None:
+                authorize_entry(request.state.caller, pe.resource["resourceType"], pe.method)
         await _apply_dictionary(gw, prepared)
         good = [pe for pe in prepared.entries if pe.resource is not None]
         stored = await gw.records.store(
@@ -299,6 +303,7 @@ def build_router(gw: Gateway) -> APIRouter:
                 if pe.resource
             ],
             links=[link for pe in good for link in pe.links],
+            caller=request.state.caller,
         )
         by_pos = {pe.position: s for pe, s in zip(good, stored, strict=True)}
         entries = []
@@ -340,7 +345,9 @@ def build_router(gw: Gateway) -> APIRouter:
             links = patient_links(gw, resource, identity)
         else:
             patient = resolve_patient(gw, resource, {}, where=rtype)
-        (stored,) = await gw.records.store([RecordInput(resource, patient)], links=links)
+        (stored,) = await gw.records.store(
+            [RecordInput(resource, patient)], links=links, caller=request.state.caller
+        )
         resp = entry_response(gw, stored)
         resource.setdefault("meta", {})["extension"] = resp["extension"]
         return fhir_response(
@@ -423,18 +430,22 @@ def build_router(gw: Gateway) -> APIRouter:
     @router.get("/{rtype}/_history")
     async def type_history(rtype: str, request: Request) -> Response:
         count, cursor = _paging(request)
-        entries = await gw.records.history(rtype, before=cursor, count=count)
+        entries = await gw.records.history(
+            rtype, before=cursor, count=count, caller=request.state.caller
+        )
         return _history_bundle(request, entries, count)
 
     @router.get("/{rtype}/{rid}/_history")
     async def instance_history(rtype: str, rid: str, request: Request) -> Response:
         count, cursor = _paging(request)
-        entries = await gw.records.history(rtype, rid, before=cursor, count=count)
+        entries = await gw.records.history(
+            rtype, rid, before=cursor, count=count, caller=request.state.caller
+        )
         return _history_bundle(request, entries, count)
 
     @router.delete("/{rtype}/{rid}")
     async def delete(rtype: str, rid: str, request: Request) -> Response:
-        stored = await gw.records.delete(rtype, rid)
+        stored = await gw.records.delete(rtype, rid, caller=request.state.caller)
         if stored is None:
             return Response(status_code=204)
         headers = stored_headers(request, stored)
@@ -442,13 +453,15 @@ def build_router(gw: Gateway) -> APIRouter:
         return Response(status_code=204, headers=headers)
 
     @router.get("/{rtype}/{rid}")
-    async def read(rtype: str, rid: str) -> Response:
-        return _read_response(await gw.records.read(rtype, rid))
+    async def read(rtype: str, rid: str, request: Request) -> Response:
+        return _read_response(await gw.records.read(rtype, rid, caller=request.state.caller))
 
     @router.get("/{rtype}/{rid}/_history/{vid}")
-    async def vread(rtype: str, rid: str, vid: str) -> Response:
+    async def vread(rtype: str, rid: str, vid: str, request: Request) -> Response:
         if not vid.isdigit() or int(vid) < 1:
             raise NotFoundError(f"{rtype}/{rid} has no version {vid[:20]!r}")
-        return _read_response(await gw.records.read(rtype, rid, version=int(vid)))
+        return _read_response(
+            await gw.records.read(rtype, rid, version=int(vid), caller=request.state.caller)
+        )
 
     return router

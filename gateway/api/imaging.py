@@ -53,7 +53,9 @@ def build_router(ingest: HL7Ingest) -> APIRouter:
         study = await gw.terminology.apply(
             study, source=gw.settings.institution, profile=gw.settings.default_sender_profile
         )
-        (stored,) = await gw.records.store([RecordInput(study, patient)])
+        (stored,) = await gw.records.store(
+            [RecordInput(study, patient)], caller=request.state.caller
+        )
         resp = entry_response(gw, stored)
         study.setdefault("meta", {})["extension"] = resp["extension"]
         return fhir_response(

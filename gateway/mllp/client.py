@@ -2,13 +2,16 @@
 
 In enhanced acknowledgement mode a message may be answered by two frames (commit ACK, then
 application ACK): :meth:`MLLPClient.send` returns the first, :meth:`MLLPClient.receive` the next.
-Raises ConnectionError when the server closes without answering, TimeoutError on timeout.
+With an ``ssl`` context the connection is TLS (the context may carry a client certificate:
+mutual TLS). Raises ConnectionError when the server closes without answering, TimeoutError on
+timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl as _ssl
 
 from gateway.mllp.framing import Frame, FrameDecoder, frame
 
@@ -16,8 +19,18 @@ from gateway.mllp.framing import Frame, FrameDecoder, frame
 class MLLPClient:
     """One connection to an MLLP server; messages are sent and answered one at a time."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 30.0,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self._ssl = ssl
+        self._server_hostname = server_hostname
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._decoder = FrameDecoder(64 * 1024 * 1024)
@@ -26,7 +39,15 @@ class MLLPClient:
     async def connect(self) -> None:
         """Open the connection."""
         async with asyncio.timeout(self.timeout):
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+            if self._ssl is None:
+                self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+            else:
+                self._reader, self._writer = await asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self._server_hostname or self.host,
+                )
 
     async def send(self, message: bytes) -> bytes:
         """Send one message and return the content of the next frame received.

@@ -9,6 +9,11 @@ goes on serving the others. An oversize frame is answered by ``on_oversize`` (an
 the decoder resynchronises at the next start block, bytes outside frames are dropped and
 logged, an idle connection is closed after ``idle_timeout``. Logs carry the peer and sizes,
 never message content.
+
+Who is on the other end: with an ``ssl`` context (mutual TLS) the peer's certificate, and
+without one the peer's address, go to ``identify``, which returns the
+:class:`gateway.auth.caller.Caller` (passed to the handler in ``ConnectionInfo``) or None to
+close the connection at once, before any byte of it is read.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from gateway.auth.caller import Caller
 from gateway.mllp.framing import Discarded, Frame, FrameDecoder, Oversize, frame
 
 log = logging.getLogger("gateway.mllp")
@@ -26,13 +33,17 @@ log = logging.getLogger("gateway.mllp")
 
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
-    """Who is on the other end."""
+    """Who is on the other end: the address, and the authenticated caller (None when the
+    server runs without ``identify``)."""
 
     peer: str
+    caller: Caller | None = None
 
 
 Handler = Callable[[bytes, ConnectionInfo], Awaitable[Sequence[bytes] | None]]
 OversizeHandler = Callable[[bytes, int], Sequence[bytes]]
+#: (peer certificate in DER or None on a plain connection, peer host) -> caller, or None: refuse.
+Identify = Callable[[bytes | None, str], Caller | None]
 
 
 class MLLPServer:
@@ -47,6 +58,8 @@ class MLLPServer:
         max_message_size: int = 4 * 1024 * 1024,
         idle_timeout: float = 300.0,
         on_oversize: OversizeHandler | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        identify: Identify | None = None,
     ) -> None:
         self._handler = handler
         self.host = host
@@ -54,13 +67,20 @@ class MLLPServer:
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
         self._on_oversize = on_oversize
+        self._ssl = ssl_context
+        self._identify = identify
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Listen; ``port`` 0 picks a free port, readable afterwards from ``.port``."""
         self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, limit=256 * 1024
+            self._serve,
+            self.host,
+            self.port,
+            limit=256 * 1024,
+            ssl=self._ssl,
+            ssl_handshake_timeout=10.0 if self._ssl is not None else None,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("mllp listening", extra={"host": self.host, "port": self.port})
@@ -84,6 +104,18 @@ class MLLPServer:
         self._connections.add(task)
         peername = writer.get_extra_info("peername")
         info = ConnectionInfo(peer=f"{peername[0]}:{peername[1]}" if peername else "unknown")
+        if self._identify is not None:
+            tls = writer.get_extra_info("ssl_object")
+            der = tls.getpeercert(binary_form=True) if tls is not None else None
+            caller = self._identify(der, str(peername[0]) if peername else "")
+            if caller is None:
+                log.warning("mllp peer refused", extra={"peer": info.peer})
+                self._connections.discard(task)
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+                return
+            info = ConnectionInfo(peer=info.peer, caller=caller)
         decoder = FrameDecoder(self.max_message_size)
         try:
             while True:

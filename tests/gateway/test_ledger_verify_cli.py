@@ -29,7 +29,7 @@ from ledger.leaves import encode_leaf
 from ledger.sequencer import Ledger
 from ledger.tiles import TreeStore
 from ledger.witness import Evidence, WitnessState
-from tests.gateway.conftest import FHIR, demo_bundle, settings_for
+from tests.gateway.conftest import FHIR, auth_headers, demo_bundle, settings_for
 
 HEADER = struct.Struct(">II")
 
@@ -44,7 +44,9 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> Path:
         app = create_app(settings_for("embedded", data))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://gw", headers=auth_headers(app)
+            ) as c:
                 for i in range(3):
                     r = await c.post("/fhir", json=demo_bundle(), headers=FHIR)
                     assert r.status_code == 200, r.text

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 
 from gateway.app import create_app
+from gateway.auth.peer import GATEWAY_PURPOSE, GATEWAY_SCOPE, gateway_key, public_jwks
+from gateway.auth.registry import ClientRecord
 from gateway.backends.blobs_local import LocalBlobStore
 from gateway.backends.keys_file import FileKeyStore
 from gateway.backends.log_file import FileLog
@@ -25,7 +27,7 @@ from gateway.demo import check_receipt, receipt_of
 from ledger.checkpoint import SignedCheckpoint, Signer, TrustedKeys
 from ledger.merkle import leaf_hash
 from ledger.witness import is_final
-from tests.gateway.conftest import FHIR, demo_bundle
+from tests.gateway.conftest import FHIR, auth_headers, demo_bundle
 from tests.gateway.test_ledger_witness import Router
 
 NAMES = ("hosp-a", "clinic-b", "centre-c")
@@ -60,10 +62,30 @@ async def test_receipts_carry_the_cosigned_checkpoint_when_asked(tmp_path: Path)
         )
         apps[name] = create_app(settings, backends=backends, witness_transport=router)
         router.apps[name] = httpx.ASGITransport(app=apps[name])
+    # Each gateway is a registered gateway client of the two others (their witnesses).
+    for name, app in apps.items():
+        jwks = public_jwks(gateway_key(app.state.gateway.settings))
+        for other in NAMES:
+            if other != name:
+                apps[other].state.auth.registry.put(
+                    ClientRecord(
+                        client_id=name,
+                        institution=name,
+                        jwks=jwks,
+                        scopes=(GATEWAY_SCOPE,),
+                        purposes=(GATEWAY_PURPOSE,),
+                        gateway=True,
+                    )
+                )
     async with AsyncExitStack() as stack:
         for app in apps.values():
             await stack.enter_async_context(app.router.lifespan_context(app))
-        client = httpx.AsyncClient(transport=router, base_url="http://hosp-a", timeout=30)
+        client = httpx.AsyncClient(
+            transport=router,
+            base_url="http://hosp-a",
+            timeout=30,
+            headers=auth_headers(apps["hosp-a"]),
+        )
         r = await client.post("/fhir", content=json.dumps(demo_bundle()), headers=FHIR)
         assert r.status_code == 200, r.text
         gw = apps["hosp-a"].state.gateway
@@ -77,8 +99,8 @@ async def test_receipts_carry_the_cosigned_checkpoint_when_asked(tmp_path: Path)
         # The other gateways derived the same tree and read nothing they should not have.
         final = (await client.get("/ledger/checkpoint")).json()
         assert final["final"] is True
-        other = await httpx.AsyncClient(transport=router, base_url="http://clinic-b").get(
-            "/ledger/checkpoint", params={"final": "false"}
-        )
+        other = await httpx.AsyncClient(
+            transport=router, base_url="http://clinic-b", headers=auth_headers(apps["clinic-b"])
+        ).get("/ledger/checkpoint", params={"final": "false"})
         assert other.json()["tree_size"] >= final["tree_size"]
         await client.aclose()

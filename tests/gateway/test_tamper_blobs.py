@@ -12,7 +12,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.backends.blobs_local import LocalBlobStore
-from tests.gateway.conftest import FHIR, demo_bundle, settings_for
+from tests.gateway.conftest import FHIR, auth_headers, demo_bundle, settings_for
 
 
 @pytest.mark.parametrize("mode", ["flip-byte", "delete"])
@@ -20,7 +20,9 @@ async def test_tampered_ciphertext_is_named_never_served(tmp_path: Path, mode: s
     settings = settings_for("embedded", tmp_path / "gw")
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=auth_headers(app)
+        )
         r = await client.post("/fhir", content=json.dumps(demo_bundle()), headers=FHIR)
         assert r.status_code == 200
         location = r.json()["entry"][0]["response"]["location"]

@@ -29,7 +29,7 @@ from gateway.mllp.framing import END, START
 from gateway.runtime import build_backends, load_secrets
 from mappings.v2.convert import convert
 from mappings.v2.parse import parse
-from tests.gateway.conftest import settings_for
+from tests.gateway.conftest import auth_headers, settings_for
 
 HL7 = Path(__file__).resolve().parents[3] / "fixtures" / "hl7v2"
 OPTIONS = json.loads((HL7 / "options.json").read_text())
@@ -55,7 +55,9 @@ class App:
         self.app = app
         self.gw = app.state.gateway
         self.port = app.state.mllp.port
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=auth_headers(app)
+        )
 
     async def send(self, raw: bytes) -> bytes:
         async with MLLPClient("127.0.0.1", self.port, timeout=30) as c:

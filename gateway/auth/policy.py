@@ -1,0 +1,195 @@
+"""Who may call which route: one table, deny by default. Pure except for the metric.
+
+:data:`ROUTES` maps every route of the app (method and path template, as FastAPI matched it) to
+a :class:`Rule`. A route missing from the table is refused with 403 for everyone
+(tests/gateway/test_authz_routes.py fails when a route is added without an entry).
+:func:`authorize` applies a rule to a :class:`Caller` and the route's path parameters;
+:func:`authorize_entry` is the per-entry check of a transaction Bundle (a ``Bundle`` scope alone
+authorises nothing inside it). :class:`CallerPolicy` is the record-level seam of today's routers
+(``gw.policy``): it keeps a patient token on that patient's own records.
+
+Rules (``kind``):
+
+- ``public``: no token (metadata, SMART configuration, token endpoint, health).
+- ``fhir``: the FHIR type is the ``rtype`` path parameter; GET needs ``r``, POST ``c``, PUT
+  ``u``; reads need a purpose of use; writes need a system client of this institution.
+- ``transaction``: any authenticated caller of this institution with a purpose-free write right;
+  each entry is then checked by :func:`authorize_entry`.
+- ``hl7``: a system client (or the loopback sender) of this institution allowed to create every
+  type (``system/*.c``): an HL7 v2 message becomes resources of many types.
+- ``imaging``: ``ImagingStudy`` create, this institution.
+- ``ledger``: a system client of any member institution (the ledger holds no patient data; its
+  proofs serve every member's audit).
+- ``witness``: another member's gateway client only.
+- ``portal``: a portal client of this institution (asks for patient tokens).
+
+Raises :class:`gateway.auth.errors.ForbiddenError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.auth.caller import Caller
+from gateway.auth.errors import ForbiddenError
+
+RuleKind = Literal["public", "fhir", "transaction", "hl7", "imaging", "ledger", "witness", "portal"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What a route needs."""
+
+    kind: RuleKind
+
+
+PUBLIC = Rule("public")
+
+#: (method, path template) -> rule. Every route of the app must be here.
+ROUTES: dict[tuple[str, str], Rule] = {
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
+    # Prometheus scrapes without tokens; the metrics hold counts and latencies by route
+    # template, never ids or patient data. Keep the port off the public network.
+    ("GET", "/metrics"): PUBLIC,
+    ("GET", "/fhir/metadata"): PUBLIC,
+    ("GET", "/.well-known/smart-configuration"): PUBLIC,
+    ("POST", "/auth/token"): PUBLIC,
+    ("POST", "/auth/patient-token"): Rule("portal"),
+    ("POST", "/fhir"): Rule("transaction"),
+    ("POST", "/fhir/{rtype}"): Rule("fhir"),
+    ("PUT", "/fhir/{rtype}/{rid}"): Rule("fhir"),
+    ("GET", "/fhir/{rtype}/{rid}"): Rule("fhir"),
+    ("POST", "/hl7v2"): Rule("hl7"),
+    ("POST", "/imaging/studies"): Rule("imaging"),
+    ("GET", "/ledger/checkpoint"): Rule("ledger"),
+    ("GET", "/ledger/receipt"): Rule("ledger"),
+    ("GET", "/ledger/witness"): Rule("ledger"),
+    ("GET", "/ledger/witness/evidence"): Rule("ledger"),
+    ("GET", "/ledger/proof/inclusion"): Rule("ledger"),
+    ("GET", "/ledger/proof/consistency"): Rule("ledger"),
+    ("GET", "/ledger/leaves"): Rule("ledger"),
+    ("POST", "/ledger/witness"): Rule("witness"),
+}
+
+#: Routes FastAPI itself serves (not API routes): the OpenAPI description is public (it says
+#: what the API is, not what it holds); the interactive docs are off in production.
+FRAMEWORK_ROUTES = ("/openapi.json", "/docs", "/docs/oauth2-redirect")
+
+INTERACTIONS = {"GET": "r", "POST": "c", "PUT": "u", "DELETE": "d"}
+
+
+def rule_for(method: str, template: str) -> Rule | None:
+    """The rule of a route, or None (refused)."""
+    return ROUTES.get((method, template))
+
+
+def _refuse(message: str, reason: str) -> ForbiddenError:
+    return ForbiddenError(message, reason=reason)
+
+
+def _own_institution(caller: Caller, institution: str, what: str) -> None:
+    if caller.institution != institution:
+        raise _refuse(
+            f"client {caller.client_id} of {caller.institution} may not {what} at {institution}",
+            "institution",
+        )
+
+
+def _system(caller: Caller, what: str) -> None:
+    if caller.kind == "patient":
+        raise _refuse(f"a patient token may not {what}", "patient-scope")
+
+
+def authorize(
+    caller: Caller, rule: Rule, path_params: Mapping[str, str], method: str, *, institution: str
+) -> None:
+    """Refuse unless ``caller`` may call a route with ``rule``. Raises ForbiddenError with
+    reason ``scope``, ``purpose``, ``institution``, ``patient-scope``, ``gateway-only``."""
+    kind = rule.kind
+    if kind == "public":
+        return
+    if kind == "fhir":
+        rtype = str(path_params.get("rtype", ""))
+        interaction = INTERACTIONS.get(method, "?")
+        authorize_entry(caller, rtype, interaction, institution=institution)
+        if interaction == "r" and caller.purpose is None:
+            raise _refuse(
+                "no purpose of use selected: send X-Purpose-Of-Use with one of the token's",
+                "purpose",
+            )
+        return
+    if kind == "transaction":
+        _system(caller, "send a transaction")
+        _own_institution(caller, institution, "write")
+        if not any(("c" in s.permissions or "u" in s.permissions) for s in caller.scopes):
+            raise _refuse(f"client {caller.client_id} has no write scope", "scope")
+        return
+    if kind == "hl7":
+        _system(caller, "send HL7 v2")
+        _own_institution(caller, institution, "send HL7 v2")
+        if not caller.allows("*", "c"):
+            raise _refuse(
+                f"client {caller.client_id} needs system/*.c to send HL7 v2 (a message becomes "
+                "resources of many types)",
+                "scope",
+            )
+        return
+    if kind == "imaging":
+        authorize_entry(caller, "ImagingStudy", "c", institution=institution)
+        return
+    if kind == "ledger":
+        _system(caller, "read the ledger")
+        return
+    if kind == "witness":
+        if caller.kind != "system" or not caller.gateway:
+            raise _refuse("only another member's gateway may ask this witness", "gateway-only")
+        if caller.institution == institution:
+            raise _refuse("a gateway does not witness its own institution", "gateway-only")
+        return
+    if kind == "portal":
+        _system(caller, "ask for patient tokens")
+        _own_institution(caller, institution, "ask for patient tokens")
+        return
+    raise _refuse(f"no rule {kind}", "no-rule")
+
+
+def authorize_entry(
+    caller: Caller, resource_type: str, interaction: str, *, institution: str | None = None
+) -> None:
+    """Refuse unless ``caller`` may do ``interaction`` (``r``, ``c``, ``u``, ``d``, ``s``, or
+    the HTTP method of a Bundle entry: GET, POST, PUT, DELETE) on ``resource_type``: one entry
+    of a transaction, or one route. Writes (``c``, ``u``, ``d``)
+    need a system client of ``institution`` (when given). A request that only a constrained
+    scope would allow is refused: the content is checked by the record service.
+
+    Raises ForbiddenError (reasons ``scope``, ``scope-constrained``, ``institution``,
+    ``patient-scope``).
+    """
+    interaction = INTERACTIONS.get(interaction, interaction)
+    writing = interaction in ("c", "u", "d")
+    if writing:
+        _system(caller, f"write {resource_type}")
+        if institution is not None:
+            _own_institution(caller, institution, "write")
+    if resource_type == "Bundle" or not resource_type:
+        raise _refuse("a Bundle scope authorises nothing inside it", "scope")
+    if caller.allows(resource_type, interaction):
+        return
+    if caller.allows(resource_type, interaction, unconstrained=False):
+        raise _refuse(
+            f"only a constrained scope allows {interaction} on {resource_type}",
+            "scope-constrained",
+        )
+    raise _refuse(
+        f"client {caller.client_id} has no scope for {interaction} on {resource_type}", "scope"
+    )
+
+
+def check_patient(caller: Caller, patient: str, linked: tuple[str, ...] = ()) -> None:
+    """Refuse a patient token reaching a record of another patient (``patient`` is the
+    record's pseudonym, ``linked`` its other pseudonyms). Raises ForbiddenError."""
+    if caller.kind == "patient" and caller.patient != patient and caller.patient not in linked:
+        raise _refuse("a patient token reaches only that patient's own records", "patient")
