@@ -19,7 +19,9 @@ from gateway.api.common import (
     read_body,
     require_json_content_type,
 )
+from gateway.auth.caller import Caller
 from gateway.auth.policy import authorize_entry
+from gateway.config import SenderProfile
 from gateway.errors import InvalidInputError, NotFoundError
 from gateway.fhir import (
     PreparedBundle,
@@ -156,11 +158,19 @@ def _link_patients(gw: Gateway, prepared: PreparedBundle) -> None:
             pe.error, pe.resource = exc, None
 
 
-async def _apply_dictionary(gw: Gateway, prepared: PreparedBundle) -> None:
-    """Map every entry's codes with the unified dictionary under the sender's policy: in a
-    transaction one rejected code fails the whole Bundle (before anything is stored), in a
-    batch only its entry."""
-    source, profile = gw.settings.institution, gw.settings.default_sender_profile
+def sender_of(gw: Gateway, caller: object | None) -> tuple[str, SenderProfile]:
+    """The institution a FHIR request comes from (the authenticated client's, else this
+    gateway's) and its sender profile (by client id, else the default)."""
+    if isinstance(caller, Caller):
+        return caller.institution, gw.settings.sender_profile(caller.client_id)
+    return gw.settings.institution, gw.settings.default_sender_profile
+
+
+async def _apply_dictionary(gw: Gateway, prepared: PreparedBundle, caller: object | None) -> None:
+    """Map every entry's codes with the unified dictionary (keyed by the sender's institution)
+    under the sender's policy: in a transaction one rejected code fails the whole Bundle
+    (before anything is stored), in a batch only its entry."""
+    source, profile = sender_of(gw, caller)
     entries = [pe for pe in prepared.entries if pe.resource is not None]
     if prepared.bundle_type == "transaction":
         mapped = await gw.terminology.apply_all(
@@ -294,7 +304,7 @@ def build_router(gw: Gateway) -> APIRouter:
         for pe in prepared.entries:
             if pe.resource is not None:
                 authorize_entry(request.state.caller, pe.resource["resourceType"], pe.method)
-        await _apply_dictionary(gw, prepared)
+        await _apply_dictionary(gw, prepared, request.state.caller)
         good = [pe for pe in prepared.entries if pe.resource is not None]
         stored = await gw.records.store(
             [
@@ -335,9 +345,8 @@ def build_router(gw: Gateway) -> APIRouter:
             raise InvalidInputError("resource id differs from the URL", location=f"{rtype}.id")
         resource = dict(resource)
         resource["id"] = rid or uuid.uuid4().hex
-        resource = await gw.terminology.apply(
-            resource, source=settings.institution, profile=settings.default_sender_profile
-        )
+        source, profile = sender_of(gw, request.state.caller)
+        resource = await gw.terminology.apply(resource, source=source, profile=profile)
         links: list[tuple[str, str, LinkReason]] = []
         if rtype == "Patient":
             identity = _patient_identity(gw, resource)

@@ -22,6 +22,10 @@ Rules (``kind``):
   proofs serve every member's audit).
 - ``witness``: another member's gateway client only.
 - ``portal``: a portal client of this institution (asks for patient tokens).
+- ``terminology``: read (``r``) on the rule's resource type (ConceptMap, CodeSystem,
+  ValueSet); no purpose of use (the dictionary holds no patient data).
+- ``curator``: a system client of this institution allowed to update ConceptMaps
+  (``system/ConceptMap.u``): the curation queue of unmapped codes.
 
 Raises :class:`gateway.auth.errors.ForbiddenError`.
 """
@@ -35,14 +39,26 @@ from typing import Literal
 from gateway.auth.caller import Caller
 from gateway.auth.errors import ForbiddenError
 
-RuleKind = Literal["public", "fhir", "transaction", "hl7", "imaging", "ledger", "witness", "portal"]
+RuleKind = Literal[
+    "public",
+    "fhir",
+    "transaction",
+    "hl7",
+    "imaging",
+    "ledger",
+    "witness",
+    "portal",
+    "terminology",
+    "curator",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """What a route needs."""
+    """What a route needs; ``resource_type`` for routes whose path names no type."""
 
     kind: RuleKind
+    resource_type: str = ""
 
 
 PUBLIC = Rule("public")
@@ -62,6 +78,20 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("POST", "/fhir/{rtype}"): Rule("fhir"),
     ("PUT", "/fhir/{rtype}/{rid}"): Rule("fhir"),
     ("GET", "/fhir/{rtype}/{rid}"): Rule("fhir"),
+    ("DELETE", "/fhir/{rtype}/{rid}"): Rule("fhir"),
+    ("GET", "/fhir/{rtype}/_history"): Rule("fhir"),
+    ("GET", "/fhir/{rtype}/{rid}/_history"): Rule("fhir"),
+    ("GET", "/fhir/{rtype}/{rid}/_history/{vid}"): Rule("fhir"),
+    ("GET", "/fhir/ConceptMap/$translate"): Rule("terminology", "ConceptMap"),
+    ("POST", "/fhir/ConceptMap/$translate"): Rule("terminology", "ConceptMap"),
+    ("GET", "/fhir/ConceptMap"): Rule("terminology", "ConceptMap"),
+    ("GET", "/fhir/CodeSystem/$lookup"): Rule("terminology", "CodeSystem"),
+    ("POST", "/fhir/CodeSystem/$lookup"): Rule("terminology", "CodeSystem"),
+    ("GET", "/fhir/CodeSystem"): Rule("terminology", "CodeSystem"),
+    ("GET", "/fhir/ValueSet/$validate-code"): Rule("terminology", "ValueSet"),
+    ("POST", "/fhir/ValueSet/$validate-code"): Rule("terminology", "ValueSet"),
+    ("GET", "/fhir/ValueSet"): Rule("terminology", "ValueSet"),
+    ("GET", "/dictionary/unmapped"): Rule("curator", "ConceptMap"),
     ("POST", "/hl7v2"): Rule("hl7"),
     ("POST", "/imaging/studies"): Rule("imaging"),
     ("GET", "/ledger/checkpoint"): Rule("ledger"),
@@ -152,6 +182,12 @@ def authorize(
     if kind == "portal":
         _system(caller, "ask for patient tokens")
         _own_institution(caller, institution, "ask for patient tokens")
+        return
+    if kind == "terminology":
+        authorize_entry(caller, rule.resource_type, "r")
+        return
+    if kind == "curator":
+        authorize_entry(caller, rule.resource_type, "u", institution=institution)
         return
     raise _refuse(f"no rule {kind}", "no-rule")
 

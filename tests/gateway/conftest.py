@@ -91,20 +91,28 @@ def settings_token(
     scope: str = TEST_SCOPE,
     purpose: str = "TREAT",
     patient: str | None = None,
+    institution: str | None = None,
 ) -> str:
     """An access token for the gateway of ``settings`` (started or not, in this process or
     another): a dev token on the embedded profile (what ``gateway dev-token`` prints), else a
-    token of a client registered in its registry for the test."""
+    token of a client registered in its registry for the test. ``institution``: the client's
+    (default: the gateway's own)."""
     if settings.profile == "embedded":
         return dev_token(
-            settings, client_id=client_id, scope=scope, purpose=purpose, patient=patient
+            settings,
+            client_id=client_id,
+            scope=scope,
+            purpose=purpose,
+            patient=patient,
+            institution=institution,
         )
+    institution = institution or settings.institution
     assert patient is None, "patient tokens on production come from /auth/patient-token"
     registry = ClientRegistry(registry_path(settings.data_dir))
     registry.put(
         ClientRecord(
             client_id=client_id,
-            institution=settings.institution,
+            institution=institution,
             scopes=tuple(scope.split()),
             purposes=tuple(purpose.split()),
         )
@@ -118,7 +126,7 @@ def settings_token(
     )
     token, _exp = service.mint(
         client_id=client_id,
-        institution=settings.institution,
+        institution=institution,
         kind="system",
         scopes=parse_scopes(scope),
         purposes=tuple(purpose.split()),

@@ -207,7 +207,9 @@ async def test_sigkill_under_mllp_load_inflight_messages_accepted_at_once_and_st
             id_secret=hmac.new(pseudonym_key, b"hl7-resource-ids", hashlib.sha256).digest(),
         )
         facility = parse(HL7_BASE).sending_facility_id or "unknown"
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=30, headers=bearer(settings)
+        ) as c:
             for control_id, raw in acked.items():
                 binary_id = stable_id(options, "Binary", facility, control_id)
                 r = await c.get(f"/fhir/Binary/{binary_id}")

@@ -27,7 +27,7 @@ from gateway.verify_cmd import run_verify
 from ledger.checkpoint import Signer, TrustedKeys
 from mappings.v2.convert import convert
 from mappings.v2.parse import parse
-from tests.gateway.conftest import FHIR, settings_for
+from tests.gateway.conftest import FHIR, auth_headers, settings_for
 from tests.gateway.hl7.test_ingest import HL7, OPTIONS, App, hl7gw, msa
 
 __all__ = ["hl7gw"]
@@ -135,7 +135,9 @@ async def test_a_retried_first_store_is_created_as_version_1(gw_settings: Settin
     )
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=auth_headers(app)
+        ) as c,
     ):
         first = await c.put("/fhir/Patient/r-1", content=body, headers=FHIR)
         assert first.status_code == 503 and first.json()["resourceType"] == "OperationOutcome"
@@ -292,7 +294,9 @@ async def _clients(stack: AsyncExitStack, settings: Sequence[Settings]) -> list[
     for s in settings:
         app = create_app(s)
         await stack.enter_async_context(app.router.lifespan_context(app))
-        c = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        c = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=auth_headers(app)
+        )
         c.app = app  # type: ignore[attr-defined]
         out.append(await stack.enter_async_context(c))
     return out

@@ -28,7 +28,7 @@ from gateway.runtime import Gateway
 from gateway.terminology_service import is_tagged_unmapped
 from ledger.leaves import decode_leaf, encode_leaf
 from mappings.terminology import DEFAULT_DIR, Terminology
-from tests.gateway.conftest import FHIR, settings_for
+from tests.gateway.conftest import FHIR, auth_headers, settings_for
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -41,7 +41,9 @@ class App:
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         self.gw: Gateway = app.state.gateway
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=auth_headers(app)
+        )
 
     async def send(self, raw: bytes) -> bytes:
         async with MLLPClient("127.0.0.1", self.app.state.mllp.port, timeout=30) as c:
@@ -373,7 +375,9 @@ ORU = (
 )
 
 
-async def test_same_glucose_from_two_institutions_reads_back_alike(tgw: App) -> None:
+async def test_same_glucose_from_two_institutions_reads_back_alike(
+    tgw: App, profile: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     gw = tgw.gw
     # Institution 1 (HOSP-T, its LIS code GLU) over MLLP as HL7 v2 ORU^R01.
     ack = await tgw.send(ORU.format(n=1).encode())
@@ -381,8 +385,8 @@ async def test_same_glucose_from_two_institutions_reads_back_alike(tgw: App) -> 
     hl7_obs = [a for a in gw.index.all_versions() if a.resource_type == "Observation"]
     assert len(hl7_obs) == 1
     via_hl7 = await gw.pipeline.read_anchor(hl7_obs[0])
-    # Institution 2 (CLINIC-E, its LIS code 1001) as a FHIR transaction Bundle. The FHIR
-    # router does not call the dictionary yet (the lead wires it): this is the call it makes.
+    # Institution 2 (CLINIC-E, its LIS code 1001) as a FHIR transaction Bundle from its HIS to
+    # its own gateway: the gateway maps it, keyed by the authenticated client's institution.
     obs = {
         "resourceType": "Observation",
         "status": "final",
@@ -391,9 +395,6 @@ async def test_same_glucose_from_two_institutions_reads_back_alike(tgw: App) -> 
         "effectiveDateTime": "2026-12-01T08:10:00+08:00",
         "valueQuantity": {"value": 6.4, "unit": "mmol/l"},
     }
-    mapped = await gw.terminology.apply(
-        obs, source="clinic-e", profile=gw.settings.default_sender_profile
-    )
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
@@ -407,15 +408,18 @@ async def test_same_glucose_from_two_institutions_reads_back_alike(tgw: App) -> 
                 "request": {"method": "POST", "url": "Patient"},
             },
             {
-                "resource": copy.deepcopy(mapped),
+                "resource": copy.deepcopy(obs),
                 "request": {"method": "POST", "url": "Observation"},
             },
         ],
     }
-    r = await tgw.http.post("/fhir", json=bundle, headers=FHIR)
-    assert r.status_code == 200, r.text
-    location = r.json()["entry"][1]["response"]["location"]
-    via_fhir = (await tgw.http.get("/fhir/" + "/".join(location.split("/")[:2]))).json()
+    clinic_settings = _settings(profile, tmp_path, request, institution="clinic-e")
+    async for clinic in _started(clinic_settings):
+        r = await clinic.http.post("/fhir", json=bundle, headers=FHIR)
+        assert r.status_code == 200, r.text
+        location = r.json()["entry"][1]["response"]["location"]
+        via_fhir = (await clinic.http.get("/fhir/" + "/".join(location.split("/")[:2]))).json()
+        clinic_leaves = await clinic.leaves()
 
     def unified(o: dict[str, Any]) -> tuple[Any, ...]:
         loinc = [c for c in o["code"]["coding"] if c["system"] == LOINC]
@@ -434,13 +438,14 @@ async def test_same_glucose_from_two_institutions_reads_back_alike(tgw: App) -> 
     assert via_hl7["code"]["coding"][0]["system"] == HOSP_T_LIS
     assert via_hl7["code"]["coding"][0]["code"] == "GLU"
     assert via_fhir["code"]["coding"][0] == obs["code"]["coding"][0]
-    # Every record leaf names the dictionary version, whose leaf precedes them.
-    leaves = await tgw.leaves()
-    first_dictionary = next(i for i, x in enumerate(leaves) if x["kind"] == "dictionary")
-    records = [i for i, x in enumerate(leaves) if x["kind"] == "record"]
-    assert len(records) >= 2 and first_dictionary < min(records)
-    assert {leaves[i]["dictionary"] for i in records} == {gw.terminology.version}
-    assert leaves[first_dictionary]["version"] == gw.terminology.version
+    # Every record leaf names the dictionary version, whose leaf precedes them (on each
+    # institution's ledger: here each gateway has a log of its own).
+    for leaves in (await tgw.leaves(), clinic_leaves):
+        first_dictionary = next(i for i, x in enumerate(leaves) if x["kind"] == "dictionary")
+        records = [i for i, x in enumerate(leaves) if x["kind"] == "record"]
+        assert records and first_dictionary < min(records)
+        assert {leaves[i]["dictionary"] for i in records} == {gw.terminology.version}
+        assert leaves[first_dictionary]["version"] == gw.terminology.version
 
 
 async def test_hl7_unmapped_code_rejected_under_the_reject_policy(strict: App) -> None:
