@@ -21,7 +21,9 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.app import create_app
+from gateway.backends.blobs_local import LocalBlobStore
 from gateway.backends.protocols import Backends
+from gateway.datadir import DataDir
 from gateway.errors import BackendError, IntegrityError
 from gateway.mllp.client import MLLPClient
 from gateway.mllp.framing import END, START
@@ -416,7 +418,7 @@ async def test_hl7_containers_pass_the_audit_and_a_damaged_one_is_named(tmp_path
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "blobs: 2 ciphertexts re-hashed" in ok.stdout
     victim = anchors[0]
-    path = settings.data_dir / "blocks" / victim.cid[-2:] / victim.cid
+    path = LocalBlobStore(directory=DataDir.of(settings).blocks).path_of(victim.cid)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))

@@ -24,10 +24,10 @@ from fastapi import FastAPI
 from gateway.api.ledger import build_router
 from gateway.errors import LogConflictError
 from gateway.witness_service import WitnessService
-from ledger.checkpoint import Signer, TrustedKeys
+from ledger.keys import Signer, TrustedKeys
 from ledger.merkle import leaf_hash
 from ledger.sequencer import Ledger, LedgerUnavailableError
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.witness import is_final
 from tests.gateway.test_ledger_witness import Node, Router
 

@@ -24,10 +24,11 @@ from gateway.api.ledger import build_router
 from gateway.app import outcome_for
 from gateway.errors import GatewayError, LogConflictError
 from gateway.witness_service import WitnessService
-from ledger.checkpoint import Checkpoint, SignedCheckpoint, Signer, TrustedKeys
+from ledger.checkpoint import Checkpoint, SignedCheckpoint
 from ledger.errors import SplitViewError
+from ledger.keys import Signer, TrustedKeys
 from ledger.sequencer import Ledger
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.witness import Evidence, WitnessState, count_cosigners, is_final
 from tests.ledger.test_sequencer import MemoryLog
 

@@ -21,8 +21,10 @@ from gateway.backends.log_file import FileLog
 from gateway.backends.protocols import Backends
 from gateway.backends.state_memory import MemoryStateStore
 from gateway.config import Settings
+from gateway.datadir import DataDir
 from gateway.demo import check_receipt, receipt_of
-from ledger.checkpoint import SignedCheckpoint, Signer, TrustedKeys
+from ledger.checkpoint import SignedCheckpoint
+from ledger.keys import Signer, TrustedKeys
 from ledger.merkle import leaf_hash
 from ledger.witness import is_final
 from tests.gateway.conftest import FHIR, demo_bundle
@@ -39,8 +41,7 @@ async def test_receipts_carry_the_cosigned_checkpoint_when_asked(tmp_path: Path)
     apps = {}
     for name in NAMES:
         d = tmp_path / name
-        (d / "keys").mkdir(parents=True)
-        signers[name].save(d / "keys" / "signer.json")
+        signers[name].save(DataDir(d, "embedded").signer)
         settings = Settings(
             profile="embedded",
             data_dir=d,
@@ -53,10 +54,10 @@ async def test_receipts_carry_the_cosigned_checkpoint_when_asked(tmp_path: Path)
             witness_peers=",".join(f"http://{m}" for m in NAMES if m != name),
         )
         backends = Backends(
-            blobs=LocalBlobStore(directory=d / "blocks"),
+            blobs=LocalBlobStore(directory=DataDir(d, "embedded").blocks),
             log=FileLog(path=tmp_path / "shared-log.bin"),
             state=MemoryStateStore(),
-            keys=FileKeyStore(path=d / "keys.jsonl", master_key=os.urandom(32)),
+            keys=FileKeyStore(path=DataDir(d, "embedded").keystore, master_key=os.urandom(32)),
         )
         apps[name] = create_app(settings, backends=backends, witness_transport=router)
         router.apps[name] = httpx.ASGITransport(app=apps[name])

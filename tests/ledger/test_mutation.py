@@ -9,18 +9,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ledger import merkle
-from ledger.checkpoint import (
-    ED25519,
-    MLDSA65,
-    Checkpoint,
-    Signature,
-    SignedCheckpoint,
-    Signer,
-    TrustedKeys,
-)
+from ledger.checkpoint import ED25519, MLDSA65, Checkpoint, Signature, SignedCheckpoint
 from ledger.errors import LedgerError, VerificationError
+from ledger.keys import Signer, TrustedKeys
 from ledger.leaves import encode_leaf
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.verify import verify_checkpoint, verify_consistency, verify_inclusion
 
 HEX = "cd" * 32

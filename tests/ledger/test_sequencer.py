@@ -16,11 +16,11 @@ import pytest
 
 from gateway.backends.protocols import LogEntry
 from gateway.errors import LogConflictError
-from ledger.checkpoint import Signer, TrustedKeys
 from ledger.errors import CheckpointError, CheckpointSignatureError
+from ledger.keys import Signer, TrustedKeys
 from ledger.merkle import leaf_hash, root
 from ledger.sequencer import Ledger
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.verify import verify_inclusion
 
 
