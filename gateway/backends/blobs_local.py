@@ -17,7 +17,7 @@ from pathlib import Path
 from gateway.backends.car import car_header, car_section
 from gateway.backends.cid import cid_v1_raw, parse_cid
 from gateway.errors import BackendError, BlobNotFoundError, InvalidInputError
-from ledger.durable import write_durably, write_files_durably
+from ledger.durable import make_directory, write_durably, write_files_durably
 
 NAME = "local-blocks"
 
@@ -96,7 +96,7 @@ class LocalBlobStore:
     async def ping(self) -> None:
         """Raise BackendError unless the directory is writable."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            make_directory(self.directory)
         except OSError as exc:
             raise BackendError(f"cannot create {self.directory}: {exc}", backend=NAME) from exc
         if not os.access(self.directory, os.W_OK):
