@@ -193,11 +193,6 @@ def verify_chain_link(previous: Checkpoint | None, current: Checkpoint) -> None:
         raise CheckpointError(f"tree shrank from size {previous.size}", size=current.size)
 
 
-def hash_to_hex(value: bytes) -> str:
-    """Wire form of a hash: lowercase hex. Raises nothing."""
-    return value.hex()
-
-
 def hash_from_hex(text: object, what: str = "hash") -> bytes:
     """Parse a 64-character lowercase hex hash. Raises ProofFormatError naming ``what``."""
     if not isinstance(text, str) or len(text) != 2 * HASH_SIZE:

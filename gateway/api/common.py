@@ -63,12 +63,6 @@ def require_json_content_type(request: Request) -> None:
         )
 
 
-class AccessContext(Protocol):
-    """Who is asking (filled by the authentication layer of a later issue)."""
-
-    institution: str
-
-
 class AccessPolicy(Protocol):
     """The seam where authentication and consent plug in. Raises to deny."""
 
