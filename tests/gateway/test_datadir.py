@@ -6,9 +6,7 @@ fsynced, then its directory, before the gateway uses it.
 
 from __future__ import annotations
 
-import os
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,28 +18,13 @@ from gateway.config import default_settings_for_tests
 from gateway.datadir import DataDir
 from gateway.errors import ConfigurationError
 from gateway.runtime import build_backends, load_secrets, load_signer, load_trust
-
-Inode = tuple[int, int]
-
-
-def inode(path: Path) -> Inode:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
+from tests.fakes import Inode, inode, record_fsyncs
 
 
 @pytest.fixture
 def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[Inode]:
     """The (device, inode) of every descriptor os.fsync is called on from now on."""
-    calls: list[Inode] = []
-    real: Callable[[int], None] = os.fsync
-
-    def record(fd: int) -> None:
-        st = os.fstat(fd)
-        calls.append((st.st_dev, st.st_ino))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", record)
-    return calls
+    return record_fsyncs(monkeypatch)
 
 
 def test_layout_names_every_file() -> None:

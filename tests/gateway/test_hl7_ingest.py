@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,13 @@ from gateway.app import create_app
 from gateway.backends.blobs_local import LocalBlobStore
 from gateway.backends.protocols import Backends
 from gateway.datadir import DataDir
-from gateway.errors import BackendError, IntegrityError
+from gateway.errors import IntegrityError
 from gateway.mllp.client import MLLPClient
 from gateway.mllp.framing import END, START
 from gateway.runtime import build_backends, load_secrets
 from mappings.v2.convert import convert
 from mappings.v2.parse import parse
+from tests.fakes import FailingBlobs, FailingLog
 from tests.gateway.conftest import settings_for
 
 HL7 = Path(__file__).resolve().parents[2] / "fixtures" / "hl7v2"
@@ -227,38 +228,6 @@ async def test_mllp_send_program_of_the_hl7_package(hl7gw: App, tmp_path: Path) 
     out, errout = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, errout
     assert b"MSA|AA|" in out or b"MSA|CA|" in out
-
-
-class FailingBlobs:
-    """Wraps a BlobStore; fails every put while ``down`` (a backend outage)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.down, self.name = inner, True, "failing"
-
-    async def put_many(self, blocks: Sequence[bytes]) -> list[str]:
-        if self.down:
-            raise BackendError("injected outage", backend="failing")
-        result: list[str] = await self.inner.put_many(blocks)
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-class FailingLog:
-    """Wraps a LogBackend; fails every append while ``down`` (the ledger's log is out)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.down, self.name = inner, False, "failing-log"
-
-    async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
-        if self.down:
-            raise BackendError("injected outage", backend="failing-log")
-        seq: int = await self.inner.append(data, expected_last_seq=expected_last_seq, msg_id=msg_id)
-        return seq
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 @pytest.mark.parametrize("failing", ["blobs", "log"])

@@ -29,7 +29,8 @@ from ledger.merkle import leaf_hash
 from ledger.sequencer import Ledger, LedgerUnavailableError
 from ledger.stored_tree import TreeStore
 from ledger.witness import is_final
-from tests.gateway.test_ledger_witness import Node, Router
+from tests.fakes import Router
+from tests.gateway.test_ledger_witness import Node
 
 pytestmark = pytest.mark.services
 

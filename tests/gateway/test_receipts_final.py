@@ -27,8 +27,8 @@ from ledger.checkpoint import SignedCheckpoint
 from ledger.keys import Signer, TrustedKeys
 from ledger.merkle import leaf_hash
 from ledger.witness import is_final
+from tests.fakes import Router
 from tests.gateway.conftest import FHIR, demo_bundle
-from tests.gateway.test_ledger_witness import Router
 
 NAMES = ("hosp-a", "clinic-b", "centre-c")
 

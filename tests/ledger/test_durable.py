@@ -7,7 +7,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,28 +18,13 @@ from ledger.durable import (
     write_durably,
     write_files_durably,
 )
-
-Inode = tuple[int, int]
-
-
-def inode(path: Path) -> Inode:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
+from tests.fakes import Inode, inode, record_fsyncs
 
 
 @pytest.fixture
 def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[Inode]:
     """The (device, inode) of every descriptor os.fsync is called on from now on."""
-    calls: list[Inode] = []
-    real: Callable[[int], None] = os.fsync
-
-    def record(fd: int) -> None:
-        st = os.fstat(fd)
-        calls.append((st.st_dev, st.st_ino))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", record)
-    return calls
+    return record_fsyncs(monkeypatch)
 
 
 def test_write_fsyncs_the_file_then_its_directory(tmp_path: Path, fsynced: list[Inode]) -> None:
