@@ -240,7 +240,7 @@ async def test_backend_outage_gives_ae_then_retry_succeeds(
     real = build_backends(settings, master_key=master)
     blobs, log = FailingBlobs(real.blobs), FailingLog(real.log)
     blobs.down = failing == "blobs"
-    backends = Backends(blobs=blobs, log=log, state=real.state, keys=real.keys)  # type: ignore[arg-type]
+    backends = Backends(blobs=blobs, log=log, state=real.state, keys=real.keys)
     app = create_app(settings, backends=backends)
     raw = (HL7 / "oru_r01_lab.hl7").read_bytes()
     async with app.router.lifespan_context(app):

@@ -122,7 +122,7 @@ async def _converge(s: Stream) -> None:
         assert hashes[index] == leaf_hash(leaf), f"acknowledged leaf {index} lost or moved"
     # A fresh reader replaying the stream from scratch gets the same tree.
     fresh = Ledger(
-        log=s.ledgers[0]._log,  # type: ignore[attr-defined]
+        log=s.ledgers[0]._log,
         tree=TreeStore.memory(),
         signer=SIGNERS["hosp-a"],
         trusted=TRUST,
@@ -166,7 +166,7 @@ async def test_sigkill_of_the_stream_leader_mid_stream(services: Any, stream: St
 async def test_two_of_three_nodes_down_then_back(services: Any, stream: Stream) -> None:
     a = stream.ledgers[0]
     for ledger in stream.ledgers:
-        ledger._unavailable_window = 3.0  # type: ignore[attr-defined]
+        ledger._unavailable_window = 3.0
     first = await a.append([b"before the outage"])
     stream.acked[b"before the outage"] = first[0].index
     leader = await asyncio.to_thread(services.stream_leader, stream.name) or "n1"

@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 
 from gateway.app import create_app
 from gateway.backends.blobs_local import LocalBlobStore
@@ -48,7 +49,7 @@ async def test_receipts_carry_the_cosigned_checkpoint_when_asked(tmp_path: Path)
             institution=name,
             mllp_enabled=False,
             trust_file=tmp_path / "trust.json",
-            pseudonym_key="11" * 32,
+            pseudonym_key=SecretStr("11" * 32),
             witness_quorum=2,
             receipt_wait_final_ms=10_000,
             witness_peers=",".join(f"http://{m}" for m in NAMES if m != name),

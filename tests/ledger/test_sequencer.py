@@ -75,7 +75,7 @@ async def test_two_writers_racing_derive_identical_trees() -> None:
     c = make(log, "hosp-a")
     await c.catch_up()
     assert c.tree.root(60) == a.tree.root(60)
-    all_leaves = []
+    all_leaves: list[bytes] = []
     async for entry in log.read():
         from ledger.batch import decode_batch
 
