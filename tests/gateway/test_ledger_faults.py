@@ -22,6 +22,7 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.api.ledger import build_router
+from gateway.datadir import DataDir
 from gateway.errors import LogConflictError
 from gateway.witness_service import WitnessService
 from ledger.keys import Signer, TrustedKeys
@@ -230,8 +231,8 @@ async def test_witnesses_make_checkpoints_final_on_the_shared_stream(
             ledger=ledger,
             signer=SIGNERS[name],
             trusted=TRUST,
-            state_path=tmp_path / name / "witness-state.json",
-            final_path=tmp_path / name / "final.json",
+            state_path=DataDir(tmp_path / name, "embedded").witness_state,
+            final_path=DataDir(tmp_path / name, "embedded").final_checkpoint,
             quorum=2,
             peers=[f"http://{p}" for p in names if p != name],
             interval=0.05,

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.api.ledger import build_router
 from gateway.app import outcome_for
+from gateway.datadir import DataDir
 from gateway.errors import GatewayError, LogConflictError
 from gateway.witness_service import WitnessService
 from ledger.checkpoint import Checkpoint, SignedCheckpoint
@@ -67,8 +68,8 @@ def make_node(
         ledger=ledger,
         signer=SIGNERS[name],
         trusted=TRUST,
-        state_path=tmp / name / "witness-state.json",
-        final_path=tmp / name / "final.json",
+        state_path=DataDir(tmp / name, "embedded").witness_state,
+        final_path=DataDir(tmp / name, "embedded").final_checkpoint,
         quorum=quorum,
         peers=[f"http://{p}" for p in peers],
         timeout=2.0,
