@@ -39,7 +39,7 @@ from gateway.config import Settings  # noqa: E402
 from gateway.hl7.dedup import Deduplicator  # noqa: E402
 from gateway.hl7.workers import ConversionWorkers  # noqa: E402
 from gateway.pipeline import RecordPipeline  # noqa: E402
-from ledger.checkpoint import Signer  # noqa: E402
+from ledger.keys import Signer  # noqa: E402
 from ledger.sequencer import Ledger  # noqa: E402
 from tests.services.harness import services_from_env_or_start  # noqa: E402
 

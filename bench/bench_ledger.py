@@ -41,11 +41,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import write_section  # noqa: E402
 from ledger.batch import Batch, batch_id, encode_batch  # noqa: E402
-from ledger.checkpoint import Checkpoint, Signer, TrustedKeys  # noqa: E402
+from ledger.checkpoint import Checkpoint  # noqa: E402
+from ledger.keys import Signer, TrustedKeys  # noqa: E402
 from ledger.leaves import encode_leaf  # noqa: E402
 from ledger.merkle import leaf_hash  # noqa: E402
 from ledger.sequencer import Ledger  # noqa: E402
-from ledger.tiles import TreeStore  # noqa: E402
+from ledger.stored_tree import TreeStore  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 ORIGIN = "alliance.example/ledger"
@@ -292,16 +293,18 @@ def build_data_dir(data: Path, n: int, batch: int = 500) -> tuple[float, int]:
     """
     from gateway.backends.log_file import encode_record
     from gateway.config import Settings
+    from gateway.datadir import DataDir
     from gateway.runtime import load_signer, load_trust
 
     t0 = time.perf_counter()
     settings = Settings(profile="embedded", data_dir=data, institution="hosp-a")
     signer = load_signer(settings)
     trusted = load_trust(settings, signer)
-    (data / "ledger").mkdir(parents=True, exist_ok=True)
-    tree = TreeStore.open(data / "ledger" / "tree-embedded")
+    paths = DataDir.of(settings)
+    paths.ledger.mkdir(parents=True, exist_ok=True)
+    tree = TreeStore.open(paths.tree)
     prev = bytes(32)
-    log_path = data / "ledger" / "log.bin"
+    log_path = paths.log
     with log_path.open("wb") as out:
         for b, start in enumerate(range(0, n, batch)):
             leaves = [record_leaf(i) for i in range(start, min(n, start + batch))]

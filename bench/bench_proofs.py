@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ledger import merkle
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.verify import verify_consistency, verify_inclusion
 
 Timing = tuple[float, float]

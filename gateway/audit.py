@@ -30,11 +30,11 @@ from gateway.crypto import sha256_hex
 from gateway.errors import BackendError, BlobNotFoundError
 from gateway.packing import cut
 from gateway.views import RecordAnchor, anchor_of_leaf
-from ledger.checkpoint import Signer, TrustedKeys
 from ledger.errors import LeafFormatError, LedgerError
+from ledger.keys import Signer, TrustedKeys
 from ledger.leaves import RecordLeaf, decode_leaf
 from ledger.sequencer import Ledger
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 
 MAX_LEAF_PROBLEMS = 20
 

@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gateway.errors import IntegrityError
 
 NONCE_BYTES = 12
-KEY_BYTES = 32
 _CIPHERTEXT_MAGIC = b"AGW1"
 
 

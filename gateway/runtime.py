@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets as pysecrets
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import httpx
 from gateway.access import AllowAll
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
+from gateway.datadir import DataDir
 from gateway.errors import ConfigurationError
 from gateway.observability import Metrics
 from gateway.pipeline import RecordPipeline
@@ -25,27 +25,39 @@ from gateway.records import RecordService
 from gateway.terminology_service import TerminologyService
 from gateway.views import RecordIndex
 from gateway.witness_service import WitnessService, parse_peers
-from ledger.checkpoint import Signer, TrustedKeys
+from ledger.durable import PRIVATE, write_durably
+from ledger.keys import Signer, TrustedKeys
 from ledger.sequencer import Ledger
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from mappings.terminology import DictionaryError, Terminology
 
 log = logging.getLogger("gateway.runtime")
 
 
 def _secret_file(path: Path) -> bytes:
-    """Read a 32-byte secret from ``path``, creating it (mode 0600) on first use."""
-    if path.exists():
+    """Read a 32-byte secret from ``path``, creating it (mode 0600, fsynced) on first use.
+
+    Raises ConfigurationError when the file does not hold 32 bytes in hex or cannot be
+    read or written.
+    """
+    if not path.exists():
+        value = pysecrets.token_bytes(32)
+        try:
+            write_durably(path, value.hex().encode() + b"\n", mode=PRIVATE, exclusive=True)
+            return value
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        except OSError as exc:
+            raise ConfigurationError(f"cannot create {path}: {exc.strerror}") from exc
+    try:
         data = bytes.fromhex(path.read_text().strip())
-        if len(data) != 32:
-            raise ConfigurationError(f"{path} must hold 32 bytes in hex")
-        return data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = pysecrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value.hex() + "\n")
-    return value
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigurationError(f"{path} must hold 32 bytes in hex") from exc
+    if len(data) != 32:
+        raise ConfigurationError(f"{path} must hold 32 bytes in hex")
+    return data
 
 
 def load_secrets(settings: Settings) -> tuple[bytes, bytes]:
@@ -67,13 +79,13 @@ def load_secrets(settings: Settings) -> tuple[bytes, bytes]:
                 raise ConfigurationError(f"{name}_key must be 32 bytes")
             out.append(value)
         else:
-            out.append(_secret_file(settings.data_dir / "secrets" / f"{name}.key"))
+            out.append(_secret_file(DataDir.of(settings).secret(name)))
     return out[0], out[1]
 
 
 def build_backends(settings: Settings, *, master_key: bytes) -> Backends:
-    """The adapters of the settings' profile (not yet connected)."""
-    d = settings.data_dir
+    """The adapters of the settings' profile (not yet connected). Raises nothing."""
+    d = DataDir.of(settings)
     if settings.profile == "embedded":
         from gateway.backends.blobs_local import LocalBlobStore
         from gateway.backends.keys_file import FileKeyStore
@@ -81,10 +93,10 @@ def build_backends(settings: Settings, *, master_key: bytes) -> Backends:
         from gateway.backends.state_memory import MemoryStateStore
 
         return Backends(
-            blobs=LocalBlobStore(directory=d / "blocks"),
-            log=FileLog(path=d / "ledger" / "log.bin"),
+            blobs=LocalBlobStore(directory=d.blocks),
+            log=FileLog(path=d.log),
             state=MemoryStateStore(),
-            keys=FileKeyStore(path=d / "keys" / "keystore.jsonl", master_key=master_key),
+            keys=FileKeyStore(path=d.keystore, master_key=master_key),
         )
     from gateway.backends.blobs_kubo import KuboBlobStore
     from gateway.backends.keys_redis import RedisKeyStore
@@ -106,19 +118,24 @@ def build_backends(settings: Settings, *, master_key: bytes) -> Backends:
 
 
 def load_signer(settings: Settings) -> Signer:
-    """This institution's checkpoint signer, created under ``data_dir/keys`` on first start."""
-    path = settings.data_dir / "keys" / "signer.json"
+    """This institution's checkpoint signer, created under ``data_dir/keys`` on first start.
+
+    Raises KeyFileError when the signer file cannot be read or written.
+    """
+    path = DataDir.of(settings).signer
     if path.exists():
         return Signer.load(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     signer = Signer.generate(settings.institution)
     signer.save(path)
     return signer
 
 
 def load_trust(settings: Settings, signer: Signer) -> TrustedKeys:
-    """The alliance's trusted institution keys; this institution's own key is always in it."""
-    path = settings.trust_file or settings.data_dir / "trust.json"
+    """The alliance's trusted institution keys; this institution's own key is always in it.
+
+    Raises KeyFileError when the trust file cannot be read or written.
+    """
+    path = settings.trust_file or DataDir.of(settings).trust
     trusted = TrustedKeys.load(path) if path.exists() else TrustedKeys()
     if signer.name not in trusted:
         trusted.add(signer.name, signer.public_keys())
@@ -176,7 +193,8 @@ class Gateway:
         self.trusted = load_trust(settings, self.signer)
         self.index = RecordIndex()
         self.terminology = build_terminology(settings, self.backends)
-        tree_dir = settings.data_dir / "ledger" / f"tree-{settings.profile}"
+        self.paths = paths = DataDir.of(settings)
+        tree_dir = paths.tree
         self.ledger = Ledger(
             log=self.backends.log,
             tree=TreeStore.open(tree_dir),
@@ -205,8 +223,8 @@ class Gateway:
             ledger=self.ledger,
             signer=self.signer,
             trusted=self.trusted,
-            state_path=settings.data_dir / "ledger" / "witness-state.json",
-            final_path=settings.data_dir / "ledger" / f"final-checkpoint-{settings.profile}.json",
+            state_path=paths.witness_state,
+            final_path=paths.final_checkpoint,
             quorum=settings.witness_quorum,
             peers=parse_peers(settings.witness_peers),
             timeout=settings.witness_timeout,

@@ -16,10 +16,12 @@ from typing import TextIO
 
 from gateway.audit import AuditReport, audit
 from gateway.config import Settings
+from gateway.datadir import DataDir
 from gateway.runtime import build_backends, load_secrets, load_signer, load_trust
-from ledger.checkpoint import SignedCheckpoint, TrustedKeys
+from ledger.checkpoint import SignedCheckpoint
 from ledger.errors import CheckpointError, LedgerError
-from ledger.tiles import TreeStore
+from ledger.keys import TrustedKeys
+from ledger.stored_tree import TreeStore
 from ledger.verify import verify_checkpoint, verify_consistency
 from ledger.witness import WitnessState
 
@@ -82,7 +84,7 @@ async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path |
     backends = build_backends(settings, master_key=master_key)
     signer = load_signer(settings)
     trusted = load_trust(settings, signer)
-    tree_dir = settings.data_dir / "ledger" / f"tree-{settings.profile}"
+    tree_dir = DataDir.of(settings).tree
     stored = TreeStore.open(tree_dir, read_only=True) if tree_dir.exists() else None
     show = _progress(sys.stderr)
     started = time.monotonic()
@@ -146,8 +148,8 @@ def _check_node_checkpoints(report: AuditReport, settings: Settings, trusted: Tr
     checkpoint it served and the latest checkpoint its witness cosigned. A log rewritten or
     truncated behind the node's back contradicts them. Split-view evidence held by the witness
     is reported as well."""
-    d = settings.data_dir / "ledger"
-    final = d / f"final-checkpoint-{settings.profile}.json"
+    paths = DataDir.of(settings)
+    final = paths.final_checkpoint
     if final.exists():
         try:
             signed = SignedCheckpoint.from_bytes(final.read_bytes())
@@ -155,7 +157,7 @@ def _check_node_checkpoints(report: AuditReport, settings: Settings, trusted: Tr
             report.problems.append(f"final checkpoint {final}: {exc}")
         else:
             _check_against_tree(report, signed, f"final checkpoint {final}", trusted, "")
-    state_path = d / "witness-state.json"
+    state_path = paths.witness_state
     if state_path.exists():
         try:
             state = WitnessState.from_bytes(state_path.read_bytes())

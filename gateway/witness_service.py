@@ -13,7 +13,7 @@ Two roles, both in :class:`WitnessService`:
   round per ``interval``), has its own witness cosign it, asks every configured peer witness
   concurrently, merges the valid cosignatures, and once ``quorum`` institutions other than the
   writer have cosigned, records it as the latest *final* checkpoint (``Ledger.final``, persisted
-  in ``data_dir/ledger/final-checkpoint.json``).
+  in ``data_dir/ledger/final-checkpoint-<profile>.json``).
 
 The acknowledgement path never waits for witnesses: a receipt carries the writer's checkpoint
 (final by itself when the quorum is 0); a sender who needs finality asks ``GET /ledger/receipt``
@@ -31,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,8 +38,10 @@ from typing import Any
 import httpx
 
 from gateway.errors import ConfigurationError, GatewayError
-from ledger.checkpoint import SignedCheckpoint, Signer, TrustedKeys, verify_signatures
+from ledger.checkpoint import SignedCheckpoint
+from ledger.durable import write_durably
 from ledger.errors import LedgerError, SplitViewError
+from ledger.keys import Signer, TrustedKeys, verify_signatures
 from ledger.sequencer import Ledger
 from ledger.verify import proof_from_hex, proof_to_hex
 from ledger.witness import (
@@ -62,28 +62,6 @@ class WitnessProofNeededError(GatewayError):
     def __init__(self, cosigned_size: int) -> None:
         super().__init__(f"need a consistency proof from tree size {cosigned_size}")
         self.cosigned_size = cosigned_size
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically and durably (temp file, fsync, rename, fsync of
-    the directory). Raises OSError."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def parse_peers(text: str) -> list[str]:

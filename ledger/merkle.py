@@ -11,7 +11,7 @@ Two layers:
   *complete* subtree (``level``, ``index`` -> hash of leaves ``[index*2^level,
   (index+1)*2^level)``). Every node of an RFC 9162 tree is either complete or a right edge made
   of at most log2(n) complete subtrees, so with stored complete subtrees (see
-  :mod:`ledger.tiles`) a root or a proof costs O(log n) lookups;
+  :mod:`ledger.stored_tree`) a root or a proof costs O(log n) lookups;
 * the reference functions (:func:`root`, :func:`inclusion_proof`, :func:`consistency_proof`)
   take a plain list of leaf hashes and build the complete subtrees first, O(n).
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ledger.batch import Batch, batch_id, decode_batch, encode_batch
-from ledger.checkpoint import Checkpoint, SignedCheckpoint, Signer, TrustedKeys
+from ledger.checkpoint import Checkpoint, SignedCheckpoint
 from ledger.errors import (
     CheckpointError,
     CheckpointSignatureError,
@@ -47,9 +47,10 @@ from ledger.errors import (
     VerificationError,
 )
 from ledger.groupcommit import GroupCommitter
+from ledger.keys import Signer, TrustedKeys
 from ledger.leaves import decode_leaf, encode_leaf, is_trust_leaf
 from ledger.merkle import leaf_hash
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.verify import verify_checkpoint
 
 log = logging.getLogger("ledger.sequencer")

@@ -26,7 +26,8 @@ from ledger.errors import (
 from ledger.merkle import EMPTY_ROOT, HASH_SIZE, node_hash
 
 if TYPE_CHECKING:
-    from ledger.checkpoint import Checkpoint, SignedCheckpoint, TrustedKeys
+    from ledger.checkpoint import Checkpoint, SignedCheckpoint
+    from ledger.keys import TrustedKeys
 
 ZERO_HASH = bytes(HASH_SIZE)
 
@@ -167,7 +168,7 @@ def verify_checkpoint(signed: SignedCheckpoint, trusted: TrustedKeys) -> Checkpo
     Ed25519 and ML-DSA-65; every cosigner likewise with both; every signature must verify.
     Raises CheckpointSignatureError or CheckpointError.
     """
-    from ledger.checkpoint import verify_signatures
+    from ledger.keys import verify_signatures
 
     verify_signatures(signed, trusted)
     return signed.checkpoint
@@ -190,11 +191,6 @@ def verify_chain_link(previous: Checkpoint | None, current: Checkpoint) -> None:
         )
     if previous is not None and current.size < previous.size:
         raise CheckpointError(f"tree shrank from size {previous.size}", size=current.size)
-
-
-def hash_to_hex(value: bytes) -> str:
-    """Wire form of a hash: lowercase hex. Raises nothing."""
-    return value.hex()
 
 
 def hash_from_hex(text: object, what: str = "hash") -> bytes:

@@ -27,15 +27,7 @@ from typing import Any
 
 import rfc8785
 
-from ledger.checkpoint import (
-    ALGORITHMS,
-    Signature,
-    SignedCheckpoint,
-    Signer,
-    TrustedKeys,
-    valid_cosigners,
-    verify_signatures,
-)
+from ledger.checkpoint import ALGORITHMS, Signature, SignedCheckpoint
 from ledger.errors import (
     CheckpointError,
     CheckpointSignatureError,
@@ -43,6 +35,7 @@ from ledger.errors import (
     LedgerError,
     SplitViewError,
 )
+from ledger.keys import Signer, TrustedKeys, valid_cosigners, verify_signatures
 from ledger.verify import verify_consistency
 
 STATE_VERSION = 1

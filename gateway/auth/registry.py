@@ -28,7 +28,7 @@ from typing import Any
 from gateway.auth.errors import RegistryError
 from gateway.auth.purposes import KNOWN, parse_purposes
 from gateway.auth.scopes import Scope, ScopeError, parse_scopes
-from gateway.witness_service import write_durably
+from ledger.durable import write_durably
 
 #: Signature algorithms a client key may be registered for (SMART Backend Services).
 CLIENT_ALGORITHMS = ("ES384", "RS384")

@@ -1,8 +1,10 @@
 """Embedded blob store: a local content-addressed directory with Kubo's CIDs.
 
-Each block is a file named by its CID under a two-character shard directory, written to a
-temporary file, fsynced, renamed into place and its directory fsynced, so a stored block
-survives a crash. Raises BackendError (backend "local-blocks"), BlobNotFoundError.
+Each block is a file named by its CID under a two-character shard directory, written with
+:func:`ledger.durable.write_files_durably` (temporary file, fsync, rename, then each shard
+directory fsynced once per batch), so a stored block survives a crash.
+
+Raises BackendError (backend "local-blocks"), BlobNotFoundError.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from gateway.backends.car import car_header, car_section
 from gateway.backends.cid import cid_v1_raw, parse_cid
 from gateway.errors import BackendError, BlobNotFoundError, InvalidInputError
+from ledger.durable import make_directory, write_durably, write_files_durably
 
 NAME = "local-blocks"
 
@@ -33,27 +36,14 @@ class LocalBlobStore:
 
     def _put_sync(self, blocks: Sequence[bytes]) -> list[str]:
         cids = []
-        dirs: set[Path] = set()
+        new: dict[Path, bytes] = {}
         for data in blocks:
             cid = cid_v1_raw(data)
             path = self.path_of(cid)
             cids.append(cid)
-            if path.exists():
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{cid}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            dirs.add(path.parent)
-        for d in dirs:
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not path.exists():
+                new[path] = data
+        write_files_durably(new.items())
         return cids
 
     async def put_many(self, blocks: Sequence[bytes]) -> list[str]:
@@ -83,16 +73,9 @@ class LocalBlobStore:
                 blocks.append(self.path_of(cid).read_bytes())
             except FileNotFoundError as exc:
                 raise BlobNotFoundError(cid, backend=NAME) from exc
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(car_header(cids))
-            for data in blocks:
-                f.write(car_section(data))
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, path)
-        return size
+        data = b"".join([car_header(cids), *(car_section(b) for b in blocks)])
+        write_durably(path, data)
+        return len(data)
 
     async def export_car(self, path: Path, cids: Sequence[str]) -> int:
         """Write the blocks ``cids`` as a CARv1 file (every block a root); return its size.
@@ -113,7 +96,7 @@ class LocalBlobStore:
     async def ping(self) -> None:
         """Raise BackendError unless the directory is writable."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            make_directory(self.directory)
         except OSError as exc:
             raise BackendError(f"cannot create {self.directory}: {exc}", backend=NAME) from exc
         if not os.access(self.directory, os.W_OK):

@@ -1,10 +1,11 @@
 """Embedded key store: KEKs and wrapped data keys in a JSON-lines file, loaded into memory.
 
 KEKs (random 256-bit, one per patient pseudonym) are stored wrapped by the master key with
-AES-256-GCM (associated data: the KEK id). Appends are fsynced once per batch. Destroying a KEK
-(crypto-shredding) rewrites the file without it (temp file, fsync, atomic rename), so no copy of
-the wrapped KEK is left behind. Raises BackendError (backend "file-keys"), KeyDestroyedError,
-KeyNotFoundError.
+AES-256-GCM (associated data: the KEK id). Appends are fsynced once per batch (and the directory
+when the file is created). Destroying a KEK (crypto-shredding) rewrites the file without it
+(:func:`ledger.durable.write_durably`), so no copy of the wrapped KEK is left behind.
+
+Raises BackendError (backend "file-keys"), KeyDestroyedError, KeyNotFoundError.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.backends.protocols import WrappedKey
 from gateway.errors import BackendError, KeyDestroyedError, KeyNotFoundError
+from ledger.durable import PRIVATE, fsync_directory, make_directory, write_durably
 
 NAME = "file-keys"
 
@@ -61,7 +63,7 @@ class FileKeyStore:
     def _load(self) -> None:
         if self._loaded:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(self.path.parent)
         if self.path.exists():
             good = 0
             with open(self.path, "rb") as f:
@@ -97,12 +99,15 @@ class FileKeyStore:
 
     def _append(self, records: list[dict[str, Any]]) -> None:
         data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
         try:
             os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
+        if created:
+            fsync_directory(self.path.parent)
 
     def _rewrite(self) -> None:
         lines: list[dict[str, Any]] = []
@@ -127,21 +132,8 @@ class FileKeyStore:
                     "w": base64.b64encode(wk.wrapped).decode(),
                 }
             )
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(
-                fd, b"".join(json.dumps(x, separators=(",", ":")).encode() + b"\n" for x in lines)
-            )
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        data = b"".join(json.dumps(x, separators=(",", ":")).encode() + b"\n" for x in lines)
+        write_durably(self.path, data, mode=PRIVATE)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         try:

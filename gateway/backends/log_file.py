@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from gateway.backends.protocols import LogEntry
 from gateway.errors import BackendError, LogConflictError, LogUnavailableError
+from ledger.durable import fsync_directory, make_directory
 
 NAME = "file-log"
 _HEADER = struct.Struct(">II")
@@ -164,13 +165,16 @@ class FileLog:
         with self._index_lock:
             if self._opened:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_directory(self.path.parent)
+            created = not self.path.exists()
             with open(self.path, "a+b") as f:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 try:
                     self._scan_from(f, repair=True)
                 finally:
                     fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            if created:
+                fsync_directory(self.path.parent)  # the new file's name, before any append
             self._opened = True
 
     def _refresh(self) -> list[RecordInfo]:

@@ -89,13 +89,3 @@ class MLLPClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def send_sync(host: str, port: int, message: bytes, *, timeout: float = 30.0) -> bytes:
-    """Send one message on a fresh connection and return the ACK (blocking)."""
-
-    async def run() -> bytes:
-        async with MLLPClient(host, port, timeout=timeout) as client:
-            return await client.send(message)
-
-    return asyncio.run(run())

@@ -233,18 +233,6 @@ class Context:
         except MappingError as exc:
             raise exc.locate(seg.name, seg.index, n) from exc.__cause__
 
-    def require(self, seg: Segment, n: int, what: str) -> str:
-        """The text of a required field; MessageContentError (101) when absent."""
-        value = seg.text(n)
-        if not value:
-            raise MessageContentError(
-                f"required field {what} is missing",
-                segment=seg.name,
-                segment_index=seg.index,
-                field=n,
-            )
-        return value
-
     def datetime(self, seg: Segment, n: int, component: int = 1) -> str | None:
         """Field ``n`` (DTM/TS, component) -> FHIR dateTime, or ``None`` when absent."""
         value = seg.text(n, component)

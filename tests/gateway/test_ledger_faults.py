@@ -22,13 +22,15 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.api.ledger import build_router
+from gateway.datadir import DataDir
 from gateway.witness_service import WitnessService
-from ledger.checkpoint import Signer, TrustedKeys
+from ledger.keys import Signer, TrustedKeys
 from ledger.merkle import leaf_hash
 from ledger.sequencer import Ledger, LedgerUnavailableError
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.witness import is_final
-from tests.gateway.test_ledger_witness import Node, Router
+from tests.fakes import Router
+from tests.gateway.test_ledger_witness import Node
 
 pytestmark = pytest.mark.services
 
@@ -119,7 +121,7 @@ async def _converge(s: Stream) -> None:
         assert hashes[index] == leaf_hash(leaf), f"acknowledged leaf {index} lost or moved"
     # A fresh reader replaying the stream from scratch gets the same tree.
     fresh = Ledger(
-        log=s.ledgers[0]._log,  # type: ignore[attr-defined]
+        log=s.ledgers[0]._log,
         tree=TreeStore.memory(),
         signer=SIGNERS["hosp-a"],
         trusted=TRUST,
@@ -162,7 +164,7 @@ async def test_sigkill_of_the_stream_leader_mid_stream(services: Any, stream: St
 async def test_two_of_three_nodes_down_then_back(services: Any, stream: Stream) -> None:
     a = stream.ledgers[0]
     for ledger in stream.ledgers:
-        ledger._unavailable_window = 3.0  # type: ignore[attr-defined]
+        ledger._unavailable_window = 3.0
     first = await a.append([b"before the outage"])
     stream.acked[b"before the outage"] = first[0].index
     leader = await asyncio.to_thread(services.stream_leader, stream.name) or "n1"
@@ -226,8 +228,8 @@ async def test_witnesses_make_checkpoints_final_on_the_shared_stream(
             ledger=ledger,
             signer=SIGNERS[name],
             trusted=TRUST,
-            state_path=tmp_path / name / "witness-state.json",
-            final_path=tmp_path / name / "final.json",
+            state_path=DataDir(tmp_path / name, "embedded").witness_state,
+            final_path=DataDir(tmp_path / name, "embedded").final_checkpoint,
             quorum=2,
             peers=[f"http://{p}" for p in names if p != name],
             interval=0.05,

@@ -23,11 +23,13 @@ import rfc8785
 
 from gateway.app import create_app
 from gateway.backends.log_file import FileLog, iter_records
+from gateway.datadir import DataDir
 from ledger.batch import decode_batch
-from ledger.checkpoint import Checkpoint, Signer, TrustedKeys
+from ledger.checkpoint import Checkpoint
+from ledger.keys import Signer, TrustedKeys
 from ledger.leaves import encode_leaf
 from ledger.sequencer import Ledger
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.witness import Evidence, WitnessState
 from tests.gateway.conftest import FHIR, auth_headers, demo_bundle, settings_for
 
@@ -77,8 +79,13 @@ def verify(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def gw_dir(work: Path) -> DataDir:
+    """The data directory of the test's gateway (embedded profile)."""
+    return DataDir(work / "gw", "embedded")
+
+
 def log_path(work: Path) -> Path:
-    return work / "gw" / "ledger" / "log.bin"
+    return gw_dir(work).log
 
 
 def rewrite_record(path: Path, offset: int, payload: bytes, msg_id: str) -> None:
@@ -148,7 +155,7 @@ def test_checkpoint_signature_flip_is_named(work: Path) -> None:
 
 
 def test_flip_in_stored_tree_files_is_named_with_file_and_offset(work: Path) -> None:
-    level0 = work / "gw" / "ledger" / "tree-embedded" / "level-00.bin"
+    level0 = gw_dir(work).tree / "level-00.bin"
     raw = bytearray(level0.read_bytes())
     raw[32 * 3 + 7] ^= 0x10
     level0.write_bytes(bytes(raw))
@@ -158,7 +165,7 @@ def test_flip_in_stored_tree_files_is_named_with_file_and_offset(work: Path) -> 
 
 
 def test_tree_flip_with_recomputed_crc_is_found_by_rehashing(work: Path) -> None:
-    tree = work / "gw" / "ledger" / "tree-embedded"
+    tree = gw_dir(work).tree
     level1, crc1 = tree / "level-01.bin", tree / "level-01.crc"
     raw = bytearray(level1.read_bytes())
     raw[32 * 2] ^= 0x01
@@ -177,15 +184,14 @@ def test_tree_flip_with_recomputed_crc_is_found_by_rehashing(work: Path) -> None
 def _rewrite_history(work: Path, keep: int) -> None:
     """Keep the first ``keep`` log records and append a different batch, validly signed with
     the institution's own key (an insider with access to the log)."""
-    data = work / "gw"
     path = log_path(work)
     records = list(iter_records(path))
     raw = path.read_bytes()
     cut = records[keep][0] if keep < len(records) else len(raw)
     path.write_bytes(raw[:cut])
-    shutil.rmtree(data / "ledger" / "tree-embedded")
-    signer = Signer.load(data / "keys" / "signer.json")
-    trusted = TrustedKeys.load(data / "trust.json")
+    shutil.rmtree(gw_dir(work).tree)
+    signer = Signer.load(gw_dir(work).signer)
+    trusted = TrustedKeys.load(gw_dir(work).trust)
 
     async def append() -> None:
         ledger = Ledger(
@@ -216,7 +222,7 @@ def _rewrite_history(work: Path, keep: int) -> None:
 
 def test_from_checkpoint_detects_rewritten_history(work: Path) -> None:
     _rewrite_history(work, keep=1)
-    final = work / "gw" / "ledger" / "final-checkpoint-embedded.json"
+    final = gw_dir(work).final_checkpoint
     assert final.exists()
     own = verify(work / "gw")
     assert own.returncode == 1, own.stdout
@@ -233,8 +239,8 @@ def test_from_checkpoint_detects_truncated_history(work: Path) -> None:
     path = log_path(work)
     records = list(iter_records(path))
     path.write_bytes(path.read_bytes()[: records[1][0]])
-    shutil.rmtree(work / "gw" / "ledger" / "tree-embedded")
-    (work / "gw" / "ledger" / "final-checkpoint-embedded.json").unlink()
+    shutil.rmtree(gw_dir(work).tree)
+    gw_dir(work).final_checkpoint.unlink()
     res = verify(work / "gw", "--from-checkpoint", str(work / "saved.json"))
     assert res.returncode == 1, res.stdout
     assert "history was truncated" in res.stdout
@@ -254,11 +260,11 @@ def test_tampered_saved_checkpoint_is_reported(work: Path) -> None:
 
 def test_split_view_evidence_held_by_the_witness_is_reported(work: Path) -> None:
     data = work / "gw"
-    signer = Signer.load(data / "keys" / "signer.json")
+    signer = Signer.load(gw_dir(work).signer)
     one = signer.sign(Checkpoint("alliance.example/ledger", 3, b"\x01" * 32, b"\x00" * 32, 1))
     two = signer.sign(Checkpoint("alliance.example/ledger", 3, b"\x02" * 32, b"\x00" * 32, 2))
     state = WitnessState(evidence=[Evidence("same tree size, different root", one, two)])
-    (data / "ledger" / "witness-state.json").write_bytes(state.to_bytes())
+    gw_dir(work).witness_state.write_bytes(state.to_bytes())
     res = verify(data)
     assert res.returncode == 1, res.stdout
     assert "holds split-view evidence: same tree size, different root" in res.stdout

@@ -22,36 +22,21 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.api.ledger import build_router
 from gateway.app import outcome_for
+from gateway.datadir import DataDir
 from gateway.errors import GatewayError
 from gateway.witness_service import WitnessService
-from ledger.checkpoint import Checkpoint, SignedCheckpoint, Signer, TrustedKeys
+from ledger.checkpoint import Checkpoint, SignedCheckpoint
 from ledger.errors import SplitViewError
+from ledger.keys import Signer, TrustedKeys
 from ledger.sequencer import Ledger
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.witness import Evidence, WitnessState, count_cosigners, is_final
-from tests.ledger.test_sequencer import MemoryLog
+from tests.fakes import MemoryLog, Router
 
 NAMES = ("hosp-a", "hosp-b", "hosp-c")
 SIGNERS = {n: Signer.generate(n) for n in NAMES}
 TRUST = TrustedKeys.of(SIGNERS.values())
 ORIGIN = "test/ledger"
-
-
-class Router(httpx.AsyncBaseTransport):
-    """Routes ``http://<name>/...`` to that gateway's ASGI app; unknown or 'down' hosts fail."""
-
-    def __init__(self) -> None:
-        self.apps: dict[str, httpx.ASGITransport] = {}
-        self.down: set[str] = set()
-        self.delay: dict[str, float] = {}
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.host
-        if host in self.down or host not in self.apps:
-            raise httpx.ConnectError(f"{host} is down", request=request)
-        if host in self.delay:
-            await asyncio.sleep(self.delay[host])
-        return await self.apps[host].handle_async_request(request)
 
 
 @dataclass
@@ -82,8 +67,8 @@ def make_node(
         ledger=ledger,
         signer=SIGNERS[name],
         trusted=TRUST,
-        state_path=tmp / name / "witness-state.json",
-        final_path=tmp / name / "final.json",
+        state_path=DataDir(tmp / name, "embedded").witness_state,
+        final_path=DataDir(tmp / name, "embedded").final_checkpoint,
         quorum=quorum,
         peers=[f"http://{p}" for p in peers],
         timeout=2.0,

@@ -37,7 +37,7 @@ async def test_ledger_bytes_hold_no_patient_data(
         haystack.append(batch.checkpoint)
     assert len(haystack) >= 4
     # And every file the ledger keeps on disk (log file, tree tiles).
-    for path in (gw.settings.data_dir / "ledger").rglob("*"):
+    for path in gw.paths.ledger.rglob("*"):
         if path.is_file():
             haystack.append(path.read_bytes())
     blob = b"\n".join(haystack)

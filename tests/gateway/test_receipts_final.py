@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 
 from gateway.app import create_app
 from gateway.auth.peer import GATEWAY_PURPOSE, GATEWAY_SCOPE, gateway_key, public_jwks
@@ -23,12 +24,14 @@ from gateway.backends.log_file import FileLog
 from gateway.backends.protocols import Backends
 from gateway.backends.state_memory import MemoryStateStore
 from gateway.config import Settings
+from gateway.datadir import DataDir
 from gateway.demo import check_receipt, receipt_of
-from ledger.checkpoint import SignedCheckpoint, Signer, TrustedKeys
+from ledger.checkpoint import SignedCheckpoint
+from ledger.keys import Signer, TrustedKeys
 from ledger.merkle import leaf_hash
 from ledger.witness import is_final
+from tests.fakes import Router
 from tests.gateway.conftest import FHIR, auth_headers, demo_bundle
-from tests.gateway.test_ledger_witness import Router
 
 NAMES = ("hosp-a", "clinic-b", "centre-c")
 
@@ -41,24 +44,23 @@ async def test_receipts_carry_the_cosigned_checkpoint_when_asked(tmp_path: Path)
     apps = {}
     for name in NAMES:
         d = tmp_path / name
-        (d / "keys").mkdir(parents=True)
-        signers[name].save(d / "keys" / "signer.json")
+        signers[name].save(DataDir(d, "embedded").signer)
         settings = Settings(
             profile="embedded",
             data_dir=d,
             institution=name,
             mllp_enabled=False,
             trust_file=tmp_path / "trust.json",
-            pseudonym_key="11" * 32,
+            pseudonym_key=SecretStr("11" * 32),
             witness_quorum=2,
             receipt_wait_final_ms=10_000,
             witness_peers=",".join(f"http://{m}" for m in NAMES if m != name),
         )
         backends = Backends(
-            blobs=LocalBlobStore(directory=d / "blocks"),
+            blobs=LocalBlobStore(directory=DataDir(d, "embedded").blocks),
             log=FileLog(path=tmp_path / "shared-log.bin"),
             state=MemoryStateStore(),
-            keys=FileKeyStore(path=d / "keys.jsonl", master_key=os.urandom(32)),
+            keys=FileKeyStore(path=DataDir(d, "embedded").keystore, master_key=os.urandom(32)),
         )
         apps[name] = create_app(settings, backends=backends, witness_transport=router)
         router.apps[name] = httpx.ASGITransport(app=apps[name])

@@ -21,12 +21,12 @@ from gateway.app import create_app
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
 from gateway.crypto import pseudonym
-from gateway.errors import BackendError
 from gateway.runtime import Gateway, build_backends, load_secrets
 from gateway.verify_cmd import run_verify
-from ledger.checkpoint import Signer, TrustedKeys
+from ledger.keys import Signer, TrustedKeys
 from mappings.v2.convert import convert
 from mappings.v2.parse import parse
+from tests.fakes import FailingBlobs
 from tests.gateway.conftest import FHIR, auth_headers, settings_for
 from tests.gateway.hl7.test_ingest import HL7, OPTIONS, App, hl7gw, msa
 
@@ -106,28 +106,10 @@ async def test_a_study_sent_before_the_hl7_message_of_its_patient_gets_the_same_
     assert dicom_side == hl7_side
 
 
-class FailingOnce:
-    """A blob store whose next ``put_many`` fails (a Kubo outage), then works."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.fail = 1
-
-    async def put_many(self, blocks: Sequence[bytes]) -> list[str]:
-        if self.fail:
-            self.fail -= 1
-            raise BackendError("injected outage", backend="blobs")
-        result: list[str] = await self.inner.put_many(blocks)
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 async def test_a_retried_first_store_is_created_as_version_1(gw_settings: Settings) -> None:
     _, master = load_secrets(gw_settings)
     real = build_backends(gw_settings, master_key=master)
-    flaky = FailingOnce(real.blobs)
+    flaky = FailingBlobs(real.blobs)
     backends = Backends(blobs=flaky, log=real.log, state=real.state, keys=real.keys)
     app = create_app(gw_settings, backends=backends)
     body = json.dumps(
@@ -141,6 +123,7 @@ async def test_a_retried_first_store_is_created_as_version_1(gw_settings: Settin
     ):
         first = await c.put("/fhir/Patient/r-1", content=body, headers=FHIR)
         assert first.status_code == 503 and first.json()["resourceType"] == "OperationOutcome"
+        flaky.down = False  # the outage ends; the sender retries
         retry = await c.put("/fhir/Patient/r-1", content=body, headers=FHIR)
         assert retry.status_code == 201, retry.text
         assert retry.json()["meta"]["versionId"] == "1"

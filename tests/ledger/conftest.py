@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ledger.checkpoint import Signer, TrustedKeys
+from ledger.keys import Signer, TrustedKeys
 
 
 @pytest.fixture(scope="session")

@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ledger.checkpoint import (
-    ED25519,
-    MLDSA65,
-    Checkpoint,
-    Signature,
-    SignedCheckpoint,
-    Signer,
-    TrustedKeys,
-    cosign,
-)
+from ledger.checkpoint import ED25519, MLDSA65, Checkpoint, Signature, SignedCheckpoint
 from ledger.errors import CheckpointError, CheckpointSignatureError, KeyFileError, LedgerError
+from ledger.keys import Signer, TrustedKeys, cosign
 from ledger.merkle import EMPTY_ROOT
 from ledger.verify import verify_checkpoint
 

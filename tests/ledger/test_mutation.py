@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import pytest
 
 from ledger import merkle
-from ledger.checkpoint import (
-    ED25519,
-    MLDSA65,
-    Checkpoint,
-    Signature,
-    SignedCheckpoint,
-    Signer,
-    TrustedKeys,
-)
+from ledger.checkpoint import ED25519, MLDSA65, Checkpoint, Signature, SignedCheckpoint
 from ledger.errors import LedgerError, VerificationError
+from ledger.keys import Signer, TrustedKeys
 from ledger.leaves import encode_leaf
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.verify import verify_checkpoint, verify_consistency, verify_inclusion
 
 HEX = "cd" * 32
@@ -79,19 +73,19 @@ def test_inclusion_mutations(store: TreeStore, index: int, size: int) -> None:
     for pos in range(len(proof)):
         for m in flips(proof[pos]):
             p = [*proof[:pos], m, *proof[pos + 1 :]]
-            must_raise(lambda p=p: verify_inclusion(lh, index, size, p, root), "proof")
+            must_raise(partial(verify_inclusion, lh, index, size, p, root), "proof")
     for m in flips(root):
-        must_raise(lambda m=m: verify_inclusion(lh, index, size, proof, m), "root")
+        must_raise(partial(verify_inclusion, lh, index, size, proof, m), "root")
     for m in flips(lh):
-        must_raise(lambda m=m: verify_inclusion(m, index, size, proof, root), "leaf hash")
+        must_raise(partial(verify_inclusion, m, index, size, proof, root), "leaf hash")
     for m in flips(LEAVES[index]):
         h = merkle.leaf_hash(m)
-        must_raise(lambda h=h: verify_inclusion(h, index, size, proof, root), "leaf")
+        must_raise(partial(verify_inclusion, h, index, size, proof, root), "leaf")
     # Each bit of the index's low byte, and a dropped or extra proof element. (The tree size
     # is not bound by an inclusion proof alone, per RFC 9162: the signed checkpoint binds it.)
     for bit in range(8):
         i2 = index ^ (1 << bit)
-        must_raise(lambda i2=i2: verify_inclusion(lh, i2, size, proof, root), "index")
+        must_raise(partial(verify_inclusion, lh, i2, size, proof, root), "index")
     if proof:
         must_raise(lambda: verify_inclusion(lh, index, size, proof[:-1], root), "short")
     must_raise(lambda: verify_inclusion(lh, index, size, [*proof, root], root), "long")
@@ -105,11 +99,11 @@ def test_consistency_mutations(store: TreeStore, first: int, second: int) -> Non
     for pos in range(len(proof)):
         for m in flips(proof[pos]):
             p = [*proof[:pos], m, *proof[pos + 1 :]]
-            must_raise(lambda p=p: verify_consistency(first, second, p, r1, r2), "proof")
+            must_raise(partial(verify_consistency, first, second, p, r1, r2), "proof")
     for m in flips(r1):
-        must_raise(lambda m=m: verify_consistency(first, second, proof, m, r2), "first root")
+        must_raise(partial(verify_consistency, first, second, proof, m, r2), "first root")
     for m in flips(r2):
-        must_raise(lambda m=m: verify_consistency(first, second, proof, r1, m), "second root")
+        must_raise(partial(verify_consistency, first, second, proof, r1, m), "second root")
     must_raise(lambda: verify_consistency(first, second, proof[:-1], r1, r2), "short")
 
 
@@ -127,7 +121,7 @@ def test_checkpoint_body_mutations(signed: SignedCheckpoint, trusted: TrustedKey
     verify_checkpoint(signed, trusted)
     body = signed.body()
     for m in flips(body):
-        must_raise(lambda m=m: _verify_body(m, signed.signatures, trusted), "body")
+        must_raise(partial(_verify_body, m, signed.signatures, trusted), "body")
 
 
 def _with_sig(signed: SignedCheckpoint, pos: int, sig: bytes) -> SignedCheckpoint:
@@ -143,7 +137,7 @@ def test_ed25519_signature_every_bit(signed: SignedCheckpoint, trusted: TrustedK
             continue
         for m in flips(s.sig):
             bad = _with_sig(signed, pos, m)
-            must_raise(lambda bad=bad: verify_checkpoint(bad, trusted), "ed25519")
+            must_raise(partial(verify_checkpoint, bad, trusted), "ed25519")
 
 
 def test_mldsa_signature_every_byte(signed: SignedCheckpoint, trusted: TrustedKeys) -> None:
@@ -154,7 +148,7 @@ def test_mldsa_signature_every_byte(signed: SignedCheckpoint, trusted: TrustedKe
         if s.alg != MLDSA65:
             continue
         for m in one_flip_per_byte(s.sig):
-            must_raise(lambda m=m, s=s: trusted.verify(s.key_name, s.alg, m, body), "ml-dsa-65")
+            must_raise(partial(trusted.verify, s.key_name, s.alg, m, body), "ml-dsa-65")
 
 
 @pytest.mark.slow
@@ -163,7 +157,7 @@ def test_mldsa_signature_every_bit(signed: SignedCheckpoint, trusted: TrustedKey
     assert s.alg == MLDSA65
     for m in flips(s.sig):
         bad = _with_sig(signed, 1, m)
-        must_raise(lambda bad=bad: verify_checkpoint(bad, trusted), "ml-dsa-65")
+        must_raise(partial(verify_checkpoint, bad, trusted), "ml-dsa-65")
 
 
 def test_serialised_checkpoint_mutations(signed: SignedCheckpoint, trusted: TrustedKeys) -> None:

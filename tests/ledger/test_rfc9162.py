@@ -1,4 +1,4 @@
-"""RFC 9162 conformance of ledger.merkle, ledger.tiles and ledger.verify.
+"""RFC 9162 conformance of ledger.merkle, ledger.stored_tree and ledger.verify.
 
 The reference code in this file is written from the RFC's text (section 2.1.1 MTH, 2.1.3.1 PATH,
 2.1.3.2 inclusion verification, 2.1.4.1 PROOF/SUBPROOF, 2.1.4.2 consistency verification),
@@ -16,7 +16,7 @@ import pytest
 
 from ledger import merkle
 from ledger.errors import ConsistencyProofError, InclusionProofError, TreeRangeError
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.verify import root_from_inclusion_proof, verify_consistency, verify_inclusion
 
 MAX = 300

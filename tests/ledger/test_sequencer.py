@@ -1,57 +1,25 @@
 """Group commit and multi-writer behaviour of the Ledger over an in-memory log.
 
-The in-memory log here is a unit-test stand-in with the LogBackend semantics (conditional append,
-msg-id de-duplication); the real FileLog and JetStream log run the same Ledger in
-tests/gateway (both profiles) and their own contract tests.
+The in-memory log (tests/fakes.py) is a unit-test stand-in with the LogBackend semantics
+(conditional append, msg-id de-duplication); the real FileLog and JetStream log run the same
+Ledger in tests/gateway (both profiles) and their own contract tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.backends.protocols import LogEntry
-from gateway.errors import LogConflictError
-from ledger.checkpoint import Signer, TrustedKeys
 from ledger.errors import CheckpointError, CheckpointSignatureError
+from ledger.keys import Signer, TrustedKeys
 from ledger.merkle import leaf_hash, root
 from ledger.sequencer import LeafDraft, Ledger
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 from ledger.verify import verify_inclusion
-
-
-class MemoryLog:
-    """Conditional append + msg-id dedup, in memory; ``delay`` widens race windows."""
-
-    name = "memory"
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.messages: list[bytes] = []
-        self.ids: dict[str, int] = {}
-        self.delay = delay
-
-    async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
-        await asyncio.sleep(self.delay)
-        if msg_id in self.ids:
-            return self.ids[msg_id]
-        if expected_last_seq != len(self.messages):
-            raise LogConflictError(expected_last_seq, len(self.messages), backend="memory")
-        self.messages.append(data)
-        self.ids[msg_id] = len(self.messages)
-        return len(self.messages)
-
-    async def last_seq(self) -> int:
-        return len(self.messages)
-
-    async def read(self, start_seq: int = 1) -> AsyncIterator[LogEntry]:
-        for i in range(start_seq - 1, len(self.messages)):
-            yield LogEntry(i + 1, self.messages[i])
-
+from tests.fakes import CancellationSwallowingLog, MemoryLog
 
 SIGNERS = {name: Signer.generate(name) for name in ("hosp-a", "clinic-b")}
 TRUST = TrustedKeys.of(SIGNERS.values())
@@ -106,7 +74,7 @@ async def test_two_writers_racing_derive_identical_trees() -> None:
     c = make(log, "hosp-a")
     await c.catch_up()
     assert c.tree.root(60) == a.tree.root(60)
-    all_leaves = []
+    all_leaves: list[bytes] = []
     async for entry in log.read():
         from ledger.batch import decode_batch
 
@@ -199,17 +167,7 @@ async def test_stop_returns_even_if_the_followers_cancellation_is_lost() -> None
     """Python 3.11's ``wait_for`` (inside the NATS client's requests) swallows a cancellation
     that arrives as its answer does; the follower must end anyway, or stop waits for ever."""
 
-    class Swallowing(MemoryLog):
-        inside = asyncio.Event()
-
-        async def last_seq(self) -> int:
-            self.inside.set()
-            # The answer arrives as the task is cancelled: the cancellation is lost.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(0.05)
-            return await super().last_seq()
-
-    log = Swallowing()
+    log = CancellationSwallowingLog()
     ledger = make(log)
     await ledger.start(follow_interval=0.01)
     await log.inside.wait()

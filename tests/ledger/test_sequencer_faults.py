@@ -1,6 +1,6 @@
 """The ledger's writer under log failures: lost acknowledgements, outages, give-up.
 
-Uses the in-memory log of test_sequencer (LogBackend semantics) with injected failures; the
+Uses the in-memory log of tests/fakes.py (LogBackend semantics) with injected failures; the
 same scenarios against a real 3-node JetStream cluster are in tests/services/test_ledger_faults.py.
 """
 
@@ -8,32 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import BackendError, LogUnavailableError
+from gateway.errors import BackendError
 from ledger.sequencer import LedgerUnavailableError
-from tests.ledger.test_sequencer import MemoryLog, make
-
-
-class FlakyLog(MemoryLog):
-    """Fails the next ``fail`` appends; with ``land`` the failed append is stored anyway (an
-    acknowledgement lost on the way back)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fail = 0
-        self.land = False
-        self.calls = 0
-        self.final = False  # fail with an error that is not "unavailable"
-
-    async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
-        self.calls += 1
-        if self.fail:
-            self.fail -= 1
-            if self.land:
-                await super().append(data, expected_last_seq=expected_last_seq, msg_id=msg_id)
-            if self.final:
-                raise BackendError("message refused", backend="flaky")
-            raise LogUnavailableError("leader lost", backend="flaky")
-        return await super().append(data, expected_last_seq=expected_last_seq, msg_id=msg_id)
+from tests.fakes import FlakyLog, MemoryLog
+from tests.ledger.test_sequencer import make
 
 
 async def test_outage_shorter_than_the_window_is_absorbed() -> None:

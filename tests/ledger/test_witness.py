@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from ledger import merkle
-from ledger.checkpoint import Checkpoint, SignedCheckpoint, Signer, TrustedKeys
+from ledger.checkpoint import Checkpoint, SignedCheckpoint
 from ledger.errors import CheckpointSignatureError, SplitViewError
-from ledger.tiles import TreeStore
+from ledger.keys import Signer, TrustedKeys
+from ledger.stored_tree import TreeStore
 from ledger.witness import Witness, WitnessState, count_cosigners, is_final
 
 ORIGIN = "alliance.example/ledger"

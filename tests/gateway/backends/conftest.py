@@ -16,6 +16,7 @@ from gateway.backends.keys_file import FileKeyStore
 from gateway.backends.keys_redis import RedisKeyStore
 from gateway.backends.log_file import FileLog
 from gateway.backends.log_jetstream import JetStreamLog
+from gateway.backends.protocols import BlobStore, StateStore
 from gateway.backends.state_memory import MemoryStateStore
 from gateway.backends.state_redis import RedisStateStore
 
@@ -35,7 +36,7 @@ def _services(request: pytest.FixtureRequest, impl: str) -> Any:
 @pytest.fixture
 async def blobs(impl: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     s = _services(request, impl)
-    store = (
+    store: BlobStore = (
         LocalBlobStore(directory=tmp_path / "blocks")
         if s is None
         else KuboBlobStore(base_url=s.kubo_url)
@@ -62,7 +63,7 @@ async def log(impl: str, tmp_path: Path, request: pytest.FixtureRequest) -> Asyn
 @pytest.fixture
 async def state(impl: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     s = _services(request, impl)
-    store = (
+    store: StateStore = (
         MemoryStateStore()
         if s is None
         else RedisStateStore(url=s.redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.message
 import email.parser
 import os
 
@@ -16,7 +17,10 @@ def test_multipart_body_carries_the_file_exactly() -> None:
     msg = email.parser.BytesParser().parsebytes(
         f"Content-Type: {content_type}\r\n\r\n".encode() + body
     )
-    (part,) = msg.get_payload()
+    parts = msg.get_payload()
+    assert isinstance(parts, list)
+    (part,) = parts
+    assert isinstance(part, email.message.Message)
     assert part.get_content_type() == "application/vnd.ipld.car"
     assert part.get_param("name", header="content-disposition") == "file"
     assert part.get_filename() == "batch.car"

@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,17 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.app import create_app
+from gateway.backends.blobs_local import LocalBlobStore
 from gateway.backends.protocols import Backends
-from gateway.errors import BackendError, IntegrityError
+from gateway.datadir import DataDir
+from gateway.errors import IntegrityError
 from gateway.hl7.dedup import _key as _dedup_key
 from gateway.mllp.client import MLLPClient
 from gateway.mllp.framing import END, START
 from gateway.runtime import build_backends, load_secrets
 from mappings.v2.convert import convert
 from mappings.v2.parse import parse
+from tests.fakes import FailingBlobs, FailingLog
 from tests.gateway.conftest import auth_headers, settings_for
 
 HL7 = Path(__file__).resolve().parents[3] / "fixtures" / "hl7v2"
@@ -230,38 +233,6 @@ async def test_mllp_send_program_of_the_hl7_package(hl7gw: App, tmp_path: Path) 
     assert b"MSA|AA|" in out or b"MSA|CA|" in out
 
 
-class FailingBlobs:
-    """Wraps a BlobStore; fails every put while ``down`` (a backend outage)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.down, self.name = inner, True, "failing"
-
-    async def put_many(self, blocks: Sequence[bytes]) -> list[str]:
-        if self.down:
-            raise BackendError("injected outage", backend="failing")
-        result: list[str] = await self.inner.put_many(blocks)
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-class FailingLog:
-    """Wraps a LogBackend; fails every append while ``down`` (the ledger's log is out)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.down, self.name = inner, False, "failing-log"
-
-    async def append(self, data: bytes, *, expected_last_seq: int, msg_id: str) -> int:
-        if self.down:
-            raise BackendError("injected outage", backend="failing-log")
-        seq: int = await self.inner.append(data, expected_last_seq=expected_last_seq, msg_id=msg_id)
-        return seq
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 @pytest.mark.parametrize("failing", ["blobs", "log"])
 async def test_backend_outage_gives_ae_then_retry_succeeds(
     profile: str, failing: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -272,7 +243,7 @@ async def test_backend_outage_gives_ae_then_retry_succeeds(
     real = build_backends(settings, master_key=master)
     blobs, log = FailingBlobs(real.blobs), FailingLog(real.log)
     blobs.down = failing == "blobs"
-    backends = Backends(blobs=blobs, log=log, state=real.state, keys=real.keys)  # type: ignore[arg-type]
+    backends = Backends(blobs=blobs, log=log, state=real.state, keys=real.keys)
     app = create_app(settings, backends=backends)
     raw = (HL7 / "oru_r01_lab.hl7").read_bytes()
     async with app.router.lifespan_context(app):
@@ -419,7 +390,7 @@ async def test_hl7_containers_pass_the_audit_and_a_damaged_one_is_named(tmp_path
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "blobs: 2 ciphertexts re-hashed" in ok.stdout
     victim = anchors[0]
-    path = settings.data_dir / "blocks" / victim.cid[-2:] / victim.cid
+    path = LocalBlobStore(directory=DataDir.of(settings).blocks).path_of(victim.cid)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))

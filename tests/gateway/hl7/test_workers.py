@@ -65,6 +65,7 @@ def test_converted_is_the_conversion_plus_original_and_provenance() -> None:
         assert b'"meta"' not in entry.body  # the pipeline sets meta
     patient = next(r for r in converted if r["resourceType"] == "Patient")
     # The fixture's patient carries the master identifier: the pseudonym is its HMAC.
+    assert OPTIONS.master_id_system is not None
     master = next(i for i in patient["identifier"] if i["system"] == OPTIONS.master_id_system)
     assert outcome.patient == pseudonym(KEY, OPTIONS.master_id_system, master["value"])
     # Stable: the same message gives the same container and resource ids.

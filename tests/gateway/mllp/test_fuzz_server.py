@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
+from typing import Literal
 
 from gateway.app import create_app
 from gateway.hl7.ack import acks_to_send, read_header
 from gateway.mllp.client import MLLPClient
 from tests.gateway.conftest import settings_for
+
+OUTCOMES: tuple[Literal["accept", "error", "reject"], ...] = ("accept", "error", "reject")
 
 HL7 = Path(__file__).resolve().parents[3] / "fixtures" / "hl7v2"
 TOTAL = 10_000
@@ -62,7 +65,7 @@ async def test_ten_thousand_mutations_each_get_an_ack_or_a_clean_close(tmp_path:
                 except TimeoutError:
                     # Only a message that asked for no acknowledgement at all may go unanswered.
                     header = read_header(raw)
-                    assert all(not acks_to_send(header, o) for o in ("accept", "error", "reject"))
+                    assert all(not acks_to_send(header, o) for o in OUTCOMES)
                     silent += 1
                     await client.close()
                     client = MLLPClient("127.0.0.1", port, timeout=20)

@@ -8,7 +8,7 @@ import pytest
 
 from ledger import merkle
 from ledger.errors import LedgerError, StoreCorruptionError, TreeRangeError
-from ledger.tiles import TreeStore
+from ledger.stored_tree import TreeStore
 
 HASHES = [merkle.leaf_hash(b"leaf %d" % i) for i in range(1000)]
 
@@ -123,7 +123,7 @@ def test_flipped_byte_is_located(tmp_path: Path, name: str, entry_width: int, en
 
 def test_consistent_rewrite_found_by_rehash(tmp_path: Path) -> None:
     # Rewrite a leaf hash and its checksum together: the CRCs agree, the tree does not.
-    from ledger.tiles import _crc
+    from ledger.stored_tree import _crc
 
     filled(tmp_path, 16).close()
     bin_path, crc_path = tmp_path / "level-00.bin", tmp_path / "level-00.crc"

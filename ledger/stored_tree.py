@@ -1,4 +1,4 @@
-"""Stored tree nodes: the complete subtrees of the Merkle tree, so that proofs cost O(log n).
+"""The stored Merkle tree: the complete subtrees of the tree on disk, so proofs cost O(log n).
 
 :class:`TreeStore` keeps, for every level ``k``, the hashes of all complete subtrees of
 ``2^k`` leaves: level 0 holds the leaf hashes, entry ``i`` of level ``k`` is the hash of
@@ -46,6 +46,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from ledger import merkle
+from ledger.durable import fsync_directory, make_directory, write_durably
 from ledger.errors import LedgerError, StoreCorruptionError, TreeRangeError
 
 H = merkle.HASH_SIZE
@@ -160,7 +161,7 @@ class TreeStore:
         store._read_only = read_only
         try:
             if not read_only:
-                directory.mkdir(parents=True, exist_ok=True)
+                make_directory(directory)
             store._synced_size = _read_synced_size(directory)
             store._load(store._synced_size)
             if not read_only and store._synced_size != store._size:
@@ -438,23 +439,13 @@ class TreeStore:
 
     def _sync_directory(self) -> None:
         assert self._dir is not None
-        fd = os.open(self._dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(self._dir)
 
     def _record_synced_size(self, size: int) -> None:
         """Replace SYNCED_FILE atomically and durably. Raises OSError."""
         assert self._dir is not None
         data = _SIZE.pack(size)
-        tmp = self._dir / (SYNCED_FILE + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data + _crc_of(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._dir / SYNCED_FILE)
-        self._sync_directory()
+        write_durably(self._dir / SYNCED_FILE, data + _crc_of(data))
         self._synced_size = size
 
     def close(self) -> None:
