@@ -19,6 +19,7 @@ import os
 import queue
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -28,6 +29,21 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = ROOT / "fixtures" / "fhir" / "profiles"
+#: The unified dictionary's extension definitions (equivalence, original code, ...), kept with
+#: the dictionary; the validator loads them beside the ledger-receipt extension.
+DICTIONARY_DIR = ROOT / "mappings" / "dictionary"
+
+
+def profile_dirs() -> list[Path]:
+    """Directories of StructureDefinitions the validator loads: the fixtures' profiles and a
+    temporary copy of the dictionary's extension definitions (its other files are not
+    conformance resources the validator should load)."""
+    extra = Path(tempfile.mkdtemp(prefix="validator-profiles-"))
+    for sd in sorted(DICTIONARY_DIR.glob("StructureDefinition-*.json")):
+        shutil.copy(sd, extra / sd.name)
+    return [PROFILES_DIR, extra]
+
+
 INSTALL_SCRIPT = ROOT / "scripts" / "install-validator.sh"
 #: First build: HAPI FHIR from Maven Central (about 150 MB) and a compile.
 BUILD_TIMEOUT_S = 1200.0
@@ -106,7 +122,7 @@ def validator_home() -> Path:
 class ReferenceValidator:
     """One running validator JVM; :meth:`validate` may be called many times."""
 
-    def __init__(self, home: Path, *, profiles: Iterable[Path] = (PROFILES_DIR,)) -> None:
+    def __init__(self, home: Path, *, profiles: Iterable[Path] | None = None) -> None:
         java = shutil.which("java")
         if java is None:
             raise ValidatorUnavailable("no java on PATH")
@@ -121,7 +137,7 @@ class ReferenceValidator:
             f"{home / 'classes'}{os.pathsep}{home / 'lib' / '*'}",
             "alliance.validator.Main",
         ]
-        for directory in profiles:
+        for directory in profile_dirs() if profiles is None else profiles:
             cmd += ["--profiles", str(directory)]
         cmd.append("-")
         try:
