@@ -208,18 +208,20 @@ async def test_sigkill_under_mllp_load_inflight_messages_accepted_at_once_and_st
         facility = parse(HL7_BASE).sending_facility_id or "unknown"
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", timeout=30, headers=bearer(settings)
-        ) as c:
+        ) as http:
             for control_id, raw in acked.items():
                 binary_id = stable_id(options, "Binary", facility, control_id)
-                r = await c.get(f"/fhir/Binary/{binary_id}")
+                r = await http.get(f"/fhir/Binary/{binary_id}")
                 assert r.status_code == 200, (control_id, r.text)
                 assert base64.b64decode(r.json()["data"]) == raw
             size = int(
-                (await c.get("/ledger/checkpoint", params={"final": "false"})).json()["tree_size"]
+                (await http.get("/ledger/checkpoint", params={"final": "false"})).json()[
+                    "tree_size"
+                ]
             )
             records: dict[str, int] = {}
             for start in range(0, size, 1000):
-                page = await c.get("/ledger/leaves", params={"start": start, "end": size})
+                page = await http.get("/ledger/leaves", params={"start": start, "end": size})
                 for data in page.json()["leaves"]:
                     leaf = decode_leaf(base64.b64decode(data))
                     if leaf["kind"] == "record":

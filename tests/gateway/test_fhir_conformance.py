@@ -226,7 +226,7 @@ async def test_every_problem_is_reported_with_its_location(client: httpx.AsyncCl
         "Observation.code.coding[0].system",
     } <= where
     # An element R4B added to an R4 type (ActivityDefinition.subjectCanonical): 422.
-    ad = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
+    ad: dict[str, Any] = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
     ad["extension"] = [{"url": "urn:x", "valueCodeableReference": {"concept": {"text": "x"}}}]
     r = await _post(client, "/fhir/Observation", ad)
     assert r.status_code == 422, r.text

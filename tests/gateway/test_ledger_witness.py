@@ -138,8 +138,8 @@ async def test_checkpoints_become_final_with_a_quorum_of_cosignatures(
     )
     assert reloaded.final_checkpoint() is None
     reloaded._load_final()
-    final = reloaded.final_checkpoint()
-    assert final is not None and final.checkpoint.size == 5
+    loaded = reloaded.final_checkpoint()
+    assert loaded is not None and loaded.checkpoint.size == 5
     # The peers' witness states were persisted before they answered.
     for peer in ("hosp-b", "hosp-c"):
         state = WitnessState.from_bytes(nodes[peer].witness._state_path.read_bytes())

@@ -101,8 +101,8 @@ async def test_receipts_carry_the_cosigned_checkpoint_when_asked(tmp_path: Path)
         # The other gateways derived the same tree and read nothing they should not have.
         final = (await client.get("/ledger/checkpoint")).json()
         assert final["final"] is True
-        other = await httpx.AsyncClient(
+        seen_by_b = await httpx.AsyncClient(
             transport=router, base_url="http://clinic-b", headers=auth_headers(apps["clinic-b"])
         ).get("/ledger/checkpoint", params={"final": "false"})
-        assert other.json()["tree_size"] >= final["tree_size"]
+        assert seen_by_b.json()["tree_size"] >= final["tree_size"]
         await client.aclose()

@@ -387,7 +387,7 @@ async def test_same_glucose_from_two_institutions_reads_back_alike(
     via_hl7 = await gw.pipeline.read_anchor(hl7_obs[0])
     # Institution 2 (CLINIC-E, its LIS code 1001) as a FHIR transaction Bundle from its HIS to
     # its own gateway: the gateway maps it, keyed by the authenticated client's institution.
-    obs = {
+    obs: dict[str, Any] = {
         "resourceType": "Observation",
         "status": "final",
         "code": {"coding": [{"system": CLINIC_E_LIS, "code": "1001", "display": "血糖"}]},

@@ -30,7 +30,7 @@ def _cc(system: str, code: str, display: str | None = None) -> dict[str, Any]:
 
 
 def test_observation_code_value_and_unit(term: Terminology) -> None:
-    obs = {
+    obs: dict[str, Any] = {
         "resourceType": "Observation",
         "id": "o1",
         "status": "final",

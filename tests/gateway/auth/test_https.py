@@ -93,7 +93,9 @@ def test_serve_over_https(tmp_path: Path) -> None:
                 ctx.wrap_socket(raw, server_hostname="localhost") as tls,
             ):
                 assert tls.version() in ("TLSv1.2", "TLSv1.3")
-                name = tls.cipher()[0]
+                cipher = tls.cipher()
+                assert cipher is not None
+                name = cipher[0]
                 assert "GCM" in name or "CHACHA20" in name, name
     finally:
         proc.terminate()

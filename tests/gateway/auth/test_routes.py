@@ -199,7 +199,10 @@ def _right_caller(w: World, method: str, path: str) -> dict[str, str]:
 def _wrong_callers(w: World, method: str, path: str) -> list[tuple[str, dict[str, str], int]]:
     """(case, headers, expected status) for a protected route."""
     kind = ROUTES[(method, path)].kind
-    bearer = lambda t: {"Authorization": f"Bearer {t}"}  # noqa: E731
+
+    def bearer(t: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {t}"}
+
     other_key = TokenService(
         key=b"k" * 32,
         issuer=issuer_of(w.settings),

@@ -363,16 +363,18 @@ async def test_patient_token_from_a_portal(started: FastAPI) -> None:
             "/auth/patient-token", json={"identifier": {"system": "urn:other", "value": "1"}}
         )
         assert r.status_code == 400
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-        mine = await c.get(
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gw"
+    ) as http:
+        mine = await http.get(
             f"/fhir/{obs}", headers={"Authorization": f"Bearer {tokens['HC-3301-0042-7788']}"}
         )
         assert mine.status_code == 200
-        theirs = await c.get(
+        theirs = await http.get(
             f"/fhir/{obs}", headers={"Authorization": f"Bearer {tokens['HC-0000-0000-0000']}"}
         )
         assert theirs.status_code == 403
-        write = await c.post(
+        write = await http.post(
             "/fhir",
             content=json.dumps(demo_bundle()),
             headers={**FHIR, "Authorization": f"Bearer {tokens['HC-3301-0042-7788']}"},

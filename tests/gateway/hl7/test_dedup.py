@@ -60,7 +60,7 @@ async def test_copy_during_the_recording_of_the_acceptance_is_answered_from_memo
 ) -> None:
     """Before the fix ``_recording`` was filled but never read: the copy got InProgress (AE)."""
     slow = SlowSets(state)
-    dedup = Deduplicator(slow, instance="gw-a")  # type: ignore[arg-type]
+    dedup = Deduplicator(slow, instance="gw-a")
     await dedup.start()
     try:
         assert await dedup.begin("HOSPA", "C-1", "h1") == New()
