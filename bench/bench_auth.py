@@ -35,7 +35,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import gateway_env, observation_bundle, pct, start_gateway  # noqa: E402
+from bench.bench_ingest import (  # noqa: E402
+    SCOPE,
+    bench_token,
+    gateway_env,
+    observation_bundle,
+    pct,
+    start_gateway,
+)
 from bench.report import write_section  # noqa: E402
 from gateway.auth.caller import Caller  # noqa: E402
 from gateway.auth.guard import issuer_of, token_key  # noqa: E402
@@ -52,7 +59,6 @@ from gateway.demo import free_port  # noqa: E402
 from tests.services.harness import services_from_env_or_start  # noqa: E402
 
 HL7 = (ROOT / "fixtures" / "hl7v2" / "oru_r01_lab.hl7").read_bytes()
-SCOPE = "system/*.cruds"
 
 
 def _service(data_dir: Path, state: StateStore, institution: str = "bench") -> TokenService:
@@ -143,32 +149,6 @@ def check_cost(iterations: int = 20_000) -> dict[str, float]:
             "cached_us": statistics.median(cached) * 1e6,
             "first_us": statistics.median(first) * 1e6,
         }
-
-
-def bench_token(data_dir: Path, institution: str) -> str:
-    """Register a bench client in the gateway's registry and mint its token (before start)."""
-    settings = Settings(profile="production", data_dir=data_dir, institution=institution)
-    registry = ClientRegistry(registry_path(data_dir))
-    registry.put(
-        ClientRecord(
-            client_id="bench-his", institution=institution, scopes=(SCOPE,), purposes=("TREAT",)
-        )
-    )
-    service = TokenService(
-        key=token_key(settings),
-        issuer=issuer_of(settings),
-        institution=institution,
-        registry=registry,
-        state=MemoryStateStore(),
-    )
-    token, _ = service.mint(
-        client_id="bench-his",
-        institution=institution,
-        kind="system",
-        scopes=parse_scopes(SCOPE),
-        purposes=("TREAT",),
-    )
-    return token
 
 
 async def load_fhir(

@@ -31,6 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import write_section  # noqa: E402
+from gateway.auth.guard import issuer_of, token_key  # noqa: E402
+from gateway.auth.registry import ClientRecord, ClientRegistry, registry_path  # noqa: E402
+from gateway.auth.scopes import parse_scopes  # noqa: E402
+from gateway.auth.tokens import TokenService  # noqa: E402
+from gateway.backends.state_memory import MemoryStateStore  # noqa: E402
+from gateway.config import Settings  # noqa: E402
 from gateway.demo import free_port  # noqa: E402
 from tests.services.harness import services_from_env_or_start  # noqa: E402
 
@@ -70,8 +76,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def load(base: str, seconds: float, clients: int, per_bundle: int) -> dict[str, float]:
-    """Post Bundles from ``clients`` concurrent clients for ``seconds``; return the figures."""
+async def load(
+    base: str, seconds: float, clients: int, per_bundle: int, token: str = ""
+) -> dict[str, float]:
+    """Post Bundles from ``clients`` concurrent clients for ``seconds`` (with ``token`` as
+    their bearer token); return the figures."""
+    headers = {"content-type": "application/fhir+json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     latencies: list[float] = []
     errors = 0
     resources = 0
@@ -85,9 +97,7 @@ async def load(base: str, seconds: float, clients: int, per_bundle: int) -> dict
                 body = json.dumps(observation_bundle(per_bundle, n, seq)).encode()
                 seq += 1
                 t0 = time.perf_counter()
-                r = await c.post(
-                    "/fhir", content=body, headers={"content-type": "application/fhir+json"}
-                )
+                r = await c.post("/fhir", content=body, headers=headers)
                 latencies.append(time.perf_counter() - t0)
                 if r.status_code == 200:
                     resources += per_bundle
@@ -104,6 +114,36 @@ async def load(base: str, seconds: float, clients: int, per_bundle: int) -> dict
         "p99_ms": pct(latencies, 0.99) * 1000,
         "errors": errors,
     }
+
+
+#: What the benchmarks' HIS client may do.
+SCOPE = "system/*.cruds"
+
+
+def bench_token(data_dir: Path, institution: str) -> str:
+    """Register a bench client in the gateway's registry and mint its token (before start)."""
+    settings = Settings(profile="production", data_dir=data_dir, institution=institution)
+    registry = ClientRegistry(registry_path(data_dir))
+    registry.put(
+        ClientRecord(
+            client_id="bench-his", institution=institution, scopes=(SCOPE,), purposes=("TREAT",)
+        )
+    )
+    service = TokenService(
+        key=token_key(settings),
+        issuer=issuer_of(settings),
+        institution=institution,
+        registry=registry,
+        state=MemoryStateStore(),
+    )
+    token, _ = service.mint(
+        client_id="bench-his",
+        institution=institution,
+        kind="system",
+        scopes=parse_scopes(SCOPE),
+        purposes=("TREAT",),
+    )
+    return token
 
 
 def gateway_env(services: Any, profile: str, data_dir: str, **extra: str) -> dict[str, str]:
@@ -269,10 +309,11 @@ async def main() -> None:
                 GATEWAY_INSTITUTION=f"bench-{profile}",
             )
             port = free_port()
+            token = bench_token(Path(f"{tmp}/{profile}"), f"bench-{profile}")
             proc = start_gateway(env, port, Path(tmp) / f"{profile}.log")
             try:
                 result = await load(
-                    f"http://127.0.0.1:{port}", args.seconds, args.clients, args.per_bundle
+                    f"http://127.0.0.1:{port}", args.seconds, args.clients, args.per_bundle, token
                 )
             finally:
                 proc.terminate()
