@@ -23,6 +23,7 @@ from gateway.api import hl7v2 as hl7v2_api
 from gateway.api import imaging as imaging_api
 from gateway.api import ledger as ledger_api
 from gateway.api import ops as ops_api
+from gateway.api import search as search_api
 from gateway.api.common import PayloadTooLargeError, fhir_response
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
@@ -177,6 +178,7 @@ def create_app(
     app.state.hl7 = ingest
     app.state.start_hooks.append(ingest.start)
     app.include_router(ops_api.build_router(gw))
+    app.include_router(search_api.build_router(gw, app))  # before the FHIR router
     app.include_router(fhir_api.build_router(gw))
     app.include_router(ledger_api.build_router(gw))
     app.include_router(hl7v2_api.build_router(ingest))
