@@ -542,9 +542,10 @@ class PostgresIndex:
                         refs += r
                         labels += lb
                     async with conn.cursor() as c:
-                        if supersede:
+                        if versions:
+                            await c.executemany(_pg(_INSERT), versions)
+                        if supersede:  # after the inserts: a batch may supersede its own rows
                             await c.executemany(_pg(_SUPERSEDE), supersede)
-                        await c.executemany(_pg(_INSERT), versions)
                         if tokens:
                             await c.executemany(
                                 _pg("INSERT INTO tokens VALUES (?, ?, ?, ?)"), tokens

@@ -16,7 +16,8 @@ directory, trust authentication on loopback TCP only, no Unix socket, database `
 as the OS user ``postgres`` when the harness runs as root).
 Health: Kubo ``POST /api/v0/id``; NATS ``/healthz`` per node, a JetStream meta leader with two
 peers, and a 3-replica probe stream (``HARNESS_PROBE``) with a leader and two current replicas;
-Redis ``PING``; PostgreSQL a connection and ``SELECT 1``. State lives under the directory given (default ``<repo>/.services``).
+Redis ``PING``; PostgreSQL a connection (creating the ``gateway`` database). State lives under
+the directory given (default ``<repo>/.services``).
 """
 
 from __future__ import annotations
