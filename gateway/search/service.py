@@ -53,9 +53,21 @@ from gateway.search.params import (
 
 Params = Sequence[tuple[str, str]]
 
-#: Parameters that shape the result rather than select records.
+#: Parameters that shape the result rather than select records. ``_total``, ``_totalMethod``
+#: (sent by some clients, e.g. fhirpy's ``count()``), ``_format`` and ``_pretty`` are accepted
+#: and ignored: the total is always exact and the format always JSON.
 CONTROL = frozenset(
-    {"_count", "_sort", "_summary", "_include", "_revinclude", "_total", "_format", "_pretty"}
+    {
+        "_count",
+        "_sort",
+        "_summary",
+        "_include",
+        "_revinclude",
+        "_total",
+        "_totalMethod",
+        "_format",
+        "_pretty",
+    }
 )
 _SORTS: dict[str, Sort] = {
     "date": "date",
