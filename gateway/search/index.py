@@ -272,6 +272,12 @@ class SearchIndex(Protocol):
         """Forget everything indexed of ``custodian`` (before a rebuild). Raises
         BackendError."""
 
+    async def optimize(self) -> None:
+        """Refresh the query planner's statistics (after a bulk load). Raises BackendError."""
+
+    async def indexed(self, custodian: str) -> set[tuple[str, int]]:
+        """Every (record, version) indexed of ``custodian``. Raises BackendError."""
+
 
 _DDL = [
     """CREATE TABLE IF NOT EXISTS versions (
@@ -286,7 +292,7 @@ _DDL = [
     "CREATE TABLE IF NOT EXISTS labels (vid BIGINT NOT NULL, label TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS versions_type ON versions (custodian, rtype, vid)",
     "CREATE INDEX IF NOT EXISTS versions_record ON versions (custodian, record, until_vid)",
-    "CREATE INDEX IF NOT EXISTS versions_patient ON versions (custodian, patient, rtype)",
+    "CREATE INDEX IF NOT EXISTS versions_patient ON versions (custodian, patient, rtype, vid)",
     "CREATE INDEX IF NOT EXISTS versions_date ON versions (custodian, rtype, date_lo)",
     "CREATE INDEX IF NOT EXISTS tokens_code ON tokens (param, code, vid)",
     "CREATE INDEX IF NOT EXISTS tokens_vid ON tokens (vid)",
@@ -298,6 +304,7 @@ _DDL = [
 _CURRENT = (
     "SELECT vid, version FROM versions WHERE custodian = ? AND record = ? AND until_vid IS NULL"
 )
+_INDEXED = "SELECT record, version FROM versions WHERE custodian = ?"
 _SUPERSEDE = "UPDATE versions SET until_vid = ? WHERE vid = ?"
 _INSERT = (
     "INSERT INTO versions (vid, custodian, record, rtype, rid, version, last_updated, patient, "
@@ -347,6 +354,7 @@ class SqliteIndex:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._next = 1
+        self._since_optimize = 0
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -367,6 +375,7 @@ class SqliteIndex:
             self._next = int(db.execute("SELECT COALESCE(max(vid), 0) FROM versions").fetchone()[0])
             self._next += 1
             self._db = db
+            await self.optimize()
         except (sqlite3.Error, OSError) as exc:
             raise BackendError(f"{self.path}: {exc}", backend="search-index") from exc
 
@@ -401,6 +410,7 @@ class SqliteIndex:
                     db.executemany("INSERT INTO refs VALUES (?, ?, ?)", refs)
                     db.executemany("INSERT INTO labels VALUES (?, ?)", labels)
                 db.execute("COMMIT")
+                self._since_optimize += len(entries)
             except BaseException:
                 db.execute("ROLLBACK")
                 self._next = (
@@ -409,10 +419,22 @@ class SqliteIndex:
                 raise
         except sqlite3.Error as exc:
             raise BackendError(f"{self.path}: {exc}", backend="search-index") from exc
+        if self._since_optimize >= max(1000, self._next // 10):
+            self._since_optimize = 0
+            await self.optimize()
 
     async def snapshot(self) -> int:
         """The newest row id. Raises BackendError."""
         return self._next - 1
+
+    async def optimize(self) -> None:
+        """Refresh the planner's statistics (``PRAGMA optimize``, bounded). Raises
+        BackendError."""
+        try:
+            self.db.execute("PRAGMA analysis_limit=2000")
+            self.db.execute("PRAGMA optimize=0x10002")
+        except sqlite3.Error as exc:
+            raise BackendError(f"{self.path}: {exc}", backend="search-index") from exc
 
     def _query(self, sql: str, args: list[Any]) -> list[tuple[Any, ...]]:
         try:
@@ -424,6 +446,11 @@ class SqliteIndex:
         """The page of matches. Raises BackendError."""
         sql, args = compile_query(query)
         return [Hit(*row) for row in self._query(sql, args)]
+
+    async def indexed(self, custodian: str) -> set[tuple[str, int]]:
+        """Every (record, version) indexed of ``custodian``. Raises BackendError."""
+        rows = self._query(_INDEXED, [custodian])
+        return {(str(r), int(v)) for r, v in rows}
 
     async def count(self, query: Query) -> int:
         """How many match. Raises BackendError."""
@@ -458,6 +485,7 @@ class PostgresIndex:
         self._pool: asyncio.Queue[Any] = asyncio.Queue()
         self._all: list[Any] = []
         self._write_lock = asyncio.Lock()
+        self._pending: list[tuple[list[IndexEntry], asyncio.Future[None]]] = []
 
     def _error(self, exc: Exception) -> BackendError:
         return BackendError(f"PostgreSQL: {type(exc).__name__}: {exc}", backend="search-index")
@@ -468,6 +496,7 @@ class PostgresIndex:
 
         try:
             self._writer = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            await self._writer.execute("SET synchronous_commit = off")
             self._all.append(self._writer)
             async with self._writer.transaction():
                 await self._writer.execute("SELECT pg_advisory_xact_lock(7461)")
@@ -492,72 +521,98 @@ class PostgresIndex:
         self._pool = asyncio.Queue()
 
     async def add(self, entries: Sequence[IndexEntry]) -> None:
-        """Index resource versions in one transaction. Raises BackendError."""
+        """Index resource versions. Concurrent calls are group-committed: whoever takes the
+        writer writes everything waiting in one transaction (one commit, one fsync), so index
+        writes keep up with the pipeline's own batching. Raises BackendError."""
+        if self._writer is None:
+            raise BackendError("the search index is not open", backend="search-index")
+        if not entries:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((list(entries), done))
+        async with self._write_lock:
+            if not done.done():
+                batch, self._pending = self._pending, []
+                try:
+                    await self._write([e for group, _ in batch for e in group])
+                except BackendError as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                else:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_result(None)
+        await done
+
+    async def _write(self, entries: Sequence[IndexEntry]) -> None:
         import psycopg
 
-        if not entries or self._writer is None:
-            if self._writer is None:
-                raise BackendError("the search index is not open", backend="search-index")
-            return
         conn = self._writer
-        async with self._write_lock:
-            try:
-                async with conn.transaction():
-                    await conn.execute(
-                        "SELECT pg_advisory_xact_lock(hashtext(%s))", (entries[0].custodian,)
-                    )
-                    cur = await conn.execute(
-                        "SELECT nextval('search_vid') FROM generate_series(1, %s)",
-                        (len(entries),),
-                    )
-                    vids = sorted(int(r[0]) for r in await cur.fetchall())
-                    versions, supersede = [], []
-                    tokens: list[tuple[Any, ...]] = []
-                    refs: list[tuple[Any, ...]] = []
-                    labels: list[tuple[Any, ...]] = []
-                    pending: dict[str, tuple[int, int]] = {}
-                    records = sorted({(e.custodian, e.record) for e in entries})
-                    cur = await conn.execute(
-                        "SELECT record, vid, version FROM versions WHERE custodian = %s "
-                        "AND record = ANY(%s) AND until_vid IS NULL",
-                        (entries[0].custodian, [r for _, r in records]),
-                    )
-                    for record, vid, version in await cur.fetchall():
-                        pending[record] = (int(vid), int(version))
-                    for entry, vid in zip(entries, vids, strict=True):
-                        current = pending.get(entry.record)
-                        until: int | None = None
-                        if current is not None:
-                            if current[1] == entry.version:
-                                continue
-                            if current[1] < entry.version:
-                                supersede.append((vid, current[0]))
-                            else:
-                                until = current[0]
-                        if until is None:
-                            pending[entry.record] = (vid, entry.version)
-                        versions.append(_version_row(entry, vid, until))
-                        t, r, lb = _rows(entry, vid)
-                        tokens += t
-                        refs += r
-                        labels += lb
-                    async with conn.cursor() as c:
-                        if versions:
-                            await c.executemany(_pg(_INSERT), versions)
-                        if supersede:  # after the inserts: a batch may supersede its own rows
-                            await c.executemany(_pg(_SUPERSEDE), supersede)
-                        if tokens:
-                            await c.executemany(
-                                _pg("INSERT INTO tokens VALUES (?, ?, ?, ?)"), tokens
-                            )
-                        if refs:
-                            await c.executemany(_pg("INSERT INTO refs VALUES (?, ?, ?)"), refs)
-                        if labels:
-                            await c.executemany(_pg("INSERT INTO labels VALUES (?, ?)"), labels)
-            except psycopg.Error as exc:
-                raise self._error(exc) from exc
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s))", (entries[0].custodian,)
+                )
+                cur = await conn.execute(
+                    "SELECT nextval('search_vid') FROM generate_series(1, %s)",
+                    (len(entries),),
+                )
+                vids = sorted(int(r[0]) for r in await cur.fetchall())
+                versions, supersede = [], []
+                tokens: list[tuple[Any, ...]] = []
+                refs: list[tuple[Any, ...]] = []
+                labels: list[tuple[Any, ...]] = []
+                pending: dict[str, tuple[int, int]] = {}
+                records = sorted({(e.custodian, e.record) for e in entries})
+                cur = await conn.execute(
+                    "SELECT record, vid, version FROM versions WHERE custodian = %s "
+                    "AND record = ANY(%s) AND until_vid IS NULL",
+                    (entries[0].custodian, [r for _, r in records]),
+                )
+                for record, vid, version in await cur.fetchall():
+                    pending[record] = (int(vid), int(version))
+                for entry, vid in zip(entries, vids, strict=True):
+                    current = pending.get(entry.record)
+                    until: int | None = None
+                    if current is not None:
+                        if current[1] == entry.version:
+                            continue
+                        if current[1] < entry.version:
+                            supersede.append((vid, current[0]))
+                        else:
+                            until = current[0]
+                    if until is None:
+                        pending[entry.record] = (vid, entry.version)
+                    versions.append(_version_row(entry, vid, until))
+                    t, r, lb = _rows(entry, vid)
+                    tokens += t
+                    refs += r
+                    labels += lb
+                async with conn.cursor() as c:
+                    # COPY: one round trip per table however many rows
+                    for table, rows in (
+                        ("versions", versions),
+                        ("tokens", tokens),
+                        ("refs", refs),
+                        ("labels", labels),
+                    ):
+                        if rows:
+                            async with c.copy(f"COPY {table} FROM STDIN") as copy:
+                                for row in rows:
+                                    await copy.write_row(row)
+                    if supersede:  # after the inserts: a batch may supersede its own rows
+                        await c.execute(
+                            "UPDATE versions SET until_vid = d.n FROM (SELECT unnest(%s::bigint[])"
+                            " AS n, unnest(%s::bigint[]) AS o) d WHERE versions.vid = d.o",
+                            ([n for n, _ in supersede], [o for _, o in supersede]),
+                        )
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
 
-    async def _query(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+    async def _query(
+        self, sql: str, args: Sequence[Any], *, rows: bool = True
+    ) -> list[tuple[Any, ...]]:
         import psycopg
 
         if not self._all:
@@ -565,11 +620,17 @@ class PostgresIndex:
         conn = await self._pool.get()
         try:
             cur = await conn.execute(_pg(sql), args)
-            return list(await cur.fetchall())
+            return list(await cur.fetchall()) if rows else []
         except psycopg.Error as exc:
             raise self._error(exc) from exc
         finally:
             self._pool.put_nowait(conn)
+
+    async def optimize(self) -> None:
+        """Refresh the planner's statistics (``ANALYZE``; autovacuum also does it as the
+        tables grow). Raises BackendError."""
+        for table in ("versions", "tokens", "refs", "labels"):
+            await self._query(f"ANALYZE {table}", [], rows=False)
 
     async def snapshot(self) -> int:
         """The newest committed row id. Raises BackendError."""
@@ -580,6 +641,11 @@ class PostgresIndex:
         """The page of matches. Raises BackendError."""
         sql, args = compile_query(query)
         return [Hit(*row) for row in await self._query(sql, args)]
+
+    async def indexed(self, custodian: str) -> set[tuple[str, int]]:
+        """Every (record, version) indexed of ``custodian``. Raises BackendError."""
+        rows = await self._query(_INDEXED, [custodian])
+        return {(str(r), int(v)) for r, v in rows}
 
     async def count(self, query: Query) -> int:
         """How many match. Raises BackendError."""

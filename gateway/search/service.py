@@ -13,6 +13,7 @@ cursors), :class:`gateway.errors.NotFoundError`, :class:`gateway.errors.BackendE
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
@@ -50,6 +51,9 @@ from gateway.search.params import (
     split_values,
     token,
 )
+from gateway.views import RecordAnchor
+
+log = logging.getLogger("gateway.search")
 
 Params = Sequence[tuple[str, str]]
 
@@ -124,11 +128,45 @@ class SearchService:
     # ---- lifecycle and indexing ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the index and index every store from now on. Raises BackendError."""
+        """Open the index, index every store from now on, and catch up with what the ledger
+        holds and the index does not (:meth:`catch_up`). Call after the gateway started (its
+        ledger replayed). Raises BackendError, IntegrityError."""
         await self.index.open()
         if not self._started:
             self.records.add_indexer(self.index_records)
             self._started = True
+        await self.catch_up()
+
+    async def catch_up(self) -> int:
+        """Index the versions of this custodian's records that the ledger has and the index
+        lacks (a crash between a store and its indexing; an index file lost or restored from a
+        backup), read from the blobs. Returns how many. Raises BackendError, IntegrityError."""
+        have = await self.index.indexed(self.institution)
+        missing = [
+            a
+            for a in self.records.index.all_versions()
+            if a.source == self.institution and (a.record, a.version) not in have
+        ]
+        for start in range(0, len(missing), 200):
+            batch = []
+            for anchor in missing[start : start + 200]:
+                resource = await self.records.pipeline.read_anchor(anchor)
+                batch.append(self._entry_of_anchor(anchor, resource))
+            await self.index.add(batch)
+        if missing:
+            log.info("search index caught up", extra={"versions": len(missing)})
+        return len(missing)
+
+    def _entry_of_anchor(self, anchor: RecordAnchor, resource: dict[str, Any]) -> IndexEntry:
+        return extract(
+            resource,
+            custodian=self.institution,
+            record=anchor.record,
+            version=anchor.version,
+            patient=anchor.patient,
+            key=self._pkey,
+            tz=self.tz,
+        )
 
     async def stop(self) -> None:
         """Close the index. Raises nothing."""
@@ -166,17 +204,7 @@ class SearchService:
         batch: list[IndexEntry] = []
         for anchor in anchors:
             resource = await self.records.pipeline.read_anchor(anchor)
-            batch.append(
-                extract(
-                    resource,
-                    custodian=self.institution,
-                    record=anchor.record,
-                    version=anchor.version,
-                    patient=anchor.patient,
-                    key=self._pkey,
-                    tz=self.tz,
-                )
-            )
+            batch.append(self._entry_of_anchor(anchor, resource))
             done += 1
             if len(batch) >= 200:
                 await self.index.add(batch)
@@ -185,6 +213,7 @@ class SearchService:
                 progress(done, len(anchors))
         if batch:
             await self.index.add(batch)
+        await self.index.optimize()
         return done
 
     # ---- parsing ---------------------------------------------------------------------------
