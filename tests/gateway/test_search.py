@@ -15,6 +15,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from gateway.access import AccessDeniedError, AccessRequest, SearchFilter
 from gateway.app import create_app
 from gateway.cli import app as cli_app
 from gateway.errors import InvalidInputError
@@ -421,3 +422,78 @@ def test_lost_index_caught_up_at_start_and_reindex_command(
     assert result.exit_code == 0, result.output
     assert f"reindexed {len(DATA)} record versions" in result.output
     assert asyncio.run(stored_then(urls)) == [sorted(e) for _, e in CASES[:12]]
+
+
+NASTY = [
+    "date=ge",
+    "date=2024-02-30",
+    "_count=-1",
+    "code=",
+    "identifier=",
+    "patient=Patient/",
+    "_sort=",
+    "_include=",
+    "_revinclude=",
+    "patient:Observation=x",
+    "encounter=Observation/1",
+    "_lastUpdated:missing=true",
+    "_cursor=",
+    "_cursor=a.b",
+    "code=a,b,,",
+    "date=ge2024-01-01T25:00",
+    "code:missing=",
+    "patient.birthdate=1",
+    "_summary=true",
+    "_elements=id",
+    "date=eb9999",
+    "date=0000",
+    "_include=Observation:*",
+    "%00=1",
+]
+
+
+async def test_malformed_searches_are_400_never_500(client: httpx.AsyncClient) -> None:
+    await _store(client, DATA[:1])
+    for q in NASTY:
+        resp = await client.get(f"/fhir/Observation?{q}")
+        assert resp.status_code == 400, (q, resp.status_code, resp.text)
+        issue = resp.json()["issue"][0]
+        assert issue["severity"] == "error" and issue["diagnostics"], q
+    resp = await client.post(
+        "/fhir/Observation/_search",
+        content=b"\xff\xfe",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert resp.status_code == 400
+    resp = await client.post(
+        "/fhir/Observation/_search", content=b"{}", headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 415
+    assert (await client.get("/fhir/Patient/p1")).status_code == 200  # still serving
+
+
+async def test_access_filter_applies_before_count_paging_and_include(
+    client: httpx.AsyncClient,
+) -> None:
+    """A policy's SearchFilter is part of the index query: hidden records are not counted,
+    paged or included; a record the filter lets through but a read check denies is left out."""
+    await _store(client, DATA)
+    service: SearchService = client.app.state.search  # type: ignore[attr-defined]
+    p2 = service.records.patient_of("Patient", "p2")
+    assert p2 is not None
+
+    class OnlyP2:
+        async def check(self, caller: object | None, request: AccessRequest) -> None:
+            if request.resource_type == "Patient":
+                raise AccessDeniedError("no patients", interaction=request.interaction)
+
+        async def search_filter(self, caller: object | None) -> SearchFilter:
+            return SearchFilter(patients=frozenset({p2}), types=frozenset({"Observation"}))
+
+    service.policy = OnlyP2()
+    b = await _get(client, "Observation?_count=1&_include=Observation:patient")
+    assert b["total"] == 2 and _ids(b, "include") == []  # Patient is outside the filter
+    assert sorted(await _all_pages(client, "Observation?_count=1")) == ["o4", "o5"]
+    assert (await _get(client, "Observation?code=718-7"))["total"] == 1
+    assert (await _get(client, "Patient?_id=p2"))["total"] == 0  # type filtered out
+    assert await service.find("Observation", [("patient", "p1")]) == []
