@@ -36,8 +36,8 @@ def build_search_service(gw: Gateway) -> SearchService:
 
 
 def _lenient(request: Request) -> bool:
-    prefer = request.headers.get("prefer", "")
-    return any(p.strip() == "handling=lenient" for p in prefer.split(";"))
+    prefer = request.headers.get("prefer", "").replace(",", ";")
+    return any(p.strip().replace(" ", "") == "handling=lenient" for p in prefer.split(";"))
 
 
 def _base(request: Request) -> str:
