@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from gateway.api.common import fhir_response, read_body
 from gateway.errors import InvalidInputError
@@ -20,6 +21,25 @@ from gateway.runtime import Gateway
 from gateway.search import SearchService, open_index
 
 _FORM = "application/x-www-form-urlencoded"
+
+
+class ResourceTypeConvertor(Convertor[str]):
+    """A path segment that can be a FHIR resource type (``Observation``), so the search
+    routes never take ``/fhir/metadata``, ``/fhir/_history`` and the like from the FHIR
+    router behind them."""
+
+    regex = "[A-Z][A-Za-z]{1,63}"
+
+    def convert(self, value: str) -> str:
+        """The type as given."""
+        return value
+
+    def to_string(self, value: str) -> str:
+        """The type as given."""
+        return value
+
+
+register_url_convertor("fhirtype", ResourceTypeConvertor())
 
 
 def build_search_service(gw: Gateway) -> SearchService:
@@ -65,7 +85,7 @@ def build_router(gw: Gateway, app: FastAPI) -> APIRouter:
         )
         return fhir_response(bundle)
 
-    @router.get("/{rtype}")
+    @router.get("/{rtype:fhirtype}")
     async def search_get(rtype: str, request: Request) -> Response:
         bundle = await service.search(
             rtype,
@@ -76,7 +96,7 @@ def build_router(gw: Gateway, app: FastAPI) -> APIRouter:
         )
         return fhir_response(bundle)
 
-    @router.post("/{rtype}/_search")
+    @router.post("/{rtype:fhirtype}/_search")
     async def search_post(rtype: str, request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await read_body(request, gw.settings.max_body_bytes)

@@ -58,8 +58,8 @@ class Refs:
 
 @dataclass(frozen=True, slots=True)
 class Patients:
-    """The record belongs to one of these patient pseudonyms, or its subject is one of
-    ``targets`` (``Patient/id``)."""
+    """The record belongs to one of these patient pseudonyms; when there are none (the patient
+    is not stored here), its subject is one of ``targets`` (``Patient/id``)."""
 
     pseudonyms: Sequence[str]
     targets: Sequence[str] = ()
@@ -146,14 +146,14 @@ def _clause_sql(c: Clause, args: list[Any]) -> str:
     if isinstance(c, Ids):
         return _in("v.rid", c.ids, args)
     if isinstance(c, Patients):
-        parts = [_in("v.patient", c.pseudonyms, args)]
-        if c.targets:
-            parts.append(
-                "EXISTS (SELECT 1 FROM refs r WHERE r.vid = v.vid AND r.param = 'subject' AND "
-                + _in("r.target", c.targets, args)
-                + ")"
-            )
-        return "(" + " OR ".join(parts) + ")"
+        # A patient stored here is matched by pseudonym (indexed: no OR, so the patient index
+        # serves the query); the subject reference is the fallback for one that is not.
+        if c.pseudonyms or not c.targets:
+            return _in("v.patient", c.pseudonyms, args)
+        sub = _in("r.target", c.targets, args)
+        return (
+            f"EXISTS (SELECT 1 FROM refs r WHERE r.vid = v.vid AND r.param = 'subject' AND {sub})"
+        )
     if isinstance(c, Refs):
         args.append(c.param)
         sub = _in("r.target", c.targets, args)

@@ -497,3 +497,10 @@ async def test_access_filter_applies_before_count_paging_and_include(
     assert (await _get(client, "Observation?code=718-7"))["total"] == 1
     assert (await _get(client, "Patient?_id=p2"))["total"] == 0  # type filtered out
     assert await service.find("Observation", [("patient", "p1")]) == []
+
+
+async def test_search_routes_leave_other_fhir_paths_alone(client: httpx.AsyncClient) -> None:
+    resp = await client.get("/fhir/metadata")
+    assert resp.status_code == 200 and resp.json()["resourceType"] == "CapabilityStatement"
+    resp = await client.get("/fhir/observation")  # not a type: not a search
+    assert resp.status_code != 200
