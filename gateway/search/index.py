@@ -469,6 +469,18 @@ class SqliteIndex:
 # ---- PostgreSQL -----------------------------------------------------------------------------
 
 
+_UNNEST_VERSIONS = (
+    "INSERT INTO versions SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], "
+    "%s::text[], %s::text[], %s::int[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], "
+    "%s::bigint[])"
+)
+_UNNEST_TOKENS = (
+    "INSERT INTO tokens SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[])"
+)
+_UNNEST_REFS = "INSERT INTO refs SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[])"
+_UNNEST_LABELS = "INSERT INTO labels SELECT * FROM unnest(%s::bigint[], %s::text[])"
+
+
 def _pg(sql: str) -> str:
     return sql.replace("?", "%s")
 
@@ -546,32 +558,36 @@ class PostgresIndex:
         await done
 
     async def _write(self, entries: Sequence[IndexEntry]) -> None:
+        """One transaction in two pipelined round trips (lock, row ids and the current rows of
+        these records; then every insert and the supersession) plus its commit."""
         import psycopg
 
         conn = self._writer
+        custodian = entries[0].custodian
+        records = sorted({e.record for e in entries})
         try:
             async with conn.transaction():
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(%s))", (entries[0].custodian,)
-                )
-                cur = await conn.execute(
-                    "SELECT nextval('search_vid') FROM generate_series(1, %s)",
-                    (len(entries),),
-                )
-                vids = sorted(int(r[0]) for r in await cur.fetchall())
-                versions, supersede = [], []
+                async with conn.pipeline():
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (custodian,))
+                    ids = await conn.execute(
+                        "SELECT nextval('search_vid') FROM generate_series(1, %s)",
+                        (len(entries),),
+                    )
+                    cur = await conn.execute(
+                        "SELECT record, vid, version FROM versions WHERE custodian = %s "
+                        "AND record = ANY(%s) AND until_vid IS NULL",
+                        (custodian, records),
+                    )
+                vids = sorted(int(r[0]) for r in await ids.fetchall())
+                pending: dict[str, tuple[int, int]] = {
+                    str(record): (int(vid), int(version))
+                    for record, vid, version in await cur.fetchall()
+                }
+                versions: list[tuple[Any, ...]] = []
+                supersede: list[tuple[int, int]] = []
                 tokens: list[tuple[Any, ...]] = []
                 refs: list[tuple[Any, ...]] = []
                 labels: list[tuple[Any, ...]] = []
-                pending: dict[str, tuple[int, int]] = {}
-                records = sorted({(e.custodian, e.record) for e in entries})
-                cur = await conn.execute(
-                    "SELECT record, vid, version FROM versions WHERE custodian = %s "
-                    "AND record = ANY(%s) AND until_vid IS NULL",
-                    (entries[0].custodian, [r for _, r in records]),
-                )
-                for record, vid, version in await cur.fetchall():
-                    pending[record] = (int(vid), int(version))
                 for entry, vid in zip(entries, vids, strict=True):
                     current = pending.get(entry.record)
                     until: int | None = None
@@ -589,20 +605,17 @@ class PostgresIndex:
                     tokens += t
                     refs += r
                     labels += lb
-                async with conn.cursor() as c:
-                    # COPY: one round trip per table however many rows
-                    for table, rows in (
-                        ("versions", versions),
-                        ("tokens", tokens),
-                        ("refs", refs),
-                        ("labels", labels),
+                async with conn.pipeline():
+                    for sql, rows in (
+                        (_UNNEST_VERSIONS, versions),
+                        (_UNNEST_TOKENS, tokens),
+                        (_UNNEST_REFS, refs),
+                        (_UNNEST_LABELS, labels),
                     ):
                         if rows:
-                            async with c.copy(f"COPY {table} FROM STDIN") as copy:
-                                for row in rows:
-                                    await copy.write_row(row)
+                            await conn.execute(sql, [list(col) for col in zip(*rows, strict=True)])
                     if supersede:  # after the inserts: a batch may supersede its own rows
-                        await c.execute(
+                        await conn.execute(
                             "UPDATE versions SET until_vid = d.n FROM (SELECT unnest(%s::bigint[])"
                             " AS n, unnest(%s::bigint[]) AS o) d WHERE versions.vid = d.o",
                             ([n for n, _ in supersede], [o for _, o in supersede]),
