@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Literal
 
 from gateway.errors import InvalidInputError
@@ -107,8 +107,6 @@ def _defs() -> dict[str, dict[str, ParamDef]]:
 
 PARAMS: dict[str, dict[str, ParamDef]] = _defs()
 
-#: Parameters whose values are kept as index date ranges (one per resource).
-DATE_PARAMS = frozenset({"date", "effective", "authored"})
 #: Reference parameters that mean the record's patient (matched by pseudonym).
 PATIENT_PARAMS = frozenset({"patient", "subject"})
 
@@ -165,8 +163,6 @@ def date_range(value: str, tz: tzinfo = UTC) -> tuple[int, int]:
             elif m["tz"]:
                 sign = -1 if m["tz"][0] == "-" else 1
                 hh, mm = int(m["tz"][1:3]), int(m["tz"][4:6])
-                from datetime import timezone
-
                 zone = timezone(sign * timedelta(hours=hh, minutes=mm))
             seconds = int(m["S"] or 0)
             frac = m["f"]
