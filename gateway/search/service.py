@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.access import AccessDeniedError, AccessPolicy, SearchFilter, caller_key
 from gateway.crypto import pseudonym
-from gateway.errors import InvalidInputError, NotFoundError
+from gateway.errors import IntegrityError, InvalidInputError, KeyDestroyedError, NotFoundError
 from gateway.pipeline import StoredRecord
 from gateway.records import RecordService
 from gateway.search.cursor import cursor_key, decode_cursor, encode_cursor
@@ -140,22 +140,44 @@ class SearchService:
     async def catch_up(self) -> int:
         """Index the versions of this custodian's records that the ledger has and the index
         lacks (a crash between a store and its indexing; an index file lost or restored from a
-        backup), read from the blobs. Returns how many. Raises BackendError, IntegrityError."""
+        backup), read from the blobs. Returns how many (an unreadable one is logged and left
+        out). Raises BackendError."""
         have = await self.index.indexed(self.institution)
         missing = [
             a
             for a in self.records.index.all_versions()
             if a.source == self.institution and (a.record, a.version) not in have
         ]
+        done = 0
         for start in range(0, len(missing), 200):
             batch = []
             for anchor in missing[start : start + 200]:
-                resource = await self.records.pipeline.read_anchor(anchor)
-                batch.append(self._entry_of_anchor(anchor, resource))
+                resource = await self._readable(anchor)
+                if resource is not None:
+                    batch.append(self._entry_of_anchor(anchor, resource))
             await self.index.add(batch)
+            done += len(batch)
         if missing:
-            log.info("search index caught up", extra={"versions": len(missing)})
-        return len(missing)
+            log.info("search index caught up", extra={"versions": done})
+        return done
+
+    async def _readable(self, anchor: RecordAnchor) -> dict[str, Any] | None:
+        """The resource of an anchor, or None (logged, by record id and CID only) when its
+        ciphertext fails its check or its key was destroyed: such a record cannot be read, so
+        it is not searchable either, and the rest of the index is still built."""
+        try:
+            return await self.records.pipeline.read_anchor(anchor)
+        except (IntegrityError, KeyDestroyedError) as exc:
+            log.warning(
+                "record not indexed: unreadable",
+                extra={
+                    "record": anchor.record,
+                    "version": anchor.version,
+                    "cid": anchor.cid,
+                    "error": type(exc).__name__,
+                },
+            )
+            return None
 
     def _entry_of_anchor(self, anchor: RecordAnchor, resource: dict[str, Any]) -> IndexEntry:
         return extract(
@@ -197,20 +219,21 @@ class SearchService:
     async def reindex(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Rebuild this custodian's index from the ledger and the blobs (every version, in
         ledger order). ``progress(done, total)`` is called as it goes. Returns how many versions
-        were indexed. Raises BackendError, IntegrityError, KeyDestroyedError."""
+        were indexed (an unreadable one is logged and left out). Raises BackendError."""
         anchors = [a for a in self.records.index.all_versions() if a.source == self.institution]
         await self.index.clear(self.institution)
         done = 0
         batch: list[IndexEntry] = []
-        for anchor in anchors:
-            resource = await self.records.pipeline.read_anchor(anchor)
-            batch.append(self._entry_of_anchor(anchor, resource))
-            done += 1
+        for position, anchor in enumerate(anchors):
+            resource = await self._readable(anchor)
+            if resource is not None:
+                batch.append(self._entry_of_anchor(anchor, resource))
+                done += 1
             if len(batch) >= 200:
                 await self.index.add(batch)
                 batch = []
             if progress is not None:
-                progress(done, len(anchors))
+                progress(position + 1, len(anchors))
         if batch:
             await self.index.add(batch)
         await self.index.optimize()
