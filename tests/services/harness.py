@@ -162,7 +162,10 @@ class Services:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
+                # as that user entirely: its own group, not root's (whose bits would apply)
                 user=user,
+                group=user,
+                extra_groups=[] if user is not None else None,
             )
         self._pidfile(name).write_text(str(proc.pid))
         _CHILDREN[self._pidfile(name)] = proc  # kept so the child is reaped (no zombie)
@@ -486,6 +489,8 @@ cluster {{
                 check=True,
                 capture_output=True,
                 user=user,
+                group=user,
+                extra_groups=[] if user is not None else None,
             )
         self._spawn(
             "postgres",
