@@ -150,6 +150,7 @@ def main() -> None:
                 kubo_url=services.kubo_url,
                 nats_urls=",".join(services.nats_urls),
                 redis_url=services.redis_url,
+                postgres_url=services.postgres_url,
                 nats_stream=f"STAGES{uuid.uuid4().hex[:8].upper()}",
                 redis_prefix=f"stages:{uuid.uuid4().hex[:8]}:",
             )

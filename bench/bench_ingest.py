@@ -157,6 +157,7 @@ def gateway_env(services: Any, profile: str, data_dir: str, **extra: str) -> dic
         GATEWAY_KUBO_URL=services.kubo_url,
         GATEWAY_NATS_URLS=",".join(services.nats_urls),
         GATEWAY_REDIS_URL=services.redis_url,
+        GATEWAY_POSTGRES_URL=services.postgres_url,
         GATEWAY_NATS_STREAM=f"BENCH{uuid.uuid4().hex[:8].upper()}",
         GATEWAY_REDIS_PREFIX=f"bench:{uuid.uuid4().hex[:8]}:",
     )

@@ -33,6 +33,37 @@ class AccessRequest:
     patient: str
 
 
+@dataclass(frozen=True, slots=True)
+class SearchFilter:
+    """What a caller may find, applied by the search index in its query (before counting,
+    paging and ``_include``): only records of these patient pseudonyms, custodians, resource
+    types, and only records whose security labels (``system|code``) are all in ``labels``.
+    None: no restriction on that dimension. The default restricts nothing."""
+
+    patients: frozenset[str] | None = None
+    custodians: frozenset[str] | None = None
+    types: frozenset[str] | None = None
+    labels: frozenset[str] | None = None
+
+    @property
+    def unrestricted(self) -> bool:
+        """Whether this filter lets everything through."""
+        return (self.patients, self.custodians, self.types, self.labels) == (None,) * 4
+
+
+def caller_key(caller: object | None) -> str:
+    """The stable string naming a caller, which search cursors are bound to (``anonymous``
+    for None; else the caller's ``key`` or ``id`` attribute, else its ``str``). Raises
+    nothing."""
+    if caller is None:
+        return "anonymous"
+    for attr in ("key", "id", "client_id"):
+        value = getattr(caller, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return str(caller)
+
+
 class AccessDeniedError(GatewayError):
     """The policy refused the request. ``reason`` says why, for logs and metrics (never
     patient data); a denied read is answered exactly like a missing record."""
@@ -50,9 +81,18 @@ class AccessPolicy(Protocol):
     async def check(self, caller: object | None, request: AccessRequest) -> None:
         """Return to allow; raise AccessDeniedError to deny."""
 
+    async def search_filter(self, caller: object | None) -> SearchFilter:
+        """What ``caller`` may find by search (the index applies it in the query); each
+        record returned is then also checked with :meth:`check` as a read. Raises
+        AccessDeniedError when the caller may not search at all."""
+
 
 class AllowAll:
     """Every request is allowed (no authentication or consent configured)."""
 
     async def check(self, caller: object | None, request: AccessRequest) -> None:
         """Allow."""
+
+    async def search_filter(self, caller: object | None) -> SearchFilter:
+        """No filter."""
+        return SearchFilter()

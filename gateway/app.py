@@ -28,6 +28,7 @@ from gateway.api import hl7v2 as hl7v2_api
 from gateway.api import imaging as imaging_api
 from gateway.api import ledger as ledger_api
 from gateway.api import ops as ops_api
+from gateway.api import search as search_api
 from gateway.api import terminology as terminology_api
 from gateway.api.common import PayloadTooLargeError, fhir_response
 from gateway.auth.errors import AuthError
@@ -217,6 +218,7 @@ def create_app(
     app.include_router(ops_api.build_router(gw))
     app.include_router(terminology_api.build_router(gw))  # before fhir's /fhir/{type}/{id}
     app.include_router(auth_api.build_router(gw, auth))
+    app.include_router(search_api.build_router(gw, app))  # before the FHIR router
     app.include_router(fhir_api.build_router(gw))
     app.include_router(ledger_api.build_router(gw))
     app.include_router(hl7v2_api.build_router(ingest))

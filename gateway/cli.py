@@ -1,5 +1,5 @@
-"""The ``gateway`` command: serve, demo, verify, dictionary (import-csv, remap), clients
-add|list|disable|self, dev-token.
+"""The ``gateway`` command: serve, demo, verify, reindex, dictionary (import-csv, remap),
+clients add|list|disable|self, dev-token.
 
 Every option of ``serve`` is also a ``GATEWAY_*`` environment variable (see gateway.config).
 Exit codes: 0 success, 1 a check failed (verify, demo), 2 bad usage or configuration.
@@ -387,6 +387,25 @@ def dev_token_cmd(
         raise typer.Exit(2) from exc
     typer.echo(f"dev token for {client} ({settings.profile} profile, {settings.data_dir}):")
     typer.echo(token)
+
+
+@app.command()
+def reindex(
+    data_dir: DataDir = None,
+    profile: Annotated[str | None, typer.Option("--profile")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Rebuild the search index from the ledger and the blobs (this institution's records)."""
+    from gateway.search.rebuild import run_reindex
+
+    settings = _settings(config, profile=profile, data_dir=data_dir)
+    configure_logging("WARNING")
+    try:
+        count = asyncio.run(run_reindex(settings, progress=True))
+    except GatewayError as exc:
+        typer.echo(f"reindex: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"reindexed {count} record versions")
 
 
 def main() -> None:

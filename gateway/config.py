@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:16379/0"
     # Key prefix in Redis (default ``gw:<institution>:``): the workers of one gateway share it.
     redis_prefix: str | None = None
+    # The search index of the production profile (the embedded one keeps a SQLite file under
+    # data_dir/search); rows are kept per institution, so gateways may share a database.
+    postgres_url: str = "postgresql://gateway@127.0.0.1:15432/gateway"
 
     # Limits and batching.
     max_body_bytes: int = 4 * 1024 * 1024

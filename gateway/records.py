@@ -263,6 +263,8 @@ class RecordService:
         (stored,) = await self.pipeline.store(
             [RecordInput(tombstone, anchor.patient, deleted=True)]
         )
+        if self._indexers:
+            await self._index([(stored, tombstone)])
         return (await self._stored([stored]))[0]
 
     async def history(

@@ -3,6 +3,8 @@
 #   - Kubo (IPFS), built from the Go module proxy inside a throwaway tools module
 #   - nats-server, built the same way (JetStream)
 #   - redis-server, from Debian
+#   - PostgreSQL (the production profile's search index), from Debian; the test harness runs
+#     its own cluster (initdb into the services directory) as the OS user ``postgres`` when root
 # Binaries are cached by version under $GATEWAY_TOOLS_DIR (default ~/.cache/alliance-gateway/bin),
 # so a second run does not rebuild. Prints the directory holding the binaries on its last line.
 set -euo pipefail
@@ -67,5 +69,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 ln -sf "$(command -v redis-server)" "$TOOLS_DIR/redis-server"
 ln -sf "$(command -v redis-cli)" "$TOOLS_DIR/redis-cli"
+
+if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
+    log "installing postgresql from Debian"
+    if [[ "$(id -u)" == 0 ]]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >&2
+    # Debian's package may start a system cluster on 5432; tests run their own on another port.
+fi
+PG_BIN="$(dirname "$(ls -d /usr/lib/postgresql/*/bin/postgres | sort -V | tail -1)")"
+for tool in initdb postgres pg_ctl; do ln -sf "$PG_BIN/$tool" "$TOOLS_DIR/$tool"; done
 
 echo "$TOOLS_DIR"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start, stop or show the real services on loopback for development and `gateway serve
 # --profile production`: Kubo (API 127.0.0.1:15001), NATS JetStream n1..n3 (127.0.0.1:14222-14224),
-# Redis (127.0.0.1:16379). State and logs under .services/ (addresses in .services/env).
+# Redis (127.0.0.1:16379), PostgreSQL (127.0.0.1:15432). State and logs under .services/ (addresses in .services/env).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 "$ROOT/scripts/bootstrap.sh"

@@ -37,6 +37,7 @@ from gateway.identity import PatientIdentity, fhir_identifiers, patient_identity
 from gateway.pipeline import ReadRecord, RecordInput, StoredRecord
 from gateway.records import HistoryEntry, LinkReason
 from gateway.runtime import Gateway
+from gateway.search.params import search_params_of
 from mappings.v2.datatypes import facility_system
 
 FHIR_VERSION = "4.0.1"
@@ -63,6 +64,30 @@ SUPPORTED_TYPES = (
 )
 
 
+def _capability_of(rtype: str) -> dict[str, Any]:
+    """One type's entry in the CapabilityStatement: exactly the interactions, search
+    parameters and operations that work."""
+    codes = ["read", "vread", "create", "update", "delete", "history-instance", "history-type"]
+    params = search_params_of(rtype)
+    if params:
+        codes.append("search-type")
+    out: dict[str, Any] = {
+        "type": rtype,
+        "interaction": [{"code": c} for c in codes],
+        "versioning": "versioned",
+    }
+    if params:
+        out["searchParam"] = params
+    if rtype == "Patient":
+        out["operation"] = [
+            {
+                "name": "everything",
+                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+            }
+        ]
+    return out
+
+
 def capability_statement(gw: Gateway) -> dict[str, Any]:
     """The CapabilityStatement served at /fhir/metadata."""
     return {
@@ -77,25 +102,7 @@ def capability_statement(gw: Gateway) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "resource": [
-                    {
-                        "type": t,
-                        "interaction": [
-                            {"code": c}
-                            for c in (
-                                "read",
-                                "vread",
-                                "create",
-                                "update",
-                                "delete",
-                                "history-instance",
-                                "history-type",
-                            )
-                        ],
-                        "versioning": "versioned",
-                    }
-                    for t in SUPPORTED_TYPES
-                ],
+                "resource": [_capability_of(t) for t in SUPPORTED_TYPES],
                 "interaction": [{"code": "transaction"}, {"code": "batch"}],
             }
         ],

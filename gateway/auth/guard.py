@@ -18,7 +18,7 @@ from pathlib import Path
 from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.access import AccessRequest
+from gateway.access import AccessRequest, SearchFilter
 from gateway.auth.caller import Caller
 from gateway.auth.errors import AuthError, ForbiddenError
 from gateway.auth.policy import authorize, check_patient, rule_for
@@ -158,6 +158,13 @@ class CallerPolicy:
     def __init__(self, auth: Authenticator, links: PatientLinks) -> None:
         self._auth = auth
         self._links = links
+
+    async def search_filter(self, caller: object | None) -> SearchFilter:
+        """A patient token finds only its patient's records (every linked pseudonym);
+        others are not restricted here (each returned record is still checked as a read)."""
+        if isinstance(caller, Caller) and caller.kind == "patient" and caller.patient:
+            return SearchFilter(patients=self._links.all_of(caller.patient))
+        return SearchFilter()
 
     async def check(self, caller: object | None, request: AccessRequest) -> None:
         """Refuse a patient token reaching another patient's record."""

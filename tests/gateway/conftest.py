@@ -55,6 +55,7 @@ def settings_for(
             kubo_url=services.kubo_url,
             nats_urls=",".join(services.nats_urls),
             redis_url=services.redis_url,
+            postgres_url=services.postgres_url,
             nats_stream=f"T{uuid.uuid4().hex[:12].upper()}",
             redis_prefix=f"test:{uuid.uuid4().hex[:12]}:",
         )

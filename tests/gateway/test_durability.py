@@ -39,6 +39,7 @@ def _env_for(settings: Any) -> dict[str, str]:
         "kubo_url",
         "nats_urls",
         "redis_url",
+        "postgres_url",
         "nats_stream",
         "redis_prefix",
     ):

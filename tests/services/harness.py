@@ -10,10 +10,14 @@ else on the machine is disturbed; every process started is recorded in a pid fil
 Ports (127.0.0.1 only; all shifted by ``--port-offset`` / ``GATEWAY_SERVICES_PORT_OFFSET``):
 Kubo RPC 15001, Kubo swarm 15002 (no HTTP gateway, no bootstrap, ``daemon --offline``);
 NATS clients 14222-14224, cluster routes 16222-16224, monitoring 18222-18224 (nodes n1..n3,
-``jetstream { sync_interval: always }``); Redis 16379 (``appendonly yes``, ``appendfsync always``).
+``jetstream { sync_interval: always }``); Redis 16379 (``appendonly yes``, ``appendfsync always``);
+PostgreSQL 15432 (the production search index: its own cluster, initdb into the services
+directory, trust authentication on loopback TCP only, no Unix socket, database ``gateway``, run
+as the OS user ``postgres`` when the harness runs as root).
 Health: Kubo ``POST /api/v0/id``; NATS ``/healthz`` per node, a JetStream meta leader with two
 peers, and a 3-replica probe stream (``HARNESS_PROBE``) with a leader and two current replicas;
-Redis ``PING``. State lives under the directory given (default ``<repo>/.services``).
+Redis ``PING``; PostgreSQL a connection (creating the ``gateway`` database). State lives under
+the directory given (default ``<repo>/.services``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ NATS_CLIENT_PORTS = (14222, 14223, 14224)
 NATS_CLUSTER_PORTS = (16222, 16223, 16224)
 NATS_MONITOR_PORTS = (18222, 18223, 18224)
 REDIS_PORT = 16379
+POSTGRES_PORT = 15432
 NODES = ("n1", "n2", "n3")
 PROBE_STREAM = "HARNESS_PROBE"
 
@@ -61,6 +66,22 @@ def _bin(name: str) -> str:
     if found is None:
         raise ServiceError(f"{name} not found: run scripts/install-services.sh first")
     return found
+
+
+def _postgres_bin() -> Path:
+    """The directory of the PostgreSQL server binaries (Debian: /usr/lib/postgresql/<v>/bin)."""
+    linked = BIN_DIR / "postgres"
+    if linked.exists():
+        return linked.resolve().parent
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3])
+    )
+    if found:
+        return found[-1].parent
+    on_path = shutil.which("postgres")
+    if on_path is None:
+        raise ServiceError("postgres not found: run scripts/install-services.sh first")
+    return Path(on_path).resolve().parent
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -101,12 +122,16 @@ class Services:
     kubo_url: str = ""
     nats_urls: list[str] = field(default_factory=list)
     redis_url: str = ""
+    postgres_url: str = ""
 
     def __post_init__(self) -> None:
         o = self.port_offset
         self.kubo_url = self.kubo_url or f"http://127.0.0.1:{KUBO_API_PORT + o}"
         self.nats_urls = self.nats_urls or [f"nats://127.0.0.1:{p + o}" for p in NATS_CLIENT_PORTS]
         self.redis_url = self.redis_url or f"redis://127.0.0.1:{REDIS_PORT + o}/0"
+        self.postgres_url = (
+            self.postgres_url or f"postgresql://gateway@127.0.0.1:{POSTGRES_PORT + o}/gateway"
+        )
 
     def port(self, base: int) -> int:
         """The port this set of services uses for the documented ``base`` port."""
@@ -120,7 +145,13 @@ class Services:
     def _log(self, name: str) -> Path:
         return self.directory / "logs" / f"{name}.log"
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+    def _spawn(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        user: str | None = None,
+    ) -> int:
         self._log(name).parent.mkdir(parents=True, exist_ok=True)
         self._pidfile(name).parent.mkdir(parents=True, exist_ok=True)
         with self._log(name).open("ab") as log:
@@ -131,6 +162,10 @@ class Services:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
+                # as that user entirely: its own group, not root's (whose bits would apply)
+                user=user,
+                group=user,
+                extra_groups=[] if user is not None else None,
             )
         self._pidfile(name).write_text(str(proc.pid))
         _CHILDREN[self._pidfile(name)] = proc  # kept so the child is reaped (no zombie)
@@ -418,6 +453,83 @@ cluster {{
         """Stop Redis."""
         self._stop("redis")
 
+    # -- PostgreSQL ------------------------------------------------------------------------
+
+    def start_postgres(self) -> None:
+        """Initialise (once) and start a PostgreSQL cluster on its own port, loopback TCP only
+        with trust authentication; create the ``gateway`` database; wait until it answers."""
+        pg_bin = _postgres_bin()
+        d = self.directory / "postgres"
+        data = d / "data"
+        user = "postgres" if os.geteuid() == 0 else None
+        if not (data / "PG_VERSION").exists():
+            d.mkdir(parents=True, exist_ok=True)
+            if user is not None:
+                # The postgres user must reach its directory: traverse-only on the parents.
+                for parent in (self.directory, *self.directory.parents):
+                    if parent == Path("/"):
+                        break
+                    mode = parent.stat().st_mode
+                    if not mode & 0o001:
+                        os.chmod(parent, mode | 0o001)
+                shutil.chown(d, user, user)
+            subprocess.run(
+                [
+                    str(pg_bin / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "gateway",
+                    "--auth-host=trust",
+                    "--auth-local=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                ],
+                check=True,
+                capture_output=True,
+                user=user,
+                group=user,
+                extra_groups=[] if user is not None else None,
+            )
+        self._spawn(
+            "postgres",
+            [
+                str(pg_bin / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.port(POSTGRES_PORT)),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "max_connections=200",
+            ],
+            user=user,
+        )
+        self._wait("postgres", self._postgres_ready, 60)
+
+    def _postgres_ready(self) -> bool:
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise ServiceError("psycopg is not installed (pip install -e '.[dev]')") from exc
+        admin = self.postgres_url.rsplit("/", 1)[0] + "/postgres"
+        try:
+            with psycopg.connect(admin, connect_timeout=2, autocommit=True) as conn:
+                found = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'gateway'")
+                if found.fetchone() is None:
+                    conn.execute("CREATE DATABASE gateway")
+            return True
+        except psycopg.Error:
+            return False
+
+    def stop_postgres(self) -> None:
+        """Stop PostgreSQL (fast shutdown: SIGINT)."""
+        self._stop("postgres", signal.SIGINT)
+
     def stop_kubo(self) -> None:
         """Stop Kubo."""
         self._stop("kubo")
@@ -436,13 +548,14 @@ cluster {{
 
     def start(self) -> None:
         """Start every service; stop them all again if one fails."""
-        bases = [KUBO_API_PORT, KUBO_SWARM_PORT, REDIS_PORT, *NATS_CLIENT_PORTS]
+        bases = [KUBO_API_PORT, KUBO_SWARM_PORT, REDIS_PORT, POSTGRES_PORT, *NATS_CLIENT_PORTS]
         bases += [*NATS_CLUSTER_PORTS, *NATS_MONITOR_PORTS]
         busy = [self.port(p) for p in bases if _port_open(self.port(p))]
         if busy:
             raise ServiceError(f"ports already in use: {busy} (services already running?)")
         try:
             self.start_redis()
+            self.start_postgres()
             self.start_nats()
             self.start_kubo()
         except BaseException:
@@ -452,7 +565,7 @@ cluster {{
 
     def all_running(self) -> bool:
         """Whether every service process recorded here is alive."""
-        names = ["kubo", "redis", *(f"nats-{n}" for n in NODES)]
+        names = ["kubo", "redis", "postgres", *(f"nats-{n}" for n in NODES)]
         return all(self.pid(n) is not None for n in names)
 
     def stop(self) -> None:
@@ -461,6 +574,7 @@ cluster {{
         for name in NODES:
             self._stop(f"nats-{name}")
         self._stop("redis")
+        self._stop("postgres", signal.SIGINT)
 
     def write_env(self) -> Path:
         """Write the addresses as an env file for scripts and tests."""
@@ -469,6 +583,7 @@ cluster {{
             f"GATEWAY_KUBO_URL={self.kubo_url}\n"
             f"GATEWAY_NATS_URLS={','.join(self.nats_urls)}\n"
             f"GATEWAY_REDIS_URL={self.redis_url}\n"
+            f"GATEWAY_POSTGRES_URL={self.postgres_url}\n"
             f"GATEWAY_SERVICES_DIR={self.directory}\n"
             f"GATEWAY_SERVICES_PORT_OFFSET={self.port_offset}\n"
         )
@@ -484,6 +599,7 @@ cluster {{
             kubo_url=values["GATEWAY_KUBO_URL"],
             nats_urls=values["GATEWAY_NATS_URLS"].split(","),
             redis_url=values["GATEWAY_REDIS_URL"],
+            postgres_url=values.get("GATEWAY_POSTGRES_URL", ""),
         )
 
 
@@ -529,7 +645,7 @@ def main() -> int:
         services.stop()
         print("services stopped")
     else:
-        names = ["kubo", "redis", *(f"nats-{n}" for n in NODES)]
+        names = ["kubo", "redis", "postgres", *(f"nats-{n}" for n in NODES)]
         for name in names:
             print(
                 f"{name:10} "

@@ -77,11 +77,11 @@ def test_start_then_stop_leaves_no_process(tmp_path: Path) -> None:
         own.start()
     except ServiceError as exc:
         pytest.fail(f"harness could not start a second set of services: {exc}")
-    names = ["kubo", "redis", *(f"nats-{n}" for n in NODES)]
+    names = ["kubo", "redis", "postgres", *(f"nats-{n}" for n in NODES)]
     try:
         pids = {n: own.pid(n) for n in names}
         assert all(pids.values()), pids
-        assert (tmp_path / "svc" / "env").read_text().count("GATEWAY_") == 5
+        assert (tmp_path / "svc" / "env").read_text().count("GATEWAY_") == 6
         own.stop_node("n2", signal.SIGKILL)
         assert own.pid("nats-n2") is None
         own.start_node("n2")
@@ -93,6 +93,7 @@ def test_start_then_stop_leaves_no_process(tmp_path: Path) -> None:
         own.stop()
     assert not any(_alive(pid) for pid in pids.values() if pid)
     assert not _listening(own.kubo_url) and not _listening(own.redis_url)
+    assert not _listening(own.postgres_url.replace("gateway@", ""))
     assert not any(_listening(u) for u in own.nats_urls)
     assert not list((tmp_path / "svc" / "pids").iterdir())
 

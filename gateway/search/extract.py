@@ -1,0 +1,195 @@
+"""What the search index keeps of one resource version (:class:`IndexEntry`), taken from it once
+when it is stored.
+
+Kept: type, id, version, lastUpdated, the patient pseudonym (from the record's anchor), codes
+and categories as ``system|code`` tokens, status, identifiers as HMAC pseudonyms
+(:func:`gateway.crypto.pseudonym`; each also under a system-less pseudonym so it can be searched
+without its system), the clinical date as a ``[low, high)`` range, references as ``Type/id``
+and the security labels. Not kept: names, addresses, telecoms, birth dates, identifier values,
+free text, values.
+
+Raises nothing for odd resources: what does not parse is not indexed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, tzinfo
+from typing import Any
+
+from gateway.crypto import pseudonym
+from gateway.errors import InvalidInputError
+from gateway.search.params import PARAMS, date_range
+
+#: System under which an identifier's system-less pseudonym is kept (an ``identifier=value``
+#: search); identifiers that have no system are also kept under ``""`` (``identifier=|value``).
+ANY_SYSTEM = "#"
+
+_REF = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+
+
+@dataclass(slots=True)
+class IndexEntry:
+    """One resource version as the index keeps it (see the module docstring)."""
+
+    custodian: str
+    record: str
+    resource_type: str
+    resource_id: str
+    version: int
+    last_updated: int  # microseconds since the epoch
+    patient: str
+    date_lo: int | None = None
+    date_hi: int | None = None
+    tokens: list[tuple[str, str, str]] = field(default_factory=list)  # (param, system, code)
+    refs: list[tuple[str, str]] = field(default_factory=list)  # (param, "Type/id")
+    labels: list[str] = field(default_factory=list)  # "system|code" of meta.security
+
+
+def reference_of(value: Any) -> str | None:
+    """``Type/id`` of a FHIR Reference (relative, absolute or versioned), or None."""
+    ref = value.get("reference") if isinstance(value, dict) else None
+    if not isinstance(ref, str):
+        return None
+    m = _REF.search(ref)
+    return f"{m[1]}/{m[2]}" if m else None
+
+
+def _codings(value: Any) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for cc in value if isinstance(value, list) else [value]:
+        if isinstance(cc, str):  # a plain code (AllergyIntolerance.category)
+            out.append(("", cc))
+            continue
+        if not isinstance(cc, dict):
+            continue
+        for c in cc.get("coding") or []:
+            if isinstance(c, dict) and isinstance(c.get("code"), str):
+                out.append((str(c.get("system") or ""), c["code"]))
+    return out
+
+
+def _range(value: Any, tz: tzinfo) -> tuple[int | None, int | None] | None:
+    try:
+        if isinstance(value, str):
+            return date_range(value, tz)
+        if isinstance(value, dict):  # Period
+            start, end = value.get("start"), value.get("end")
+            lo = date_range(start, tz)[0] if isinstance(start, str) else None
+            hi = date_range(end, tz)[1] if isinstance(end, str) else None
+            if lo is None and hi is None:
+                return None
+            return lo, hi
+    except InvalidInputError:
+        return None
+    return None
+
+
+_DATE_PATHS = {
+    "Observation": ("effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued"),
+    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod", "issued"),
+    "Encounter": ("period",),
+    "Condition": ("onsetDateTime", "onsetPeriod", "recordedDate"),
+    "Procedure": ("performedDateTime", "performedPeriod"),
+    "ServiceRequest": ("authoredOn",),
+    "MedicationRequest": ("authoredOn",),
+    "AllergyIntolerance": ("onsetDateTime", "recordedDate"),
+    "ImagingStudy": ("started",),
+    "DocumentReference": ("date",),
+    "Specimen": ("receivedTime",),
+}
+
+_CODE_PATHS = {"MedicationRequest": "medicationCodeableConcept"}
+
+
+def clinical_date(resource: dict[str, Any], tz: tzinfo = UTC) -> tuple[int | None, int | None]:
+    """The resource's clinical date range (``[low, high)``, either end None when open), or
+    (None, None) when it has none. Raises nothing."""
+    rtype = str(resource.get("resourceType"))
+    if rtype == "Appointment":
+        start, end = resource.get("start"), resource.get("end")
+        if isinstance(start, str):
+            r = _range({"start": start, "end": end if isinstance(end, str) else start}, tz)
+            if r is not None:
+                return r
+        return None, None
+    if rtype == "Specimen":
+        collection = resource.get("collection")
+        if isinstance(collection, dict):
+            for key in ("collectedDateTime", "collectedPeriod"):
+                r = _range(collection.get(key), tz)
+                if r is not None:
+                    return r
+    for key in _DATE_PATHS.get(rtype, ()):
+        r = _range(resource.get(key), tz)
+        if r is not None:
+            return r
+    return None, None
+
+
+def extract(
+    resource: dict[str, Any],
+    *,
+    custodian: str,
+    record: str,
+    version: int,
+    patient: str,
+    key: bytes,
+    tz: tzinfo = UTC,
+) -> IndexEntry:
+    """The index entry of one stored resource version. ``key`` is the pseudonym key
+    identifiers are hashed with. Raises nothing."""
+    rtype = str(resource.get("resourceType"))
+    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    assert isinstance(meta, dict)
+    updated = meta.get("lastUpdated")
+    try:
+        last = date_range(updated, UTC)[0] if isinstance(updated, str) else 0
+    except InvalidInputError:
+        last = 0
+    entry = IndexEntry(
+        custodian=custodian,
+        record=record,
+        resource_type=rtype,
+        resource_id=str(resource.get("id")),
+        version=version,
+        last_updated=last,
+        patient=patient,
+    )
+    defs = PARAMS.get(rtype, {})
+    if "date" in defs:
+        entry.date_lo, entry.date_hi = clinical_date(resource, tz)
+    if "code" in defs:
+        for system, code in _codings(resource.get(_CODE_PATHS.get(rtype, "code"))):
+            entry.tokens.append(("code", system, code))
+    if "category" in defs:
+        for system, code in _codings(resource.get("category")):
+            entry.tokens.append(("category", system, code))
+    status = resource.get("status")
+    if "status" in defs and isinstance(status, str):
+        entry.tokens.append(("status", "", status))
+    idents = resource.get("identifier")
+    for ident in idents if isinstance(idents, list) else [idents]:
+        if not isinstance(ident, dict) or not isinstance(ident.get("value"), str):
+            continue
+        system = str(ident.get("system") or "")
+        value = ident["value"]
+        entry.tokens.append(("identifier", system, pseudonym(key, system, value)))
+        entry.tokens.append(("identifier", ANY_SYSTEM, pseudonym(key, "", value)))
+    subject = reference_of(resource.get("subject")) or reference_of(resource.get("patient"))
+    if subject is not None:
+        entry.refs.append(("subject", subject))
+    encounter = reference_of(resource.get("encounter")) or reference_of(resource.get("context"))
+    if encounter is not None:
+        entry.refs.append(("encounter", encounter))
+    for param, element in (("based-on", "basedOn"), ("result", "result")):
+        values = resource.get(element)
+        for value in values if isinstance(values, list) else []:
+            target = reference_of(value)
+            if target is not None:
+                entry.refs.append((param, target))
+    for label in meta.get("security") or []:
+        if isinstance(label, dict) and isinstance(label.get("code"), str):
+            entry.labels.append(f"{label.get('system') or ''}|{label['code']}")
+    return entry
