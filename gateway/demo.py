@@ -138,6 +138,7 @@ async def run_demo(*, data_dir: Path | None, keep: bool) -> int:
                     f"  {response['status']:<12} {location:<60} leaf {leaf_index:>3}  "
                     f"proof ok  read back {'identical' if same else 'DIFFERENT'}"
                 )
+            ok = await _search_step(client, result) and ok
             ok = await _hl7_step(client, mllp_port, app.state.hl7.options) and ok
             cp = (await client.get("/ledger/checkpoint")).json()
             print(
@@ -210,6 +211,33 @@ async def _token_step(client: httpx.AsyncClient, app: Any) -> str:
         f"for {answer['purpose_of_use']}, {answer['expires_in']} s"
     )
     return str(answer["access_token"])
+
+
+async def _search_step(client: httpx.AsyncClient, result: dict[str, Any]) -> bool:
+    """Search what was stored, as an HIS would: the patient's Observations, newest first, two
+    to a page, following the ``next`` link; every one is found exactly once."""
+    locations = [e["response"]["location"] for e in result["entry"]]
+    patient = next(loc.split("/")[1] for loc in locations if loc.startswith("Patient/"))
+    stored = {loc.split("/")[1] for loc in locations if loc.startswith("Observation/")}
+    found: list[str] = []
+    url: str | None = f"/fhir/Observation?patient={patient}&_sort=-date&_count=2"
+    pages = 0
+    total = None
+    while url is not None and pages < 10:
+        page = await client.get(url)
+        page.raise_for_status()
+        bundle = page.json()
+        total = bundle.get("total", total)
+        found += [e["resource"]["id"] for e in bundle.get("entry", [])]
+        url = next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None)
+        pages += 1
+    ok = sorted(found) == sorted(stored) and total == len(stored)
+    print(
+        f"searched Observation?patient=Patient/{patient[:8]}...&_sort=-date&_count=2: total "
+        f"{total}, {len(found)} found over {pages} pages: "
+        f"{'each stored result exactly once' if ok else 'NOT what was stored'}"
+    )
+    return ok
 
 
 async def _hl7_step(client: httpx.AsyncClient, mllp_port: int, options: Any) -> bool:
