@@ -109,15 +109,23 @@ class _RecordDraft(LeafDraft):
     """The ``record`` leaf of one stored unit, completed when the ledger forms its batch: each
     record it names gets the next version after the latest the ledger committed (and after
     those given earlier in the same batch). Every completion is kept by its bytes, so the
-    store knows the versions of the one that landed."""
+    store knows the versions of the one that landed.
 
-    __slots__ = ("_index", "_template", "_unit", "built")
+    The leaf is encoded ahead, with the versions the index gives now; completing it under the
+    ledger's lock then only checks that those are still the next versions (a few dictionary
+    lookups) and encodes again only when they are not (another writer, or the same record
+    earlier in the batch). Encoding and checking a leaf's fields is what costs, and the lock
+    is on the path of every acknowledgement."""
+
+    __slots__ = ("_ahead", "_index", "_template", "_unit", "built")
 
     def __init__(self, unit: _Unit, template: RecordLeaf, index: RecordIndex) -> None:
         self._unit = unit
         self._template = template
         self._index = index
         self.built: dict[bytes, RecordLeaf] = {}
+        guess = self._leaf({})
+        self._ahead = (guess, guess.encode())
 
     def _next(self, scratch: dict[str, int], rec: str) -> int:
         current = scratch.get(rec)
@@ -127,8 +135,7 @@ class _RecordDraft(LeafDraft):
         scratch[rec] = current + 1
         return current + 1
 
-    def complete(self, scratch: dict[str, Any]) -> bytes:
-        """The leaf with versions taken now. Raises LeafFormatError."""
+    def _leaf(self, scratch: dict[str, int]) -> RecordLeaf:
         unit = self._unit
         version = self._next(scratch, unit.record)
         contains = None
@@ -137,9 +144,22 @@ class _RecordDraft(LeafDraft):
                 RecordMember(rec, rtype, self._next(scratch, rec))
                 for rtype, _rid, rec in unit.members
             )
-        leaf = replace(self._template, version=version, contains=contains)
-        raw = leaf.encode()
-        self.built[raw] = leaf
+        return replace(self._template, version=version, contains=contains)
+
+    def complete(self, scratch: dict[str, Any]) -> bytes:
+        """The leaf with versions taken now. Raises LeafFormatError."""
+        guess, raw = self._ahead
+        unit = self._unit
+        same = self._next(scratch, unit.record) == guess.version
+        if guess.contains is not None:
+            for (_rtype, _rid, rec), member in zip(unit.members, guess.contains, strict=True):
+                same = self._next(scratch, rec) == member.version and same
+        if not same:
+            for rec in (unit.record, *(m[2] for m in unit.members if unit.contained)):
+                scratch[rec] -= 1  # taken again below, by the leaf built for them
+            guess = self._leaf(scratch)
+            raw = guess.encode()
+        self.built[raw] = guess
         return raw
 
 
