@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     # The search index of the production profile (the embedded one keeps a SQLite file under
     # data_dir/search); rows are kept per institution, so gateways may share a database.
     postgres_url: str = "postgresql://gateway@127.0.0.1:15432/gateway"
+    # Maintain the FHIR search index (and serve search). Off: no search routes, no index
+    # writes; for a gateway that only ingests, and to measure what the index costs.
+    search_index: bool = True
 
     # Limits and batching.
     max_body_bytes: int = 4 * 1024 * 1024

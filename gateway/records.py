@@ -20,6 +20,8 @@ Raises :class:`gateway.errors.NotFoundError`, :class:`gateway.access.AccessDenie
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,10 +35,17 @@ from gateway.observability import Metrics
 from gateway.pipeline import PreparedResource, ReadRecord, RecordInput, RecordPipeline, StoredRecord
 from gateway.views import RecordAnchor, RecordIndex
 from gateway.witness_service import WitnessService
+from ledger.errors import GroupCommitStoppedError
+from ledger.groupcommit import GroupCommitter
 from ledger.leaves import encode_leaf
 from ledger.sequencer import Ledger
 
+log = logging.getLogger("gateway.records")
+
 LinkReason = Literal["master-identifier", "merge", "patient-link"]
+
+#: Stored versions the derived views take from an HL7 message at most at once.
+INDEX_BATCH_MAX = 512
 
 #: Called with every stored record version and its resource (as stored, ``meta.versionId``
 #: set) once it is durable and before the store returns, so what a caller was acknowledged is
@@ -57,6 +66,20 @@ class Receipt:
     checkpoint: bytes
     cid: str
     byte_range: tuple[int, int] | None
+
+
+def _with_version(body: bytes, record: StoredRecord) -> dict[str, Any]:
+    resource: dict[str, Any] = orjson.loads(body)
+    resource["meta"] = {"versionId": str(record.version), "lastUpdated": record.last_updated}
+    return resource
+
+
+def _log_index_failure(fut: asyncio.Future[list[None]]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error(
+            "stored records not indexed (the index catches up at the next start)",
+            extra={"error": type(fut.exception()).__name__},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +116,28 @@ class RecordService:
         self.institution = institution
         self._wait_final = receipt_wait_final_ms / 1000.0
         self._indexers: list[Indexer] = []
+        self._pending: set[asyncio.Future[list[None]]] = set()
+        # HL7 messages' records reach the derived views behind the acknowledgement, in order
+        # and batched (see store_message); FHIR REST writes are indexed before their answer.
+        self._later: GroupCommitter[tuple[StoredRecord, dict[str, Any]], None] = GroupCommitter(
+            self._index_batch, name="index-later", max_items=INDEX_BATCH_MAX, max_delay=0.005
+        )
+
+    def start(self) -> None:
+        """Start the background indexing (inside the running loop)."""
+        self._later.start()
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait (bounded) until what is queued for the derived views is indexed. Raises
+        nothing."""
+        pending = list(self._pending)
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    async def stop(self) -> None:
+        """Finish what is queued for the derived views, then stop. Raises nothing."""
+        await self.drain()
+        await self._later.stop()
 
     def add_indexer(self, indexer: Indexer) -> None:
         """Register a derived view kept up to date at every store (see :data:`Indexer`)."""
@@ -156,16 +201,27 @@ class RecordService:
             resources, patient=patient, container_id=container_id
         )
         if self._indexers:
-            items = []
-            for record, prepared in zip(stored, resources, strict=True):
-                resource = orjson.loads(prepared.body)
-                resource["meta"] = {
-                    "versionId": str(record.version),
-                    "lastUpdated": record.last_updated,
-                }
-                items.append((record, resource))
-            await self._index(items)
+            # Indexed behind the acknowledgement: extracting a message's dozen resources and
+            # writing them to the index took two thirds of the HL7 rate when awaited here
+            # (bench_mllp, 163 against 505 messages/s). Searchable a few milliseconds after
+            # the ACK; a crash before that is caught up from the ledger at the next start.
+            items = [
+                (record, _with_version(prepared.body, record))
+                for record, prepared in zip(stored, resources, strict=True)
+            ]
+            try:
+                fut = self._later.enqueue(items)
+            except GroupCommitStoppedError:
+                log.warning("records stored while stopping: indexed at the next start")
+            else:
+                self._pending.add(fut)
+                fut.add_done_callback(self._pending.discard)
+                fut.add_done_callback(_log_index_failure)
         return await self._stored(stored)
+
+    async def _index_batch(self, items: list[tuple[StoredRecord, dict[str, Any]]]) -> list[None]:
+        await self._index(items)
+        return [None] * len(items)
 
     async def _index(self, items: list[tuple[StoredRecord, dict[str, Any]]]) -> None:
         for indexer in self._indexers:

@@ -258,6 +258,7 @@ class Gateway:
         await self.terminology.ensure_anchored(self.ledger)  # before any record names it
         await self.witness.start()
         self.pipeline.start()
+        self.records.start()
         self.started = True
         log.info(
             "gateway started",
@@ -271,6 +272,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop writers and close the backends."""
         if self.started:
+            await self.records.stop()
             await self.pipeline.stop()
             await self.witness.stop()
             await self.ledger.stop()

@@ -8,7 +8,6 @@ OperationOutcome by the app's single handler.
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, FastAPI, Request
@@ -71,17 +70,18 @@ def _query_params(request: Request) -> list[tuple[str, str]]:
 def build_router(gw: Gateway, app: FastAPI) -> APIRouter:
     """The search router; builds the gateway's :class:`SearchService` (``app.state.search``)
     and opens its index first thing at start."""
+    if not gw.settings.search_index:
+        return APIRouter()
     service = build_search_service(gw)
     app.state.search = service
     app.state.start_hooks.insert(0, service.start)
     app.state.stop_hooks.append(service.stop)
     router = APIRouter(prefix="/fhir", tags=["FHIR search"])
-    caller: Any = None  # the authenticated caller, once authentication gives one
 
     @router.get("/Patient/{pid}/$everything")
     async def everything(pid: str, request: Request) -> Response:
         bundle = await service.everything(
-            pid, _query_params(request), caller=caller, base_url=_base(request)
+            pid, _query_params(request), caller=request.state.caller, base_url=_base(request)
         )
         return fhir_response(bundle)
 
@@ -90,7 +90,7 @@ def build_router(gw: Gateway, app: FastAPI) -> APIRouter:
         bundle = await service.search(
             rtype,
             _query_params(request),
-            caller=caller,
+            caller=request.state.caller,
             base_url=_base(request),
             lenient=_lenient(request),
         )
@@ -111,7 +111,7 @@ def build_router(gw: Gateway, app: FastAPI) -> APIRouter:
         bundle = await service.search(
             rtype,
             _query_params(request) + form,
-            caller=caller,
+            caller=request.state.caller,
             base_url=_base(request),
             lenient=_lenient(request),
         )

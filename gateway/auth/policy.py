@@ -24,6 +24,9 @@ Rules (``kind``):
 - ``portal``: a portal client of this institution (asks for patient tokens).
 - ``terminology``: read (``r``) on the rule's resource type (ConceptMap, CodeSystem,
   ValueSet); no purpose of use (the dictionary holds no patient data).
+- ``search``: search (``s``) on the ``rtype`` path parameter's type (or the rule's type, for
+  ``Patient/$everything``), with a purpose of use; what it returns is filtered by the access
+  seam and each record checked as a read.
 - ``curator``: a system client of this institution allowed to update ConceptMaps
   (``system/ConceptMap.u``): the curation queue of unmapped codes.
 
@@ -50,6 +53,7 @@ RuleKind = Literal[
     "portal",
     "terminology",
     "curator",
+    "search",
 ]
 
 
@@ -92,6 +96,9 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("POST", "/fhir/ValueSet/$validate-code"): Rule("terminology", "ValueSet"),
     ("GET", "/fhir/ValueSet"): Rule("terminology", "ValueSet"),
     ("GET", "/dictionary/unmapped"): Rule("curator", "ConceptMap"),
+    ("GET", "/fhir/{rtype:fhirtype}"): Rule("search"),
+    ("POST", "/fhir/{rtype:fhirtype}/_search"): Rule("search"),
+    ("GET", "/fhir/Patient/{pid}/$everything"): Rule("search", "Patient"),
     ("POST", "/hl7v2"): Rule("hl7"),
     ("POST", "/imaging/studies"): Rule("imaging"),
     ("GET", "/ledger/checkpoint"): Rule("ledger"),
@@ -185,6 +192,15 @@ def authorize(
         return
     if kind == "terminology":
         authorize_entry(caller, rule.resource_type, "r")
+        return
+    if kind == "search":
+        rtype = rule.resource_type or str(path_params.get("rtype", ""))
+        authorize_entry(caller, rtype, "s")
+        if caller.purpose is None:
+            raise _refuse(
+                "no purpose of use selected: send X-Purpose-Of-Use with one of the token's",
+                "purpose",
+            )
         return
     if kind == "curator":
         authorize_entry(caller, rule.resource_type, "u", institution=institution)

@@ -199,7 +199,9 @@ class SearchService:
         )
 
     async def stop(self) -> None:
-        """Close the index. Raises nothing."""
+        """Index what the record service still has queued, then close the index. Raises
+        nothing."""
+        await self.records.drain()
         await self.index.close()
 
     def entry_of(self, stored: StoredRecord, resource: dict[str, Any], patient: str) -> IndexEntry:

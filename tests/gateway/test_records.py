@@ -462,3 +462,23 @@ async def test_an_hl7_patient_without_the_master_identifier_is_linked_by_a08_and
     size = gw.ledger.size
     replayed.on_batch(0, await gw.ledger.leaves(0, size), 0)
     assert replayed.links.all_of(p2) == gw.index.links.all_of(p2)
+
+
+async def test_without_the_search_index_records_are_stored_and_read_and_search_is_absent(
+    tmp_path: Path,
+) -> None:
+    settings = settings_for("embedded", tmp_path / "gw", None, search_index=False)
+    app = create_app(settings)
+    assert not hasattr(app.state, "search")
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=auth_headers(app)
+        ) as c,
+    ):
+        obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
+        r = await c.put("/fhir/Observation/o1", content=json.dumps(obs), headers=FHIR)
+        assert r.status_code == 201, r.text
+        assert (await c.get("/fhir/Observation/o1")).status_code == 200
+        assert (await c.get("/fhir/Observation?code=x")).status_code in (403, 404, 405)
+        assert not (settings.data_dir / "search").exists()

@@ -190,7 +190,7 @@ async def _get(client: httpx.AsyncClient, url: str, **kw: Any) -> dict[str, Any]
 def _cursor_of(bundle: dict[str, Any]) -> str | None:
     for link in bundle["link"]:
         if link["relation"] == "next":
-            return parse_qs(urlsplit(link["url"]).query)["_cursor"][0]
+            return str(parse_qs(urlsplit(link["url"]).query)["_cursor"][0])
     return None
 
 
@@ -479,8 +479,9 @@ async def test_access_filter_applies_before_count_paging_and_include(
     paged or included; a record the filter lets through but a read check denies is left out."""
     await _store(client, DATA)
     service: SearchService = client.app.state.search  # type: ignore[attr-defined]
-    p2 = service.records.patient_of("Patient", "p2")
-    assert p2 is not None
+    found = service.records.patient_of("Patient", "p2")
+    assert found is not None
+    p2: str = found
 
     class OnlyP2:
         async def check(self, caller: object | None, request: AccessRequest) -> None:

@@ -145,7 +145,11 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 def _request(w: World, method: str, path: str) -> dict[str, Any]:
     """URL, query, body and content type that the right caller would get through with."""
     url = (
-        path.replace("{rtype}", "Observation").replace("{rid}", w.observation).replace("{vid}", "1")
+        path.replace("{rtype:fhirtype}", "Observation")
+        .replace("{rtype}", "Observation")
+        .replace("{rid}", w.observation)
+        .replace("{vid}", "1")
+        .replace("{pid}", "no-such-patient")
     )
     observation = {
         "resourceType": "Observation",
@@ -228,8 +232,10 @@ def _wrong_callers(w: World, method: str, path: str) -> list[tuple[str, dict[str
         ("another gateway's token", bearer(w.minted(issuer="urn:alliance:gateway:other")), 401),
         ("purpose the token lacks", {**right, "X-Purpose-Of-Use": "HRESCH"}, 403),
     ]
-    if kind != "terminology":
-        # The dictionary holds no patient data: a patient's app may translate codes.
+    if kind not in ("terminology", "search"):
+        # The dictionary holds no patient data: a patient's app may translate codes. A
+        # patient's search is filtered to that patient's records, not refused
+        # (tests/gateway/test_search.py).
         cases.append(
             (
                 "patient token (another patient)",
