@@ -35,7 +35,7 @@ from gateway.fhir import (
 )
 from gateway.identity import PatientIdentity, fhir_identifiers, patient_identity
 from gateway.pipeline import ReadRecord, RecordInput, StoredRecord
-from gateway.records import HistoryEntry, LinkReason
+from gateway.records import HistoryEntry, LinkReason, Receipt
 from gateway.runtime import Gateway
 from gateway.search.params import search_params_of
 from mappings.v2.datatypes import facility_system
@@ -249,18 +249,21 @@ def entry_response(
         "location": version_location(stored.resource_type, stored.resource_id, stored.version),
         "etag": f'W/"{stored.version}"',
         "lastModified": stored.last_updated,
-        "extension": [
-            receipt_extension(
-                leaf_index=receipt.leaf_index,
-                tree_size=receipt.tree_size,
-                root=receipt.root,
-                proof=receipt.proof,
-                checkpoint=receipt.checkpoint,
-                cid=receipt.cid,
-                byte_range=receipt.byte_range,
-            )
-        ],
+        "extension": [_extension(receipt)],
     }
+
+
+def _extension(receipt: Receipt) -> dict[str, Any]:
+    """A receipt as the FHIR ledger-receipt extension (docs/api.md)."""
+    return receipt_extension(
+        leaf_index=receipt.leaf_index,
+        tree_size=receipt.tree_size,
+        root=receipt.root,
+        proof=receipt.proof,
+        checkpoint=receipt.checkpoint,
+        cid=receipt.cid,
+        byte_range=receipt.byte_range,
+    )
 
 
 def version_location(resource_type: str, resource_id: str, version: int) -> str:
@@ -408,17 +411,7 @@ def build_router(gw: Gateway) -> APIRouter:
                 else ("201 Created" if anchor.version == 1 else "200 OK"),
                 "etag": f'W/"{anchor.version}"',
                 "lastModified": anchor.time,
-                "extension": [
-                    receipt_extension(
-                        leaf_index=receipt.leaf_index,
-                        tree_size=receipt.tree_size,
-                        root=receipt.root,
-                        proof=receipt.proof,
-                        checkpoint=receipt.checkpoint,
-                        cid=receipt.cid,
-                        byte_range=receipt.byte_range,
-                    )
-                ],
+                "extension": [_extension(receipt)],
             }
             out.append(entry)
         links = [{"relation": "self", "url": str(request.url)}]
