@@ -72,6 +72,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--only", default="hl7,fhir,ledger")
+    ap.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for both trees' gateways (e.g. GATEWAY_SEARCH_INDEX=false)",
+    )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     cases = [c for c in args.only.split(",") if c]
@@ -80,6 +87,7 @@ def main() -> None:
     with services_from_env_or_start() as services:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env["GATEWAY_SERVICES_ENV"] = str(services.write_env())
+        env.update(item.split("=", 1) for item in args.gateway_env)
         nats = ",".join(services.nats_urls)
         for n in range(args.rounds):
             order = list(trees.items()) if n % 2 == 0 else list(reversed(trees.items()))
@@ -92,7 +100,9 @@ def main() -> None:
     lines = [
         f"This tree against `{label}`, {args.rounds} rounds, the two trees alternating (the "
         "order swapped every round), each running its own code and compiled build on the "
-        f"same real services; {args.seconds:.0f} s per run. Medians, with every round:",
+        f"same real services; {args.seconds:.0f} s per run"
+        + (f" (gateways run with {', '.join(args.gateway_env)})" if args.gateway_env else "")
+        + ". Medians, with every round:",
         "",
         "| benchmark | this tree | base | ratio | rounds (this tree / base) |",
         "| --- | ---: | ---: | ---: | --- |",
