@@ -187,7 +187,7 @@ async def _token_step(client: httpx.AsyncClient, app: Any) -> str:
             client_id="demo-his",
             institution=app.state.gateway.settings.institution,
             jwks=public_jwks(key),
-            scopes=("system/*.cru",),
+            scopes=("system/*.crus",),
             purposes=("TREAT",),
         )
     )
@@ -200,7 +200,7 @@ async def _token_step(client: httpx.AsyncClient, app: Any) -> str:
             "grant_type": "client_credentials",
             "client_assertion_type": ASSERTION_TYPE,
             "client_assertion": client_assertion(key, "demo-his", token_url),
-            "scope": "system/*.cru",
+            "scope": "system/*.crus",
             "purpose_of_use": "TREAT",
         },
     )

@@ -197,14 +197,22 @@ class ClientRegistry:
         ``disabled``). Raises RegistryError when a changed file cannot be read."""
         if time.monotonic() - self._checked > self._recheck:
             self.reload()
-        return self._clients.get(client_id)
+        found = self._clients.get(client_id)
+        if found is None:  # registered a moment ago: usable at once (one stat to find out)
+            self.reload()
+            found = self._clients.get(client_id)
+        return found
 
     def by_certificate(self, fingerprint: str) -> ClientRecord | None:
         """The client registered for this certificate's SHA-256 fingerprint (hex)."""
         if time.monotonic() - self._checked > self._recheck:
             self.reload()
         fp = fingerprint.lower()
-        return next((c for c in self._clients.values() if fp in c.certificates), None)
+        found = next((c for c in self._clients.values() if fp in c.certificates), None)
+        if found is None:
+            self.reload()
+            found = next((c for c in self._clients.values() if fp in c.certificates), None)
+        return found
 
     def all(self) -> list[ClientRecord]:
         """Every client, sorted by id."""
