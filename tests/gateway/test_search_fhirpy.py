@@ -12,7 +12,7 @@ from fhirpy import AsyncFHIRClient
 
 from gateway.app import create_app
 from gateway.demo import free_port
-from tests.gateway.conftest import settings_for
+from tests.gateway.conftest import settings_for, settings_token
 
 LOINC = "http://loinc.org"
 
@@ -38,7 +38,10 @@ async def test_fhirpy_searches_and_pages(
                 break
             await asyncio.sleep(0.1)
         assert server.started, "the gateway did not start"
-        client = AsyncFHIRClient(f"http://127.0.0.1:{port}/fhir")
+        # fhirpy sends the token as given (SMART Backend Services: a bearer token).
+        client = AsyncFHIRClient(
+            f"http://127.0.0.1:{port}/fhir", authorization=f"Bearer {settings_token(settings)}"
+        )
         patient = client.resource(
             "Patient",
             id="fp-1",
