@@ -20,7 +20,7 @@ from gateway.app import create_app
 from gateway.cli import app as cli_app
 from gateway.errors import InvalidInputError
 from gateway.search import SearchService, search_params_of
-from tests.gateway.conftest import FHIR, settings_for
+from tests.gateway.conftest import FHIR, auth_headers, settings_for
 
 MASTER = "urn:oid:2.16.156.10011.1.19"
 LOINC = "http://loinc.org"
@@ -403,7 +403,9 @@ def test_lost_index_caught_up_at_start_and_reindex_command(
         app = create_app(settings)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://gw", headers=auth_headers(app)
+            ) as c:
                 if not urls:
                     await _store(c, DATA)
                 return [sorted(_ids(await _get(c, u))) for u in urls]

@@ -122,10 +122,13 @@ async def test_mllp_mutual_tls(tls_gateway: tuple[FastAPI, CA, dict[str, Issued]
 
 def test_plain_mllp_only_on_loopback(tmp_path: Path) -> None:
     app = create_app(settings_for("embedded", tmp_path / "gw"))
-    identify = mllp_identifier(app.state.auth)
-    local = identify(None, "127.0.0.1")
-    assert local is not None and local.kind == "local"
-    assert local.institution == app.state.gateway.settings.institution
-    assert identify(None, "::1") is not None
-    assert identify(None, "10.1.2.3") is None
-    assert identify(b"not a registered certificate", "10.1.2.3") is None
+    try:
+        identify = mllp_identifier(app.state.auth)
+        local = identify(None, "127.0.0.1")
+        assert local is not None and local.kind == "local"
+        assert local.institution == app.state.gateway.settings.institution
+        assert identify(None, "::1") is not None
+        assert identify(None, "10.1.2.3") is None
+        assert identify(b"not a registered certificate", "10.1.2.3") is None
+    finally:
+        app.state.gateway.ledger.close()  # never started: close the stored tree it opened
