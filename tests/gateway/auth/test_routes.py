@@ -62,7 +62,10 @@ def _route_cases() -> list[tuple[str, str]]:
     """(method, path) of every route of a freshly built app."""
     with tempfile.TemporaryDirectory(prefix="gw-routes-") as tmp:
         app = create_app(settings_for("embedded", Path(tmp) / "gw"))
-        return _flatten(app.routes)
+        try:
+            return _flatten(app.routes)
+        finally:
+            app.state.gateway.ledger.close()  # never started: close the stored tree it opened
 
 
 ROUTE_CASES = _route_cases()
