@@ -18,7 +18,7 @@ from pathlib import Path
 from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.access import AccessRequest, SearchFilter
+from gateway.access import PERMIT, AccessDecision, AccessRequest, SearchFilter
 from gateway.auth.caller import Caller
 from gateway.auth.errors import AuthError, ForbiddenError
 from gateway.auth.policy import authorize, check_patient, rule_for
@@ -159,19 +159,22 @@ class CallerPolicy:
         self._auth = auth
         self._links = links
 
-    async def search_filter(self, caller: object | None) -> SearchFilter:
+    async def search_filter(
+        self, caller: object | None, patients: frozenset[str] | None = None
+    ) -> SearchFilter:
         """A patient token finds only its patient's records (every linked pseudonym);
         others are not restricted here (each returned record is still checked as a read)."""
         if isinstance(caller, Caller) and caller.kind == "patient" and caller.patient:
             return SearchFilter(patients=self._links.all_of(caller.patient))
         return SearchFilter()
 
-    async def check(self, caller: object | None, request: AccessRequest) -> None:
+    async def check(self, caller: object | None, request: AccessRequest) -> AccessDecision:
         """Refuse a patient token reaching another patient's record."""
         if not isinstance(caller, Caller) or request.interaction in ("create", "update"):
-            return
+            return PERMIT
         try:
             check_patient(caller, request.patient, tuple(self._links.all_of(request.patient)))
         except AuthError as exc:
             self._auth.refused(exc)
             raise
+        return PERMIT

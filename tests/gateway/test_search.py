@@ -15,7 +15,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from gateway.access import AccessDeniedError, AccessRequest, SearchFilter
+from gateway.access import PERMIT, AccessDecision, AccessDeniedError, AccessRequest, SearchFilter
 from gateway.app import create_app
 from gateway.cli import app as cli_app
 from gateway.errors import InvalidInputError
@@ -486,11 +486,14 @@ async def test_access_filter_applies_before_count_paging_and_include(
     p2: str = found
 
     class OnlyP2:
-        async def check(self, caller: object | None, request: AccessRequest) -> None:
+        async def check(self, caller: object | None, request: AccessRequest) -> AccessDecision:
             if request.resource_type == "Patient":
                 raise AccessDeniedError("no patients", interaction=request.interaction)
+            return PERMIT
 
-        async def search_filter(self, caller: object | None) -> SearchFilter:
+        async def search_filter(
+            self, caller: object | None, patients: frozenset[str] | None = None
+        ) -> SearchFilter:
             return SearchFilter(patients=frozenset({p2}), types=frozenset({"Observation"}))
 
     service.policy = OnlyP2()
