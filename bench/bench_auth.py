@@ -39,11 +39,11 @@ from bench.bench_ingest import (  # noqa: E402
     SCOPE,
     bench_token,
     gateway_env,
-    observation_bundle,
     pct,
     start_gateway,
 )
 from bench.report import write_section  # noqa: E402
+from bench.workloads import observation_bundle  # noqa: E402
 from gateway.auth.caller import Caller  # noqa: E402
 from gateway.auth.guard import issuer_of, token_key  # noqa: E402
 from gateway.auth.peer import client_assertion, public_jwks  # noqa: E402

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import write_section  # noqa: E402
+from bench.workloads import observation_bundle  # noqa: E402
 from gateway.auth.guard import issuer_of, token_key  # noqa: E402
 from gateway.auth.registry import ClientRecord, ClientRegistry, registry_path  # noqa: E402
 from gateway.auth.scopes import parse_scopes  # noqa: E402
@@ -39,35 +40,6 @@ from gateway.backends.state_memory import MemoryStateStore  # noqa: E402
 from gateway.config import Settings  # noqa: E402
 from gateway.demo import free_port  # noqa: E402
 from tests.services.harness import services_from_env_or_start  # noqa: E402
-
-
-def observation_bundle(n: int, client: int, seq: int) -> dict[str, Any]:
-    """A transaction Bundle of ``n`` Observations of one patient (linked by identifier)."""
-    subject = {
-        "identifier": {"system": "urn:oid:2.16.156.10011.1.19", "value": f"B-{client}-{seq % 50}"}
-    }
-    entries = []
-    for i in range(n):
-        entries.append(
-            {
-                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
-                "resource": {
-                    "resourceType": "Observation",
-                    "status": "final",
-                    "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
-                    "subject": subject,
-                    "effectiveDateTime": "2026-11-20T08:30:00+08:00",
-                    "valueQuantity": {
-                        "value": 10 + i / 10,
-                        "unit": "g/dL",
-                        "system": "http://unitsofmeasure.org",
-                        "code": "g/dL",
-                    },
-                },
-                "request": {"method": "POST", "url": "Observation"},
-            }
-        )
-    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
 def pct(values: list[float], q: float) -> float:

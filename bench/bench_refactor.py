@@ -7,12 +7,15 @@ alike, on one set of real services (Kubo, 3-node JetStream, Redis):
 
 - HL7 ORU^R01 over MLLP, production profile (``bench/bench_mllp.py``, one round per run);
 - FHIR Bundles of 20 Observations, production profile (``bench/bench_ingest.py``);
-- ledger appends through the whole ledger (``bench/bench_ledger.py --only throughput``).
+- ledger appends through the whole ledger (``bench/bench_ledger.py --only throughput``);
+- ``fhir-cpu``: the FHIR write path's CPU cost, in one process (``bench/bench_fhir_cpu.py``,
+  this tree's script run in each checkout): a rate of the whole machine moves with whatever
+  else runs on it, CPU time per resource far less.
 
 Reports each round, the medians and the ratio this tree / the other (target: at least 0.95).
 
 Run:  .venv/bin/python bench/bench_refactor.py --base /path/to/checkout [--rounds 5]
-      [--seconds 10] [--only hl7,fhir,ledger]
+      [--seconds 10] [--only hl7,fhir,ledger] [--from-log saved-stdout]
 The other checkout needs its own ``.venv`` (``scripts/bootstrap.sh`` there), e.g.
 ``git worktree add /tmp/base <commit> && /tmp/base/scripts/bootstrap.sh``.
 """
@@ -46,6 +49,11 @@ CASES: dict[str, tuple[str, str, str]] = {
         r"^production \{.*'resources_per_s': ([0-9.]+)",
         "FHIR resources/s (Bundles, production)",
     ),
+    "fhir-cpu": (
+        str(ROOT / "bench" / "bench_fhir_cpu.py") + " --seconds {s}",
+        r"resources_per_cpu_s: ([0-9.]+)",
+        "FHIR resources per CPU-second (in-process, embedded)",
+    ),
     "ledger": (
         "bench/bench_ledger.py --only throughput --seconds {s} --nats-urls {nats} --no-write",
         r"\*\*ledger append \(whole path\)\*\* \| \*\*([0-9,]+) leaves/s",
@@ -71,7 +79,7 @@ def main() -> None:
     ap.add_argument("--label", default="", help="what the other checkout is (e.g. a commit)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--only", default="hl7,fhir,ledger")
+    ap.add_argument("--only", default="hl7,fhir,fhir-cpu,ledger")
     ap.add_argument(
         "--gateway-env",
         action="append",
@@ -80,10 +88,39 @@ def main() -> None:
         help="a setting for both trees' gateways (e.g. GATEWAY_SEARCH_INDEX=false)",
     )
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--from-log",
+        type=Path,
+        default=None,
+        help="report the whole rounds a run printed (its stdout saved to this file)",
+    )
     args = ap.parse_args()
     cases = [c for c in args.only.split(",") if c]
     trees = {"this tree": ROOT, "base": args.base.resolve()}
     results: dict[str, dict[str, list[float]]] = {c: {t: [] for t in trees} for c in cases}
+    if args.from_log is not None:
+        # Every figure a run printed ("<round> <case> <tree> <value>"): report whole rounds.
+        for line in args.from_log.read_text().splitlines():
+            m = re.fullmatch(r"(\d+) (\w+) (this tree|base) ([0-9.,]+)", line.strip())
+            if m and m.group(2) in results:
+                results[m.group(2)][m.group(3)].append(float(m.group(4).replace(",", "")))
+        rounds = min(len(v) for r in results.values() for v in r.values())
+        for r in results.values():
+            for name in r:
+                r[name] = r[name][:rounds]
+        args.rounds = rounds
+    else:
+        run_rounds(args, cases, trees, results)
+    report(args, cases, results)
+
+
+def run_rounds(
+    args: argparse.Namespace,
+    cases: list[str],
+    trees: dict[str, Path],
+    results: dict[str, dict[str, list[float]]],
+) -> None:
+    """Run every case of both trees, ``args.rounds`` times, alternating the order."""
     with services_from_env_or_start() as services:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env["GATEWAY_SERVICES_ENV"] = str(services.write_env())
@@ -96,6 +133,12 @@ def main() -> None:
                     value = run_case(tree, case, args.seconds, env, nats)
                     results[case][name].append(value)
                     print(n, case, name, f"{value:,.1f}", flush=True)
+
+
+def report(
+    args: argparse.Namespace, cases: list[str], results: dict[str, dict[str, list[float]]]
+) -> None:
+    """Print the medians and ratios (and write them into docs/benchmarks.md)."""
     label = args.label or str(args.base)
     lines = [
         f"This tree against `{label}`, {args.rounds} rounds, the two trees alternating (the "

@@ -35,8 +35,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import observation_bundle  # noqa: E402
 from bench.report import write_section  # noqa: E402
+from bench.workloads import observation_bundle  # noqa: E402
 from gateway.app import create_app  # noqa: E402
 from gateway.config import Settings  # noqa: E402
 from gateway.search.extract import IndexEntry  # noqa: E402

@@ -94,7 +94,11 @@ def patient_identity(
             "the patient has no identifier with a value", location="Patient.identifier"
         )
     main = pseudonym(key, *chosen)
-    aliases = tuple(dict.fromkeys(p for s, v in pairs if (p := pseudonym(key, s, v)) != main))
+    aliases = tuple(
+        dict.fromkeys(
+            p for pair in pairs if pair != chosen and (p := pseudonym(key, *pair)) != main
+        )
+    )
     return PatientIdentity(main, provisional, aliases)
 
 

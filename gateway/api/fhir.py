@@ -200,6 +200,8 @@ def resolve_patient(
     gw: Gateway, resource: dict[str, Any], in_bundle: dict[str, str], *, where: str
 ) -> str:
     """The pseudonym of the patient a resource belongs to (the institution's if none).
+    ``in_bundle`` maps ``Patient/{id}`` of the Bundle's Patients to their pseudonyms; it also
+    remembers the pseudonyms of identifiers resolved before in the same request.
 
     Raises InvalidInputError (code processing) when it names a patient unknown here.
     """
@@ -228,12 +230,17 @@ def resolve_patient(
             location=f"{where}.{element}",
             code="processing",
         )
-    return patient_identity(
-        gw.pseudonym_key,
-        identifiers,
-        master_system=gw.settings.master_id_system,
-        facility=gw.settings.institution,
-    ).pseudonym
+    # The entries of one Bundle often name one patient by the same identifier: one HMAC.
+    memo_key = "identifier:" + "\x1f".join(f"{s or ''}\x1e{v}" for s, v in identifiers)
+    known = in_bundle.get(memo_key)
+    if known is None:
+        known = in_bundle[memo_key] = patient_identity(
+            gw.pseudonym_key,
+            identifiers,
+            master_system=gw.settings.master_id_system,
+            facility=gw.settings.institution,
+        ).pseudonym
+    return known
 
 
 def entry_response(
