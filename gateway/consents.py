@@ -169,11 +169,16 @@ class ConsentView:
         self._defaults: dict[str, str] = {}  # consent token -> institution that anchored it
         self._accepted: set[int] = set()
         self._ignored: set[int] = set()
+        self._consented: tuple[tuple[int, int], frozenset[str]] | None = None
+        self._link_leaves = 0
         self.leaves = 0
 
     def on_batch(self, first_index: int, leaves: Sequence[bytes], seq: int) -> None:
         """Ledger listener: take the consent leaves of an applied batch."""
         for offset, raw in enumerate(leaves):
+            if b'"kind":"link"' in raw:
+                self._link_leaves += 1  # applied to the links by RecordIndex, before this view
+                continue
             if b'"kind":"consent"' not in raw:
                 continue
             data = decode_leaf(raw)
@@ -241,8 +246,13 @@ class ConsentView:
         return max(latest, default=0)
 
     def consented_patients(self) -> frozenset[str]:
-        """Pseudonyms with at least one consent leaf, and every pseudonym linked to one."""
-        return frozenset(q for p in self._by_patient for q in self.links.all_of(p))
+        """Pseudonyms with at least one consent leaf, and every pseudonym linked to one
+        (computed again only when a consent or a link was added)."""
+        key = (len(self._accepted), self._link_leaves)
+        if self._consented is None or self._consented[0] != key:
+            found = frozenset(q for p in self._by_patient for q in self.links.all_of(p))
+            self._consented = (key, found)
+        return self._consented[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,10 +40,11 @@ from gateway.consent import (
     AccessQuery,
     RecordMeta,
 )
-from gateway.consents import consent_token, open_consent
+from gateway.consents import ConsentView, consent_token, open_consent
 from gateway.runtime import Gateway
 from gateway.verify_cmd import run_verify
-from ledger.leaves import ConsentLeaf, decode_leaf
+from gateway.views import PatientLinks
+from ledger.leaves import ConsentLeaf, decode_leaf, encode_leaf
 from tests.gateway.conftest import FHIR, settings_for
 from tests.gateway.test_records import _clients, _shared
 
@@ -570,3 +571,35 @@ async def test_a_consent_recorded_at_a_is_seen_and_revoked_at_b_without_its_foll
         with redirect_stdout(out):
             assert await run_verify(s, blobs=True, from_checkpoint=None) == 0, out.getvalue()
         assert "4 sealed Consents opened" in out.getvalue()
+
+
+def test_view_orders_versions_ignores_lost_races_and_follows_links() -> None:
+    links = PatientLinks()
+    view = ConsentView(links)
+    cid = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+    p, q, r = "aa" * 32, "bb" * 32, "ee" * 32
+
+    def leaf(version: int, patient: str | None = p, token: str = "t1") -> bytes:
+        return ConsentLeaf(
+            token, version, "grant", "cd" * 32, cid, "clinic-a", "2026-12-01T03:00:00Z", patient
+        ).encode()
+
+    # a second version 1 (another gateway at the same time) and a gap are ignored by every view
+    view.on_batch(10, [leaf(1), leaf(1), leaf(3)], 1)
+    assert [view.accepted(i) for i in (10, 11, 12, 13)] == [True, False, False, None]
+    view.on_batch(13, [leaf(2, patient=q), leaf(2, patient=None), leaf(2)], 2)
+    assert [view.accepted(i) for i in (13, 14, 15)] == [False, False, True]
+    assert [e.leaf.version for e in view.history("t1")] == [1, 2]
+    assert view.version(p) == 15 and view.version(q) == 0 and view.version(r) == 0
+    assert view.consented_patients() == {p}
+    view.on_batch(16, [leaf(1, patient=None, token="d1")], 3)
+    assert [e.leaf.consent for e in view.defaults()] == ["d1"] and view.version(p) == 15
+    # a link (applied to the links by RecordIndex before this view) makes r the same person
+    links.add(r, p)
+    link = encode_leaf(
+        "link",
+        {"from": r, "to": p, "reason": "merge", "source": "a", "time": "2026-12-01T03:00:00Z"},
+    )
+    view.on_batch(17, [link], 4)
+    assert view.consented_patients() == {p, r}
+    assert view.version(r) == 15 and [e.leaf_index for e in view.current_of(r)] == [15]
