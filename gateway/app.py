@@ -23,6 +23,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api import auth as auth_api
+from gateway.api import consent as consent_api
 from gateway.api import fhir as fhir_api
 from gateway.api import hl7v2 as hl7v2_api
 from gateway.api import imaging as imaging_api
@@ -56,6 +57,7 @@ log = logging.getLogger("gateway.http")
 
 _INPUT_STATUS = {
     "processing": 422,
+    "conflict": 409,
     "too-costly": 413,
     "not-supported-media-type": 415,
 }
@@ -218,6 +220,7 @@ def create_app(
     app.include_router(ops_api.build_router(gw))
     app.include_router(terminology_api.build_router(gw))  # before fhir's /fhir/{type}/{id}
     app.include_router(auth_api.build_router(gw, auth))
+    app.include_router(consent_api.build_router(gw))  # /fhir/Consent: before search and FHIR
     app.include_router(search_api.build_router(gw, app))  # before the FHIR router
     app.include_router(fhir_api.build_router(gw))
     app.include_router(ledger_api.build_router(gw))

@@ -14,7 +14,10 @@ What is checked, in order (docs/ledger-format.md, "Verifying, step by step"):
    ``record`` leaf's dictionary version by an earlier ``dictionary`` leaf;
 6. the node's stored tree files are checked (CRC of every entry, every node re-hashed from its
    children) and compared with the re-derived tree;
-7. with ``blobs=True``, every stored ciphertext is re-hashed against its ``record`` leaf.
+7. with ``blobs=True``, every stored ciphertext is re-hashed against its ``record`` leaf, and
+   every sealed Consent is fetched; given the alliance consent key, it is opened (its
+   associated data binds the leaf's consent id, version and patient) and the SHA-256 of its
+   plaintext (salt || RFC 8785 bytes) checked against its ``consent`` leaf.
 
 Findings name the log message, leaf index or range, CID, or file and byte offset. The audit
 never raises for a finding; it returns an :class:`AuditReport`.
@@ -26,13 +29,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.backends.protocols import Backends
+from gateway.consents import open_consent
 from gateway.crypto import sha256_hex
-from gateway.errors import BackendError, BlobNotFoundError
+from gateway.errors import BackendError, BlobNotFoundError, IntegrityError
 from gateway.packing import cut
 from gateway.views import RecordAnchor, anchor_of_leaf
 from ledger.errors import LeafFormatError, LedgerError
 from ledger.keys import Signer, TrustedKeys
-from ledger.leaves import RecordLeaf, decode_leaf
+from ledger.leaves import ConsentLeaf, RecordLeaf, decode_leaf
 from ledger.sequencer import Ledger
 from ledger.stored_tree import TreeStore
 
@@ -48,6 +52,7 @@ class AuditReport:
     log_messages: int = 0
     root: bytes = b""
     records_checked: int = 0
+    consents_checked: int = 0
     signatures_checked: int = 0
     trust_anchored: bool = False
     saved_checkpoint_size: int | None = None
@@ -69,10 +74,13 @@ async def audit(
     stored_tree: TreeStore | None = None,
     blobs: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    consent_key: bytes | None = None,
 ) -> AuditReport:
-    """Audit the ledger in ``backends.log`` (and its blobs). Never raises for a finding."""
+    """Audit the ledger in ``backends.log`` (and its blobs; sealed Consents are opened with
+    ``consent_key`` when given). Never raises for a finding."""
     report = AuditReport()
     anchors: list[RecordAnchor] = []
+    consents: list[tuple[ConsentLeaf, int]] = []
     leaf_problems = 0
     dictionaries: set[str] = set()  # versions anchored by a dictionary leaf so far
     unanchored: dict[str, list[int]] = {}  # dictionary version -> record leaves naming it
@@ -110,6 +118,8 @@ async def audit(
                     unanchored.setdefault(str(leaf["dictionary"]), []).append(first + offset)
                 if blobs:
                     anchors.append(anchor_of_leaf(RecordLeaf.from_leaf(leaf), first + offset))
+            elif leaf["kind"] == "consent" and blobs:
+                consents.append((ConsentLeaf.from_leaf(leaf), first + offset))
         if progress is not None:
             progress(seq, total)
 
@@ -141,7 +151,37 @@ async def audit(
         _check_stored(report, stored_tree, ledger)
     if blobs:
         await _check_blobs(report, backends, anchors)
+        await _check_consents(report, backends, consents, consent_key)
     return report
+
+
+async def _check_consents(
+    report: AuditReport,
+    backends: Backends,
+    consents: Sequence[tuple[ConsentLeaf, int]],
+    key: bytes | None,
+) -> None:
+    """Fetch every sealed Consent; with the consent key, open it and check it against its
+    leaf (appends problems to ``report``)."""
+    for leaf, index in consents:
+        report.consents_checked += 1
+        where = f"consent {leaf.consent} v{leaf.version} (leaf {index})"
+        try:
+            block = await backends.blobs.get(leaf.cid)
+        except BlobNotFoundError:
+            report.problems.append(f"{where}: sealed Consent {leaf.cid} missing")
+            continue
+        except BackendError as exc:
+            report.problems.append(f"blob store: {exc}")
+            return
+        if key is None:
+            if cut(block, leaf.byte_range) is None:
+                report.problems.append(f"{where}: range runs past the end of block {leaf.cid}")
+            continue
+        try:
+            open_consent(block, leaf, key=key)
+        except IntegrityError as exc:
+            report.problems.append(f"{where}: {exc}")
 
 
 def _file_position(backends: Backends, seq: int) -> str:

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # Secrets. When unset, the embedded profile creates them under data_dir on first start.
     pseudonym_key: SecretStr | None = None
     master_key: SecretStr | None = None
+    # The alliance consent key (hex, 32 bytes) sealing every member's Consents; unset: derived
+    # from the pseudonym key with HKDF (gateway/consents.py), which every member holds too.
+    consent_key: SecretStr | None = None
 
     # Production services.
     kubo_url: str = "http://127.0.0.1:15001"
@@ -105,6 +108,9 @@ class Settings(BaseSettings):
     # messages that arrived together come together anyway (2 ms measured 8% faster than 5).
     batch_max_delay_ms: float = 2.0
     backend_timeout: float = 10.0
+    # How often the ledger follower looks for other writers' batches (0: never; the views then
+    # catch up only when this gateway writes, and consent freshness checks read the log).
+    ledger_follow_interval_ms: float = 1000.0
 
     # Witnesses (docs/ledger-format.md, "Witness protocol"): a checkpoint is final once
     # ``witness_quorum`` institutions other than its writer cosigned it (0: a lone gateway).

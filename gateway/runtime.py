@@ -17,6 +17,7 @@ import httpx
 from gateway.access import AllowAll
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
+from gateway.consents import ConsentService, ConsentView, consent_key
 from gateway.datadir import DataDir
 from gateway.errors import ConfigurationError
 from gateway.observability import Metrics
@@ -81,6 +82,21 @@ def load_secrets(settings: Settings) -> tuple[bytes, bytes]:
         else:
             out.append(_secret_file(DataDir.of(settings).secret(name)))
     return out[0], out[1]
+
+
+def load_consent_key(settings: Settings, pseudonym_key: bytes) -> bytes:
+    """The alliance consent key: ``settings.consent_key``, else derived from the pseudonym key.
+
+    Raises ConfigurationError when a configured value is not 32 bytes of hex."""
+    if settings.consent_key is None:
+        return consent_key(pseudonym_key)
+    try:
+        value = bytes.fromhex(settings.consent_key.get_secret_value())
+    except ValueError as exc:
+        raise ConfigurationError("consent_key must be hex") from exc
+    if len(value) != 32:
+        raise ConfigurationError("consent_key must be 32 bytes")
+    return value
 
 
 def build_backends(settings: Settings, *, master_key: bytes) -> Backends:
@@ -207,6 +223,8 @@ class Gateway:
         )
         self.ledger.add_listener(self.index.on_batch)
         self.ledger.add_listener(self.terminology.anchors.on_batch)
+        self.consent_view = ConsentView(self.index.links)
+        self.ledger.add_listener(self.consent_view.on_batch)
         self.ledger.add_listener(
             lambda first, leaves, seq: self.metrics.ledger_size.set(first + len(leaves))
         )
@@ -241,6 +259,18 @@ class Gateway:
             institution=settings.institution,
             receipt_wait_final_ms=settings.receipt_wait_final_ms,
         )
+        self.consents = ConsentService(
+            ledger=self.ledger,
+            view=self.consent_view,
+            blobs=self.backends.blobs,
+            log=self.backends.log,
+            pseudonym_key=self.pseudonym_key,
+            key=load_consent_key(settings, self.pseudonym_key),
+            institution=settings.institution,
+            master_system=settings.master_id_system,
+            patient_of=lambda rid: self.records.patient_of("Patient", rid),
+            fresh_timeout=settings.backend_timeout,
+        )
         self.started = False
 
     async def start(self) -> None:
@@ -252,10 +282,12 @@ class Gateway:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         for b in (self.backends.blobs, self.backends.log, self.backends.state, self.backends.keys):
             await b.ping()
-        await self.ledger.start()
+        follow = settings.ledger_follow_interval_ms / 1000.0
+        await self.ledger.start(follow_interval=follow or None)
         if settings.anchor_trust:
             await self.ledger.ensure_trust_anchored(self.trusted, source=settings.institution)
         await self.terminology.ensure_anchored(self.ledger)  # before any record names it
+        await self.consents.start()  # this institution's administrative default Consent
         await self.witness.start()
         self.pipeline.start()
         self.records.start()

@@ -17,7 +17,13 @@ from typing import TextIO
 from gateway.audit import AuditReport, audit
 from gateway.config import Settings
 from gateway.datadir import DataDir
-from gateway.runtime import build_backends, load_secrets, load_signer, load_trust
+from gateway.runtime import (
+    build_backends,
+    load_consent_key,
+    load_secrets,
+    load_signer,
+    load_trust,
+)
 from ledger.checkpoint import SignedCheckpoint
 from ledger.errors import CheckpointError, LedgerError
 from ledger.keys import TrustedKeys
@@ -80,7 +86,7 @@ def load_saved_checkpoint(path: Path) -> SignedCheckpoint:
 
 async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path | None) -> int:
     """Audit the ledger of ``settings``; print the report; return the exit code."""
-    _pkey, master_key = load_secrets(settings)
+    pkey, master_key = load_secrets(settings)
     backends = build_backends(settings, master_key=master_key)
     signer = load_signer(settings)
     trusted = load_trust(settings, signer)
@@ -97,6 +103,7 @@ async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path |
             stored_tree=stored,
             blobs=blobs,
             progress=show,
+            consent_key=load_consent_key(settings, pkey),
         )
         if report.tree is not None:
             _check_node_checkpoints(report, settings, trusted)
@@ -116,7 +123,10 @@ async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path |
         f"(Ed25519 + ML-DSA-65); trust file anchored: {'yes' if report.trust_anchored else 'no'}"
     )
     if blobs:
-        print(f"blobs: {report.records_checked} ciphertexts re-hashed")
+        print(
+            f"blobs: {report.records_checked} ciphertexts re-hashed, "
+            f"{report.consents_checked} sealed Consents opened and checked"
+        )
     if report.saved_checkpoint_size is not None:
         print(
             f"saved checkpoint: tree size {report.saved_checkpoint_size} is a prefix of the "

@@ -181,11 +181,25 @@ LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
         ),
     },
     "consent": {
-        "consent": FieldSpec(_token, doc="opaque consent id"),
+        "consent": FieldSpec(
+            _token, doc="opaque consent id: HMAC of the Consent's logical id, same for its versions"
+        ),
         "version": FieldSpec(_positive, doc="consent version, from 1"),
-        "action": FieldSpec(_enum("grant", "revoke"), doc="grant or revoke"),
-        "sha256": FieldSpec(_hex64, doc="SHA-256 of the canonical Consent resource, hex"),
-        "patient": FieldSpec(_hex64, doc="patient pseudonym, hex"),
+        "action": FieldSpec(_enum("grant", "revoke"), doc="grant (active) or revoke"),
+        "sha256": FieldSpec(
+            _hex64, doc="SHA-256 of a 32-byte salt || the Consent's RFC 8785 bytes, hex"
+        ),
+        "cid": FieldSpec(_cid, doc="CIDv1 of the block holding the sealed Consent"),
+        "range": FieldSpec(
+            _byte_range,
+            required=False,
+            doc="[offset, length] of the sealed Consent in the block (absent: the whole block)",
+        ),
+        "patient": FieldSpec(
+            _hex64,
+            required=False,
+            doc="patient pseudonym, hex (absent: an institution's administrative default)",
+        ),
         "source": FieldSpec(_token, doc="institution that recorded it"),
         "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
     },
@@ -440,4 +454,62 @@ class RecordLeaf:
             if contains is not None
             else None,
             deleted=leaf.get("deleted") is True,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentLeaf:
+    """A ``consent`` leaf, typed: what the consent service writes, its view indexes and the
+    audit checks. ``patient`` is None for an institution's administrative default;
+    ``byte_range`` is where the sealed Consent lies in block ``cid`` (None: the whole block)."""
+
+    consent: str
+    version: int
+    action: str
+    sha256: str
+    cid: str
+    source: str
+    time: str
+    patient: str | None = None
+    byte_range: tuple[int, int] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The leaf's fields as :func:`encode_leaf` takes them."""
+        out: dict[str, Any] = {
+            "consent": self.consent,
+            "version": self.version,
+            "action": self.action,
+            "sha256": self.sha256,
+            "cid": self.cid,
+            "source": self.source,
+            "time": self.time,
+        }
+        if self.patient is not None:
+            out["patient"] = self.patient
+        if self.byte_range is not None:
+            out["range"] = list(self.byte_range)
+        return out
+
+    def encode(self) -> bytes:
+        """The canonical leaf bytes. Raises LeafFormatError."""
+        return encode_leaf("consent", self.fields())
+
+    @classmethod
+    def from_leaf(cls, leaf: Mapping[str, Any]) -> ConsentLeaf:
+        """The typed form of a decoded (already validated) ``consent`` leaf.
+
+        Raises LeafFormatError when it is another kind."""
+        if leaf.get("kind") != "consent":
+            raise LeafFormatError(f"not a consent leaf: {leaf.get('kind')!r}", kind="consent")
+        span = leaf.get("range")
+        return cls(
+            consent=leaf["consent"],
+            version=leaf["version"],
+            action=leaf["action"],
+            sha256=leaf["sha256"],
+            cid=leaf["cid"],
+            source=leaf["source"],
+            time=leaf["time"],
+            patient=leaf.get("patient"),
+            byte_range=(span[0], span[1]) if span is not None else None,
         )

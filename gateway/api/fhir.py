@@ -22,6 +22,7 @@ from gateway.api.common import (
 from gateway.auth.caller import Caller
 from gateway.auth.policy import authorize_entry
 from gateway.config import SenderProfile
+from gateway.consents import keep_consents_out
 from gateway.errors import InvalidInputError, NotFoundError
 from gateway.fhir import (
     PreparedBundle,
@@ -317,6 +318,7 @@ def build_router(gw: Gateway) -> APIRouter:
         require_json_content_type(request)
         body = parse_json(await read_body(request, settings.max_body_bytes))
         prepared = prepare_bundle(body, max_entries=settings.max_bundle_entries)
+        keep_consents_out(prepared)  # consents go through /fhir/Consent (gateway/api/consent.py)
         _link_patients(gw, prepared)
         for pe in prepared.entries:
             if pe.resource is not None:

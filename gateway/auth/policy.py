@@ -29,6 +29,15 @@ Rules (``kind``):
   seam and each record checked as a read.
 - ``curator``: a system client of this institution allowed to update ConceptMaps
   (``system/ConceptMap.u``): the curation queue of unmapped codes.
+- ``consent``: the Consent routes (gateway/api/consent.py); the interaction is the rule's
+  (``c``, ``u``, ``r``, ``s``, ``d``, ``h`` for the type history) or the method's. A patient
+  token needs a ``patient/Consent`` scope with it (that it acts for its own patient only is
+  checked by the consent service) and may not delete or list every consent; a system client
+  needs a ``Consent`` scope of this institution, and a purpose of use to read.
+- ``consent-explain``: ``GET /consent/$explain``: a patient token with ``patient/Consent.r``
+  (its own patient only, checked by the route), or the privacy officer: a system client of
+  this institution acting for a user with role :data:`PRIVACY_OFFICER_ROLE` and
+  ``system/Consent.r``.
 
 Raises :class:`gateway.auth.errors.ForbiddenError`.
 """
@@ -54,15 +63,23 @@ RuleKind = Literal[
     "terminology",
     "curator",
     "search",
+    "consent",
+    "consent-explain",
 ]
+
+#: The staff role (IHE IUA ``subject_role``, registered for the client) of the privacy officer,
+#: who may ask ``GET /consent/$explain`` about any patient.
+PRIVACY_OFFICER_ROLE = "privacy-officer"
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """What a route needs; ``resource_type`` for routes whose path names no type."""
+    """What a route needs; ``resource_type`` for routes whose path names no type;
+    ``interaction`` when it is not the method's (``consent`` routes)."""
 
     kind: RuleKind
     resource_type: str = ""
+    interaction: str = ""
 
 
 PUBLIC = Rule("public")
@@ -96,6 +113,16 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("POST", "/fhir/ValueSet/$validate-code"): Rule("terminology", "ValueSet"),
     ("GET", "/fhir/ValueSet"): Rule("terminology", "ValueSet"),
     ("GET", "/dictionary/unmapped"): Rule("curator", "ConceptMap"),
+    ("POST", "/fhir/Consent"): Rule("consent", "Consent", "c"),
+    ("PUT", "/fhir/Consent/{cid}"): Rule("consent", "Consent", "u"),
+    ("GET", "/fhir/Consent"): Rule("consent", "Consent", "s"),
+    ("POST", "/fhir/Consent/_search"): Rule("consent", "Consent", "s"),
+    ("GET", "/fhir/Consent/_history"): Rule("consent", "Consent", "h"),
+    ("GET", "/fhir/Consent/{cid}"): Rule("consent", "Consent", "r"),
+    ("GET", "/fhir/Consent/{cid}/_history"): Rule("consent", "Consent", "r"),
+    ("GET", "/fhir/Consent/{cid}/_history/{vid}"): Rule("consent", "Consent", "r"),
+    ("DELETE", "/fhir/Consent/{cid}"): Rule("consent", "Consent", "d"),
+    ("GET", "/consent/$explain"): Rule("consent-explain", "Consent", "r"),
     ("GET", "/fhir/{rtype:fhirtype}"): Rule("search"),
     ("POST", "/fhir/{rtype:fhirtype}/_search"): Rule("search"),
     ("GET", "/fhir/Patient/{pid}/$everything"): Rule("search", "Patient"),
@@ -205,7 +232,45 @@ def authorize(
     if kind == "curator":
         authorize_entry(caller, rule.resource_type, "u", institution=institution)
         return
+    if kind == "consent":
+        _authorize_consent(caller, rule.interaction or INTERACTIONS.get(method, "?"), institution)
+        return
+    if kind == "consent-explain":
+        if caller.kind == "patient":
+            if not caller.allows("Consent", "r"):
+                raise _refuse("a patient token needs patient/Consent.r", "scope")
+            return
+        _own_institution(caller, institution, "explain consents")
+        if caller.role != PRIVACY_OFFICER_ROLE:
+            raise _refuse(
+                f"only the patient or the privacy officer (role {PRIVACY_OFFICER_ROLE}) may "
+                "ask why consents permit or deny",
+                "role",
+            )
+        authorize_entry(caller, "Consent", "r", institution=institution)
+        return
     raise _refuse(f"no rule {kind}", "no-rule")
+
+
+def _authorize_consent(caller: Caller, interaction: str, institution: str) -> None:
+    """The ``consent`` rule (see the module docstring). Raises ForbiddenError."""
+    if caller.kind == "patient":
+        if interaction in ("d", "h"):
+            raise _refuse(
+                "a patient token may not delete or list every Consent (revoke with status "
+                "inactive)",
+                "patient-scope",
+            )
+        if not caller.allows("Consent", interaction):
+            raise _refuse(f"a patient token needs patient/Consent.{interaction}", "scope")
+        return
+    authorize_entry(caller, "Consent", "r" if interaction == "h" else interaction)
+    _own_institution(caller, institution, "act on consents")
+    if interaction in ("r", "s", "h") and caller.purpose is None:
+        raise _refuse(
+            "no purpose of use selected: send X-Purpose-Of-Use with one of the token's",
+            "purpose",
+        )
 
 
 def authorize_entry(

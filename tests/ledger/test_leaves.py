@@ -9,7 +9,7 @@ import pytest
 import rfc8785
 
 from ledger.errors import LeafFormatError
-from ledger.leaves import KINDS, RecordLeaf, decode_leaf, encode_leaf
+from ledger.leaves import KINDS, ConsentLeaf, RecordLeaf, decode_leaf, encode_leaf
 
 HEX = "ab" * 32
 T = "2026-11-28T19:41:38Z"
@@ -31,6 +31,7 @@ GOOD: dict[str, dict[str, Any]] = {
         "version": 2,
         "action": "revoke",
         "sha256": HEX,
+        "cid": "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
         "patient": HEX,
         "source": "hosp-a",
         "time": T,
@@ -218,3 +219,24 @@ def test_record_leaf_round_trips_through_its_typed_form(fields: dict[str, Any]) 
 def test_typed_record_leaf_refuses_another_kind() -> None:
     with pytest.raises(LeafFormatError):
         RecordLeaf.from_leaf({"kind": "consent", **GOOD["consent"]})
+
+
+def test_consent_leaf_has_exactly_its_fields_and_round_trips_typed() -> None:
+    fields = GOOD["consent"]
+    leaf = ConsentLeaf.from_leaf(decode_leaf(encode_leaf("consent", fields)))
+    assert leaf.fields() == fields
+    assert ConsentLeaf.from_leaf(decode_leaf(leaf.encode())) == leaf
+    # an institution's administrative default has no patient; a packed one has a range
+    default = {k: v for k, v in fields.items() if k != "patient"} | {"range": [0, 90]}
+    typed = ConsentLeaf.from_leaf(decode_leaf(encode_leaf("consent", default)))
+    assert typed.patient is None and typed.byte_range == (0, 90)
+    for missing in ("consent", "version", "action", "sha256", "cid", "source", "time"):
+        with pytest.raises(LeafFormatError, match=missing):
+            encode_leaf("consent", {k: v for k, v in fields.items() if k != missing})
+    for extra in ({"type": "Consent"}, {"salt": HEX}, {"identifier": "H-1"}):
+        with pytest.raises(LeafFormatError, match="unknown field"):
+            encode_leaf("consent", {**fields, **extra})
+    with pytest.raises(LeafFormatError, match="action"):
+        encode_leaf("consent", {**fields, "action": "inactive"})
+    with pytest.raises(LeafFormatError):
+        ConsentLeaf.from_leaf({"kind": "record", **GOOD["record"]})

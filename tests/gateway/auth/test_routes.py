@@ -30,7 +30,7 @@ from gateway.app import create_app
 from gateway.auth.dev import dev_token
 from gateway.auth.guard import issuer_of, token_key
 from gateway.auth.peer import client_assertion, public_jwks
-from gateway.auth.policy import FRAMEWORK_ROUTES, ROUTES, rule_for
+from gateway.auth.policy import FRAMEWORK_ROUTES, PRIVACY_OFFICER_ROLE, ROUTES, rule_for
 from gateway.auth.registry import ClientRecord
 from gateway.auth.scopes import parse_scopes
 from gateway.auth.tokens import ASSERTION_TYPE, TokenService
@@ -89,6 +89,7 @@ class World:
     settings: Settings
     observation: str  # id of an Observation of patient A
     good: dict[str, str]  # a token with every scope, purpose TREAT
+    consent: str  # id of a Consent of patient A
 
     def token(self, **kw: Any) -> str:
         kw.setdefault("client_id", "test-his")
@@ -132,6 +133,11 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             for e in r.json()["entry"]
             if e["response"]["location"].startswith("Observation/")
         )
+        r = await http.post(
+            "/fhir/Consent", content=json.dumps(_consent()), headers={**FHIR, **good}
+        )
+        assert r.status_code == 201, r.text
+        consent_id = r.json()["id"]
         app.state.auth.registry.put(
             ClientRecord(
                 client_id="test-portal",
@@ -141,8 +147,59 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
                 portal=True,
             )
         )
-        yield World(app, http, settings, obs, good)
+        yield World(app, http, settings, obs, good, consent_id)
         await http.aclose()
+
+
+MASTER = "urn:oid:2.16.156.10011.1.19"
+
+
+def _consent() -> dict[str, Any]:
+    """A Consent of patient A recorded on the patient's behalf (performer, signed form)."""
+    return {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                    "code": "patient-privacy",
+                }
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"identifier": {"system": MASTER, "value": PATIENT_A}},
+        "performer": [{"display": "registration desk"}],
+        "sourceAttachment": {"contentType": "application/pdf", "title": "signed form"},
+        "provision": {
+            "type": "permit",
+            "purpose": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT"}
+            ],
+        },
+    }
+
+
+def _privacy_officer(w: World) -> str:
+    """A token of this institution's privacy officer (the role ``$explain`` needs)."""
+    service = TokenService(
+        key=token_key(w.settings),
+        issuer=issuer_of(w.settings),
+        institution=w.settings.institution,
+        registry=w.app.state.auth.registry,
+        state=MemoryStateStore(),
+    )
+    token, _ = service.mint(
+        client_id="privacy-desk",
+        institution=w.settings.institution,
+        kind="system",
+        scopes=parse_scopes("system/Consent.r"),
+        purposes=("TREAT",),
+        user="officer-1",
+        role=PRIVACY_OFFICER_ROLE,
+        dev=True,
+    )
+    return str(token)
 
 
 def _request(w: World, method: str, path: str) -> dict[str, Any]:
@@ -153,6 +210,7 @@ def _request(w: World, method: str, path: str) -> dict[str, Any]:
         .replace("{rid}", w.observation)
         .replace("{vid}", "1")
         .replace("{pid}", "no-such-patient")
+        .replace("{cid}", w.consent)
     )
     observation = {
         "resourceType": "Observation",
@@ -176,6 +234,11 @@ def _request(w: World, method: str, path: str) -> dict[str, Any]:
             "application/dicom+json",
         ),
         "/ledger/witness": (b"{}", "application/json"),
+        "/fhir/Consent": (json.dumps(_consent()).encode(), FHIR["content-type"]),
+        "/fhir/Consent/{cid}": (
+            json.dumps({**_consent(), "id": w.consent}).encode(),
+            FHIR["content-type"],
+        ),
         "/auth/patient-token": (
             json.dumps(
                 {"identifier": {"system": "urn:oid:2.16.156.10011.1.19", "value": PATIENT_B}}
@@ -188,6 +251,14 @@ def _request(w: World, method: str, path: str) -> dict[str, Any]:
         "/ledger/proof/inclusion": {"index": "0", "tree_size": "1"},
         "/ledger/proof/consistency": {"first": "1", "second": "1"},
         "/ledger/leaves": {"start": "0", "end": "1"},
+        "/fhir/Consent": {"patient:identifier": f"{MASTER}|{PATIENT_A}"},
+        "/fhir/Consent/_search": {"patient:identifier": f"{MASTER}|{PATIENT_A}"},
+        "/consent/$explain": {
+            "patient:identifier": f"{MASTER}|{PATIENT_A}",
+            "actor": "Organization/other-hospital",
+            "purpose": "TREAT",
+            "class": "Observation",
+        },
     }.get(path, {})
     body, ctype = bodies.get(path, (b"", "application/json")) if method != "GET" else (b"", "")
     return {"url": url, "params": query, "content": body or None, "ctype": ctype}
@@ -200,6 +271,8 @@ def _right_caller(w: World, method: str, path: str) -> dict[str, str]:
         tok = w.token(client_id="peer-gw", institution="other-hospital", gateway=True)
     elif kind == "portal":
         tok = w.token(client_id="test-portal", scope="system/Patient.r")
+    elif kind == "consent-explain":
+        tok = _privacy_officer(w)
     else:
         return dict(w.good)
     return {"Authorization": f"Bearer {tok}"}
