@@ -568,9 +568,14 @@ class ErasureService:
                 carries.setdefault(sealed, set()).add(rec.record)
                 anchors_of.setdefault(sealed, []).append(anchor)
         shred = sorted(s for s, recs in carries.items() if recs <= due)
-        shredded_names = tuple(
-            sorted(f"{r.type}/{r.id}" if r.id else r.record for r in live if r.due)
-        )
+        going = set(shred)
+        # A record is gone when every ciphertext of it left is; one due that shares a
+        # container with a record still retained stays (and is shredded with it later).
+        gone = [
+            r
+            for r in live
+            if all(a.sealed_as[0] in going for a in r.versions if not self.view.shredded(a))
+        ]
         leaves: list[int] = []
         if shred:
             digests = sorted({a.sha256 for s in shred for a in anchors_of[s]})
@@ -578,15 +583,16 @@ class ErasureService:
             leaves = await self._anchor_erasure(shred, anchors_of, now)
             log.info(
                 "records crypto-shredded",
-                extra={"ciphertexts": len(digests), "records": len(due), "leaves": len(leaves)},
+                extra={"ciphertexts": len(digests), "records": len(gone), "leaves": len(leaves)},
             )
-        kept = [r for r in live if not r.due]
+        gone_ids = {r.record for r in gone}
+        kept = [r for r in live if r.record not in gone_ids]
         next_due = min((r.until for r in kept if r.until is not None), default=None)
         keks: tuple[tuple[int, str], ...] = ()
         if not kept:
             keks = await self._destroy_keks(patient, now)
         return ShredResult(
-            shredded=shredded_names if shred else (),
+            shredded=tuple(sorted(f"{r.type}/{r.id}" if r.id else r.record for r in gone)),
             retained=len(kept),
             next_due=next_due,
             keks_destroyed=keks,

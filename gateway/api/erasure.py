@@ -1,10 +1,10 @@
 """``POST /fhir/Patient/{pid}/$erase``: a patient's erasure request (gateway/erasure.py).
 
-Thin: resolves the Patient to its pseudonym, keeps a patient token to its own record (another
-patient's answers exactly like a missing one), asks the erasure service, and answers with a
+Thin: resolves the Patient to its pseudonym, keeps a patient token to its own record (403 for
+any other, as for reads), asks the erasure service, and answers with a
 ``Parameters`` resource: the restriction's ledger receipt, what was crypto-shredded now, how
 many records are retained and until when the earliest of them is kept, and whether the
-patient's key was destroyed. Raises NotFoundError, BackendError, LedgerError.
+patient's key was destroyed. Raises NotFoundError, ForbiddenError, BackendError, LedgerError.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from fastapi.responses import Response
 
 from gateway.api.common import fhir_response
 from gateway.auth.caller import Caller
+from gateway.auth.policy import check_patient
 from gateway.erasure import ErasureResult
 from gateway.errors import NotFoundError
 from gateway.fhir import receipt_extension
@@ -57,14 +58,13 @@ def build_router(gw: Gateway) -> APIRouter:
 
     @router.post("/Patient/{pid}/$erase")
     async def erase(pid: str, request: Request) -> Response:
-        missing = NotFoundError(f"Patient/{pid} is not known")
         patient = gw.records.patient_of("Patient", pid)
-        if patient is None:
-            raise missing
         caller = request.state.caller
-        own = isinstance(caller, Caller) and caller.kind == "patient"
-        if own and (caller.patient is None or not gw.index.links.linked(caller.patient, patient)):
-            raise missing
+        if isinstance(caller, Caller) and caller.kind == "patient":
+            # A patient token reaches only its own record (403, as for its reads).
+            check_patient(caller, patient or "", tuple(gw.index.links.all_of(patient or "")))
+        if patient is None:
+            raise NotFoundError(f"Patient/{pid} is not known")
         result = await gw.erasure.erase(patient)
         return fhir_response(erasure_parameters(gw, result))
 

@@ -122,7 +122,11 @@ class RedisKeyStore:
         gone = 0
         for n in range(0, len(ids), 500):
             keys = [f"{self.prefix}dk:{r}" for r in ids[n : n + 500]]
-            gone += int(await self._call("del", lambda keys=keys: self._r.delete(*keys)))
+
+            async def delete(keys: list[str] = keys) -> Any:
+                return await self._r.delete(*keys)
+
+            gone += int(await self._call("del", delete))
         if gone:
             await self._rewrite_aof()
         return gone
