@@ -80,8 +80,10 @@ async def audit(
     leaf_problems = 0
     dictionaries: set[str] = set()  # versions anchored by a dictionary leaf so far
     unanchored: dict[str, list[int]] = {}  # dictionary version -> record leaves naming it
-    # (custodian, record id as sealed) -> patient, to check what erasure leaves name
-    sealed: dict[tuple[str, str], str] = {}
+    # hash((custodian, record id as sealed, patient)) of every record leaf so far, to check
+    # what erasure leaves name: 64-bit hashes (a few dozen MB for a million leaves), where a
+    # collision could only hide a wrong erasure leaf, never report a right one
+    sealed: set[int] = set()
     ledger = Ledger(
         log=backends.log,
         tree=TreeStore.memory(),
@@ -116,7 +118,7 @@ async def audit(
             elif leaf["kind"] == "key" and leaf["action"] == "restrict":
                 report.restrictions += 1
             elif leaf["kind"] == "record":
-                sealed[(str(leaf["source"]), str(leaf["record"]))] = str(leaf["patient"])
+                sealed.add(hash((leaf["source"], leaf["record"], leaf["patient"])))
                 if leaf["dictionary"] not in dictionaries:
                     unanchored.setdefault(str(leaf["dictionary"]), []).append(first + offset)
                 if blobs:
@@ -156,24 +158,19 @@ async def audit(
 
 
 def _check_erasure(
-    report: AuditReport, leaf: dict[str, object], index: int, sealed: dict[tuple[str, str], str]
+    report: AuditReport, leaf: dict[str, object], index: int, sealed: set[int]
 ) -> None:
     """An ``erasure`` leaf may list only records its custodian anchored earlier under its
     patient. Appends problems to ``report``."""
-    source, patient = str(leaf["source"]), str(leaf["patient"])
+    source, patient = leaf["source"], leaf["patient"]
     records = leaf["records"]
     assert isinstance(records, list)
     report.records_erased += len(records)
     for rec in records:
-        owner = sealed.get((source, str(rec)))
-        if owner is None:
+        if hash((source, rec, patient)) not in sealed:
             report.problems.append(
-                f"leaf {index}: erasure by {source} lists record {rec}, which {source} never "
-                "anchored before it"
-            )
-        elif owner != patient:
-            report.problems.append(
-                f"leaf {index}: erasure lists record {rec} of another patient than its own"
+                f"leaf {index}: erasure by {source} lists record {rec}, which {source} did not "
+                "anchor before it under the patient the leaf names"
             )
 
 

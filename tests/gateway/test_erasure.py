@@ -660,3 +660,28 @@ def test_gateway_erasure_run_shreds_what_has_come_past_retention(
 
     asyncio.run(check())
     assert asyncio.run(run_verify(settings, blobs=True, from_checkpoint=None)) == 0
+
+
+async def test_verify_reports_an_erasure_leaf_naming_a_record_never_anchored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for("embedded", tmp_path / "gw", erasure_interval_s=0)
+    async with AsyncExitStack() as stack:
+        site = await _site(stack, settings)
+        await _store(site, RECORDS[:3])
+        gw = site.gw
+        old = _anchor(gw, "Observation", "obs-old")
+        other = _anchor(gw, "Patient", "nb-1").patient
+        fields = {"source": settings.institution, "time": T}
+        await gw.ledger.append(
+            [
+                encode_leaf("erasure", {**fields, "patient": old.patient, "records": [old.record]}),
+                encode_leaf("erasure", {**fields, "patient": other, "records": [old.record]}),
+                encode_leaf("erasure", {**fields, "patient": old.patient, "records": ["f00d"]}),
+            ]
+        )
+    assert await run_verify(settings, blobs=True, from_checkpoint=None) == 1
+    out = capsys.readouterr().out
+    assert "erasure: 0 restriction(s), 3 record(s) crypto-shredded" in out
+    assert out.count("did not anchor before it under the patient the leaf names") == 2
+    assert "f00d" in out and f"lists record {old.record}, which" in out
