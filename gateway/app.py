@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api import auth as auth_api
 from gateway.api import consent as consent_api
+from gateway.api import erasure as erasure_api
 from gateway.api import fhir as fhir_api
 from gateway.api import hl7v2 as hl7v2_api
 from gateway.api import imaging as imaging_api
@@ -38,6 +39,7 @@ from gateway.auth.peer import PeerTokenTransport, gateway_key
 from gateway.auth.tls import client_context, mllp_identifier, mllp_server_context
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
+from gateway.erasure import RestrictPolicy
 from gateway.errors import (
     BackendError,
     GatewayError,
@@ -118,7 +120,9 @@ def create_app(
     auth = Authenticator(settings, gw.backends.state, gw.metrics.registry)
     if settings.auth_off_for_benchmark:
         log.warning("authentication is OFF (auth_off_for_benchmark): a benchmark setting only")
-    gw.records.policy = CallerPolicy(auth, gw.index.links)
+    gw.records.policy = RestrictPolicy(
+        CallerPolicy(auth, gw.index.links), gw.erasure_view, institution=settings.institution
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -221,6 +225,7 @@ def create_app(
     app.include_router(terminology_api.build_router(gw))  # before fhir's /fhir/{type}/{id}
     app.include_router(auth_api.build_router(gw, auth))
     app.include_router(consent_api.build_router(gw))  # /fhir/Consent: before search and FHIR
+    app.include_router(erasure_api.build_router(gw))  # before the FHIR router
     app.include_router(search_api.build_router(gw, app))  # before the FHIR router
     app.include_router(fhir_api.build_router(gw))
     app.include_router(ledger_api.build_router(gw))

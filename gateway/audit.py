@@ -11,7 +11,9 @@ What is checked, in order (docs/ledger-format.md, "Verifying, step by step"):
 4. every leaf is decoded and validated (canonical RFC 8785 form, known kind, whitelisted
    fields of the right shapes);
 5. the trust file in use must be anchored by a ``key`` leaf of action ``trust``, and every
-   ``record`` leaf's dictionary version by an earlier ``dictionary`` leaf;
+   ``record`` leaf's dictionary version by an earlier ``dictionary`` leaf; every record an
+   ``erasure`` leaf lists must have been anchored before it by the same custodian, under the
+   same patient (a ``key`` leaf of action ``restrict`` is checked for its shape like any);
 6. the node's stored tree files are checked (CRC of every entry, every node re-hashed from its
    children) and compared with the re-derived tree;
 7. with ``blobs=True``, every stored ciphertext is re-hashed against its ``record`` leaf, and
@@ -53,6 +55,8 @@ class AuditReport:
     root: bytes = b""
     records_checked: int = 0
     consents_checked: int = 0
+    records_erased: int = 0
+    restrictions: int = 0
     signatures_checked: int = 0
     trust_anchored: bool = False
     saved_checkpoint_size: int | None = None
@@ -84,6 +88,10 @@ async def audit(
     leaf_problems = 0
     dictionaries: set[str] = set()  # versions anchored by a dictionary leaf so far
     unanchored: dict[str, list[int]] = {}  # dictionary version -> record leaves naming it
+    # hash((custodian, record id as sealed, patient)) of every record leaf so far, to check
+    # what erasure leaves name: 64-bit hashes (a few dozen MB for a million leaves), where a
+    # collision could only hide a wrong erasure leaf, never report a right one
+    sealed: set[int] = set()
     ledger = Ledger(
         log=backends.log,
         tree=TreeStore.memory(),
@@ -113,7 +121,12 @@ async def audit(
                 continue
             if leaf["kind"] == "dictionary":
                 dictionaries.add(str(leaf["version"]))
+            elif leaf["kind"] == "erasure":
+                _check_erasure(report, leaf, first + offset, sealed)
+            elif leaf["kind"] == "key" and leaf["action"] == "restrict":
+                report.restrictions += 1
             elif leaf["kind"] == "record":
+                sealed.add(hash((leaf["source"], leaf["record"], leaf["patient"])))
                 if leaf["dictionary"] not in dictionaries:
                     unanchored.setdefault(str(leaf["dictionary"]), []).append(first + offset)
                 if blobs:
@@ -182,6 +195,23 @@ async def _check_consents(
             open_consent(block, leaf, key=key)
         except IntegrityError as exc:
             report.problems.append(f"{where}: {exc}")
+
+
+def _check_erasure(
+    report: AuditReport, leaf: dict[str, object], index: int, sealed: set[int]
+) -> None:
+    """An ``erasure`` leaf may list only records its custodian anchored earlier under its
+    patient. Appends problems to ``report``."""
+    source, patient = leaf["source"], leaf["patient"]
+    records = leaf["records"]
+    assert isinstance(records, list)
+    report.records_erased += len(records)
+    for rec in records:
+        if hash((source, rec, patient)) not in sealed:
+            report.problems.append(
+                f"leaf {index}: erasure by {source} lists record {rec}, which {source} did not "
+                "anchor before it under the patient the leaf names"
+            )
 
 
 def _file_position(backends: Backends, seq: int) -> str:

@@ -1,5 +1,5 @@
 """The ``gateway`` command: serve, demo, verify, reindex, dictionary (import-csv, remap),
-clients add|list|disable|self, dev-token.
+clients add|list|disable|self, dev-token, erasure run.
 
 Every option of ``serve`` is also a ``GATEWAY_*`` environment variable (see gateway.config).
 Exit codes: 0 success, 1 a check failed (verify, demo), 2 bad usage or configuration.
@@ -387,6 +387,49 @@ def dev_token_cmd(
         raise typer.Exit(2) from exc
     typer.echo(f"dev token for {client} ({settings.profile} profile, {settings.data_dir}):")
     typer.echo(token)
+
+
+erasure_app = typer.Typer(
+    no_args_is_help=True, help="Erasure: shred what has come past retention (for cron)."
+)
+app.add_typer(erasure_app, name="erasure")
+
+
+@erasure_app.command("run")
+def erasure_run(
+    data_dir: DataDir = None,
+    profile: Annotated[str | None, typer.Option("--profile")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """One pass of the erasure job: crypto-shred the records of restricted patients that are
+    past retention, and their keys when nothing of theirs is retained (gateway/erasure.py)."""
+    from gateway.runtime import Gateway
+
+    settings = _settings(config, profile=profile, data_dir=data_dir)
+    settings = settings.model_copy(update={"erasure_interval_s": 0.0})
+    configure_logging("WARNING")
+
+    async def run() -> int:
+        gw = Gateway(settings)
+        await gw.start()
+        try:
+            results = await gw.erasure.run()
+        finally:
+            await gw.stop()
+        shredded = sum(len(r.shredded) for r in results)
+        keks = sum(len(r.keks_destroyed) for r in results)
+        typer.echo(
+            f"erasure: {len(gw.erasure_view.restricted_roots())} restricted pseudonym(s); "
+            f"{shredded} record(s) shredded, {keks} patient key(s) destroyed now"
+        )
+        return 0
+
+    try:
+        code = asyncio.run(run())
+    except GatewayError as exc:
+        typer.echo(f"erasure: {exc}", err=True)
+        code = 2
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -145,6 +145,21 @@ class Settings(BaseSettings):
     # token checked. Never set it on a gateway that serves anyone.
     auth_off_for_benchmark: bool = False
 
+    # Erasure (gateway/erasure.py): retention period in years per record class (0: not
+    # retained, shredded as soon as the patient asks), after the record's clinical date. China:
+    # outpatient records 15 years, inpatient records 30 (医疗机构病历管理规定 2013, art. 29).
+    retention_years: dict[str, int] = {"outpatient": 15, "inpatient": 30, "not-retained": 0}
+    # Resource type -> retention class (every other type: retention_default_class; an
+    # Encounter whose class is one of retention_inpatient_codes, and a record referencing such
+    # an Encounter, is "inpatient"; the Patient resource is kept while anything else is).
+    retention_classes: dict[str, str] = {"Appointment": "not-retained"}
+    retention_default_class: str = "outpatient"
+    retention_inpatient_codes: list[str] = ["IMP", "ACUTE", "NONAC"]
+    # How often the erasure job shreds what has come past retention for restricted patients
+    # (seconds; it also runs at once when a restriction is applied). 0: only `gateway erasure
+    # run` (cron).
+    erasure_interval_s: float = Field(default=3600.0, ge=0)
+
     log_level: str = "INFO"
 
     def sender_profile(self, *keys: str) -> SenderProfile:

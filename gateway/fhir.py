@@ -404,18 +404,20 @@ def receipt_extension(
     root: bytes,
     proof: list[bytes],
     checkpoint: bytes,
-    cid: str,
+    cid: str | None,
     byte_range: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """The ledger receipt of one stored record, as a FHIR extension (see docs/api.md)."""
+    """The ledger receipt of one stored record (or, with ``cid`` None, of a leaf that names no
+    ciphertext, such as an erasure's ``key`` leaf), as a FHIR extension (see docs/api.md)."""
     parts: list[dict[str, Any]] = [
         {"url": "leafIndex", "valueUnsignedInt": leaf_index},
         {"url": "treeSize", "valuePositiveInt": tree_size},
         {"url": "rootHash", "valueBase64Binary": b64(root)},
         {"url": "inclusionProof", "valueBase64Binary": b64(b"".join(proof))},
         {"url": "checkpoint", "valueBase64Binary": b64(checkpoint)},
-        {"url": "cid", "valueString": cid},
     ]
+    if cid is not None:
+        parts.append({"url": "cid", "valueString": cid})
     if byte_range is not None:
         parts += [
             {"url": "byteOffset", "valueUnsignedInt": byte_range[0]},

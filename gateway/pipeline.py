@@ -29,7 +29,13 @@ import orjson
 
 from gateway.backends.protocols import Backends, WrappedKey
 from gateway.crypto import associated_data, open_sealed, record_id, seal, sha256_hex
-from gateway.errors import BlobNotFoundError, IntegrityError, NotFoundError
+from gateway.errors import (
+    BlobNotFoundError,
+    IntegrityError,
+    KeyDestroyedError,
+    KeyNotFoundError,
+    NotFoundError,
+)
 from gateway.identity import institution_pseudonym
 from gateway.packing import Location, build_packs, cut
 from gateway.views import CONTAINER_TYPE, RecordAnchor, RecordIndex
@@ -311,7 +317,8 @@ class RecordPipeline:
             return cached
 
     def forget_kek(self, patient: str) -> None:
-        """Drop a cached KEK (after crypto-shredding)."""
+        """Drop a cached KEK (a restriction, a crypto-shredding): the next record of the
+        patient asks the key store again (a new KEK after one was destroyed)."""
         self._keks.pop(patient, None)
 
     async def store(self, inputs: Sequence[RecordInput]) -> list[StoredRecord]:
@@ -470,7 +477,11 @@ class RecordPipeline:
                 cid=anchor.cid,
             )
         sealed_rec, sealed_type = anchor.sealed_as
-        wk = await self._b.keys.get_wrapped_key(anchor.sha256)
+        try:
+            wk = await self._b.keys.get_wrapped_key(anchor.sha256)
+        except KeyNotFoundError as exc:
+            # Written before its leaf, a record's wrapped key is missing only once destroyed.
+            raise KeyDestroyedError(f"data key of {anchor.record}") from exc
         kek = await self._b.keys.kek_by_id(wk.kek_id)
         aad = associated_data(sealed_rec, anchor.patient, sealed_type, wk.kek_id)
         plain = open_sealed(blob, wk.wrapped, kek=kek, aad=aad, record=sealed_rec)

@@ -115,6 +115,9 @@ class RecordService:
         self.metrics = metrics
         self.institution = institution
         self._wait_final = receipt_wait_final_ms / 1000.0
+        #: Whether an anchored version was crypto-shredded (gateway/erasure.py sets it): a
+        #: caller the policy permits is answered 410 for it, everyone else as for a missing one.
+        self.shredded: Callable[[RecordAnchor], bool] = lambda anchor: False
         self._indexers: list[Indexer] = []
         self._pending: set[asyncio.Future[list[None]]] = set()
         # HL7 messages' records reach the derived views behind the acknowledgement, in order
@@ -296,9 +299,18 @@ class RecordService:
                 f"{what} is not known" if version is None else f"{what} has no version {version}"
             )
         interaction: Interaction = "read" if version is None else "vread"
-        await self._check(caller, interaction, resource_type, anchor.patient, anchor.source)
+        what = f"{resource_type}/{resource_id}"
+        try:
+            await self._check(caller, interaction, resource_type, anchor.patient, anchor.source)
+        except AccessDeniedError as exc:
+            # Denied == missing: the same answer, byte for byte.
+            raise NotFoundError(
+                f"{what} is not known" if version is None else f"{what} has no version {version}"
+            ) from exc
         if anchor.deleted:
-            raise GoneError(f"{resource_type}/{resource_id} version {anchor.version} is deleted")
+            raise GoneError(f"{what} version {anchor.version} is deleted")
+        if self.shredded(anchor):
+            raise GoneError(f"{what} version {anchor.version} was erased (crypto-shredded)")
         return ReadRecord(await self.pipeline.read_anchor(anchor), anchor)
 
     async def delete(
@@ -352,6 +364,8 @@ class RecordService:
                 await self._check(caller, "history", resource_type, anchor.patient, anchor.source)
             except AccessDeniedError:
                 continue
+            if self.shredded(anchor):
+                continue  # crypto-shredded: nothing left to show
             resource = await self.pipeline.read_anchor(anchor)
             rid = str(resource["id"])
             out.append(HistoryEntry(anchor, rid, None if anchor.deleted else resource))

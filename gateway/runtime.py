@@ -19,6 +19,7 @@ from gateway.backends.protocols import Backends
 from gateway.config import Settings
 from gateway.consents import ConsentService, ConsentView, consent_key
 from gateway.datadir import DataDir
+from gateway.erasure import ErasureService, ErasureView, retention_rules
 from gateway.errors import ConfigurationError
 from gateway.observability import Metrics
 from gateway.pipeline import RecordPipeline
@@ -271,6 +272,26 @@ class Gateway:
             patient_of=lambda rid: self.records.patient_of("Patient", rid),
             fresh_timeout=settings.backend_timeout,
         )
+        # Erasure (gateway/erasure.py): restrictions and shredded records from the ledger
+        # (after the index, whose links it reads), and the job that shreds.
+        self.erasure_view = ErasureView(self.index)
+        self.ledger.add_listener(self.erasure_view.on_batch)
+        self.records.shredded = self.erasure_view.shredded
+        self.erasure = ErasureService(
+            view=self.erasure_view,
+            index=self.index,
+            pipeline=self.pipeline,
+            keys=self.backends.keys,
+            ledger=self.ledger,
+            institution=settings.institution,
+            rules=retention_rules(
+                settings.retention_years,
+                settings.retention_classes,
+                settings.retention_default_class,
+                settings.retention_inpatient_codes,
+            ),
+            interval=settings.erasure_interval_s,
+        )
         self.started = False
 
     async def start(self) -> None:
@@ -291,6 +312,7 @@ class Gateway:
         await self.witness.start()
         self.pipeline.start()
         self.records.start()
+        self.erasure.start()
         self.started = True
         log.info(
             "gateway started",
@@ -304,6 +326,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop writers and close the backends."""
         if self.started:
+            await self.erasure.stop()
             await self.records.stop()
             await self.pipeline.stop()
             await self.witness.stop()

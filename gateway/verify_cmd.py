@@ -122,6 +122,11 @@ async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path |
         f"checkpoints: {report.batches} verified, {report.signatures_checked} signatures "
         f"(Ed25519 + ML-DSA-65); trust file anchored: {'yes' if report.trust_anchored else 'no'}"
     )
+    if report.restrictions or report.records_erased:
+        print(
+            f"erasure: {report.restrictions} restriction(s), {report.records_erased} record(s) "
+            "crypto-shredded (their ciphertexts stay and are still re-hashed)"
+        )
     if blobs:
         print(
             f"blobs: {report.records_checked} ciphertexts re-hashed, "

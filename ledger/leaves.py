@@ -151,6 +151,21 @@ def _dictionary_files(v: Any) -> str | None:
     return None
 
 
+#: Most record ids one ``erasure`` leaf lists (more take several leaves).
+MAX_ERASED = 500
+
+
+def _erased_records(v: Any) -> str | None:
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_ERASED:
+        return f"must be a list of 1-{MAX_ERASED} opaque record ids"
+    for item in v:
+        if _token(item) is not None:
+            return "must be a list of opaque record ids"
+    if len(set(v)) != len(v):
+        return "must not name a record twice"
+    return None
+
+
 PURPOSES = ("TREAT", "ETREAT", "HPAYMT", "HRESCH", "PUBHLTH")
 
 LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
@@ -218,10 +233,10 @@ LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
         "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
     },
     "key": {
-        "action": FieldSpec(_enum("erasure", "rotation", "trust"), doc="what happened"),
+        "action": FieldSpec(_enum("erasure", "restrict", "rotation", "trust"), doc="what happened"),
         "key_id": FieldSpec(_token, required=False, doc="key concerned (erasure, rotation)"),
         "new_key_id": FieldSpec(_token, required=False, doc="replacement key (rotation)"),
-        "patient": FieldSpec(_hex64, required=False, doc="patient pseudonym (erasure)"),
+        "patient": FieldSpec(_hex64, required=False, doc="patient pseudonym (erasure, restrict)"),
         "sha256": FieldSpec(_hex64, required=False, doc="SHA-256 of the trust file (trust)"),
         "source": FieldSpec(_token, doc="institution"),
         "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
@@ -236,6 +251,16 @@ LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
         "source": FieldSpec(_token, doc="institution that recorded the link"),
         "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
     },
+    "erasure": {
+        "patient": FieldSpec(_hex64, doc="patient pseudonym the ciphertexts are filed under"),
+        "records": FieldSpec(
+            _erased_records,
+            doc="record ids (as sealed: a container's own id) whose ciphertexts anchored "
+            "before this leaf had their wrapped data keys destroyed",
+        ),
+        "source": FieldSpec(_token, doc="custodian institution that destroyed them"),
+        "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
+    },
     "dictionary": {
         "version": FieldSpec(_token, doc="dictionary version"),
         "sha256": FieldSpec(_hex64, doc="SHA-256 of the dictionary bundle, hex"),
@@ -247,6 +272,7 @@ LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
 
 _KEY_ACTION_REQUIRES = {
     "erasure": ("key_id", "patient"),
+    "restrict": ("patient",),
     "rotation": ("key_id", "new_key_id"),
     "trust": ("sha256",),
 }

@@ -38,6 +38,10 @@ Rules (``kind``):
   (its own patient only, checked by the route), or the privacy officer: a system client of
   this institution acting for a user with role :data:`PRIVACY_OFFICER_ROLE` and
   ``system/Consent.r``.
+- ``erase``: a patient's erasure request (``POST /fhir/Patient/{pid}/$erase``): the patient's
+  own token (the route checks that ``pid`` is that patient), or the administrator: a system
+  client of this institution with ``system/Patient.d`` that selected the purpose of use
+  ``HLEGAL`` (the request is processed as a legal obligation).
 
 Raises :class:`gateway.auth.errors.ForbiddenError`.
 """
@@ -65,6 +69,7 @@ RuleKind = Literal[
     "search",
     "consent",
     "consent-explain",
+    "erase",
 ]
 
 #: The staff role (IHE IUA ``subject_role``, registered for the client) of the privacy officer,
@@ -126,6 +131,7 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("GET", "/fhir/{rtype:fhirtype}"): Rule("search"),
     ("POST", "/fhir/{rtype:fhirtype}/_search"): Rule("search"),
     ("GET", "/fhir/Patient/{pid}/$everything"): Rule("search", "Patient"),
+    ("POST", "/fhir/Patient/{pid}/$erase"): Rule("erase", "Patient"),
     ("POST", "/hl7v2"): Rule("hl7"),
     ("POST", "/imaging/studies"): Rule("imaging"),
     ("GET", "/ledger/checkpoint"): Rule("ledger"),
@@ -141,6 +147,9 @@ ROUTES: dict[tuple[str, str], Rule] = {
 #: Routes FastAPI itself serves (not API routes): the OpenAPI description is public (it says
 #: what the API is, not what it holds); the interactive docs are off in production.
 FRAMEWORK_ROUTES = ("/openapi.json", "/docs", "/docs/oauth2-redirect")
+
+#: The purpose of use an administrator's erasure request must select.
+ERASE_PURPOSE = "HLEGAL"
 
 INTERACTIONS = {"GET": "r", "POST": "c", "PUT": "u", "DELETE": "d"}
 
@@ -248,6 +257,19 @@ def authorize(
                 "role",
             )
         authorize_entry(caller, "Consent", "r", institution=institution)
+    if kind == "erase":
+        if caller.kind == "patient":
+            return  # its own record only: the route resolves pid and compares
+        _own_institution(caller, institution, "ask for an erasure")
+        if not caller.allows(rule.resource_type, "d"):
+            raise _refuse(
+                f"client {caller.client_id} needs system/Patient.d to ask for an erasure", "scope"
+            )
+        if caller.purpose != ERASE_PURPOSE:
+            raise _refuse(
+                f"an erasure on the patient's behalf needs purpose of use {ERASE_PURPOSE}",
+                "purpose",
+            )
         return
     raise _refuse(f"no rule {kind}", "no-rule")
 

@@ -2,8 +2,10 @@
 
 KEKs (random 256-bit, one per patient pseudonym) are stored wrapped by the master key with
 AES-256-GCM (associated data: the KEK id). Appends are fsynced once per batch (and the directory
-when the file is created). Destroying a KEK (crypto-shredding) rewrites the file without it
-(:func:`ledger.durable.write_durably`), so no copy of the wrapped KEK is left behind.
+when the file is created). Destroying a KEK or wrapped data keys (crypto-shredding) rewrites
+the file without them (:func:`ledger.durable.write_durably`: a new file renamed over the old),
+so no copy is left in the store; the old file's blocks are freed, not overwritten, by the
+file system.
 
 Raises BackendError (backend "file-keys"), KeyDestroyedError, KeyNotFoundError.
 """
@@ -110,11 +112,12 @@ class FileKeyStore:
             fsync_directory(self.path.parent)
 
     def _rewrite(self) -> None:
-        lines: list[dict[str, Any]] = []
+        # Tombstones first: a patient's new KEK (after an erasure) is read after them.
+        lines: list[dict[str, Any]] = [
+            {"t": "destroyed", "id": kid, "owner": owner} for kid, owner in self._destroyed.items()
+        ]
         for owner, kid in self._kek_of.items():
-            if kid in self._destroyed:
-                lines.append({"t": "destroyed", "id": kid, "owner": owner})
-            else:
+            if kid not in self._destroyed:
                 lines.append(
                     {
                         "t": "kek",
@@ -142,11 +145,12 @@ class FileKeyStore:
             raise BackendError(f"key store {self.path}: {exc}", backend=NAME) from exc
 
     async def kek_for(self, pseudonym: str) -> tuple[str, bytes]:
-        """(kek id, KEK) of the patient, created durably on first use. Raises KeyDestroyedError."""
+        """(kek id, KEK) of the patient, created durably on first use and anew after its
+        KEK was destroyed."""
         async with self._lock:
             await self._run(self._load)
             kid = self._kek_of.get(pseudonym)
-            if kid is None:
+            if kid is None or kid in self._destroyed:
                 kid = secrets.token_hex(16)
                 kek = secrets.token_bytes(32)
                 wrapped = wrap_kek(self._master, kid, kek)
@@ -208,12 +212,28 @@ class FileKeyStore:
         async with self._lock:
             await self._run(self._load)
             kid = self._kek_of.get(pseudonym)
-            if kid is None:
+            if kid is None or kid in self._destroyed:
                 raise KeyNotFoundError(f"patient key of {pseudonym[:12]}")
             self._destroyed[kid] = pseudonym
             self._wrapped_kek.pop(kid, None)
             await self._run(self._rewrite)
             return kid
+
+    async def destroy_wrapped_keys(self, record_ids: Sequence[str]) -> int:
+        """Crypto-shred records: the file is rewritten without their wrapped data keys.
+        Returns how many were there."""
+        async with self._lock:
+            await self._run(self._load)
+            ids = dict.fromkeys(record_ids)
+            gone = [self._data_keys.pop(r) for r in ids if r in self._data_keys]
+            if gone:
+                try:
+                    await self._run(self._rewrite)
+                except BackendError:
+                    for wk in gone:  # not destroyed after all: the file still holds them
+                        self._data_keys[wk.record_id] = wk
+                    raise
+            return len(gone)
 
     async def ping(self) -> None:
         """Raise BackendError unless the file can be loaded."""

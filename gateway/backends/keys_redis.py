@@ -3,12 +3,16 @@
 KEKs are stored only wrapped by the master key (AES-256-GCM, associated data: KEK id); Redis is
 run with ``appendonly yes`` and ``appendfsync always`` so a reply means the write is on disk.
 Two workers creating a patient's KEK at once agree through ``SET NX`` on the owner key.
-Destroying a KEK deletes its wrapped copy (crypto-shredding) and leaves a tombstone.
+Destroying a KEK deletes its wrapped copy (crypto-shredding), leaves a tombstone and frees the
+patient's owner key, so the patient's next record gets a new KEK; destroying wrapped data keys
+deletes them. (Redis's append-only file keeps a deleted value until its next rewrite: the
+gateway asks for one, ``BGREWRITEAOF``, after each destruction.)
 Raises BackendError (backend "redis-keys"), KeyDestroyedError, KeyNotFoundError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -106,8 +110,33 @@ class RedisKeyStore:
         pipe = self._r.pipeline(transaction=True)
         pipe.set(f"{self.prefix}destroyed:{kid}", b"1")
         pipe.delete(f"{self.prefix}kek:{kid}")
+        pipe.delete(f"{self.prefix}owner:{pseudonym}")
         await self._call("destroy", pipe.execute)
+        await self._rewrite_aof()
         return str(kid)
+
+    async def destroy_wrapped_keys(self, record_ids: Sequence[str]) -> int:
+        """Crypto-shred records: DEL their wrapped data keys (in chunks). Returns how many
+        existed."""
+        ids = list(dict.fromkeys(record_ids))
+        gone = 0
+        for n in range(0, len(ids), 500):
+            keys = [f"{self.prefix}dk:{r}" for r in ids[n : n + 500]]
+
+            async def delete(keys: list[str] = keys) -> Any:
+                return await self._r.delete(*keys)
+
+            gone += int(await self._call("del", delete))
+        if gone:
+            await self._rewrite_aof()
+        return gone
+
+    async def _rewrite_aof(self) -> None:
+        """Ask Redis to rewrite its append-only file, so deleted keys leave the disk too.
+        Best effort: one already running (or scheduled) does it as well."""
+        # A rewrite in progress: Redis schedules or finishes one anyway.
+        with contextlib.suppress(BackendError):
+            await self._call("bgrewriteaof", lambda: self._r.bgrewriteaof(), retry=False)
 
     async def ping(self) -> None:
         """PING."""

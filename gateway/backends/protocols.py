@@ -167,9 +167,9 @@ class KeyStore(Protocol):
     name: str
 
     async def kek_for(self, pseudonym: str) -> tuple[str, bytes]:
-        """Return (kek_id, kek) for the patient, creating it durably on first use.
-
-        Raises KeyDestroyedError if the patient's KEK was destroyed, BackendError.
+        """Return (kek_id, kek) for the patient, creating it durably on first use, and anew
+        (another id) once the patient's KEK was destroyed: records stored after an erasure
+        get a key of their own. Raises BackendError.
         """
         ...
 
@@ -186,7 +186,14 @@ class KeyStore(Protocol):
         ...
 
     async def destroy_kek(self, pseudonym: str) -> str:
-        """Crypto-shred: destroy the patient's KEK durably; return its id. Raises BackendError."""
+        """Crypto-shred: destroy the patient's KEK durably; return its id. Raises
+        KeyNotFoundError when the patient has no live KEK, BackendError."""
+        ...
+
+    async def destroy_wrapped_keys(self, record_ids: Sequence[str]) -> int:
+        """Crypto-shred single records: destroy the wrapped data keys filed under these ids
+        (the ciphertexts' SHA-256) durably, leaving no copy in the store; ids without a key
+        are skipped. Returns how many were destroyed. Raises BackendError."""
         ...
 
     async def ping(self) -> None:

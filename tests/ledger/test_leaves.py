@@ -58,6 +58,7 @@ GOOD: dict[str, dict[str, Any]] = {
         "time": T,
     },
     "link": {"from": HEX, "to": "cd" * 32, "reason": "merge", "source": "hosp-a", "time": T},
+    "erasure": {"patient": HEX, "records": ["3f2a9c", "8d1e"], "source": "hosp-a", "time": T},
 }
 
 

@@ -273,6 +273,8 @@ def _right_caller(w: World, method: str, path: str) -> dict[str, str]:
         tok = w.token(client_id="test-portal", scope="system/Patient.r")
     elif kind == "consent-explain":
         tok = _privacy_officer(w)
+    elif kind == "erase":
+        tok = w.token(client_id="privacy-office", scope="system/Patient.d", purpose="HLEGAL")
     else:
         return dict(w.good)
     return {"Authorization": f"Bearer {tok}"}
@@ -345,6 +347,22 @@ def _wrong_callers(w: World, method: str, path: str) -> list[tuple[str, dict[str
         )
     if kind == "portal":
         cases.append(("not a portal", dict(w.good), 400))  # OAuth unauthorized_client
+    if kind == "erase":
+        cases.append(("not the administrator's purpose", dict(w.good), 403))
+        cases.append(
+            ("no delete scope", bearer(w.token(scope="system/Patient.rs", purpose="HLEGAL")), 403)
+        )
+        cases.append(
+            (
+                "another institution",
+                bearer(
+                    w.token(
+                        scope="system/Patient.d", purpose="HLEGAL", institution="other-hospital"
+                    )
+                ),
+                403,
+            )
+        )
     return cases
 
 

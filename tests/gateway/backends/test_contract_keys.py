@@ -49,12 +49,51 @@ async def test_destroy_is_crypto_shredding(keys: Any, tmp_path: Path) -> None:
         assert b'"t":"kek"' not in keys.path.read_bytes()
 
 
-async def test_destroyed_patient_key_is_not_recreated(keys: Any) -> None:
-    kid, _ = await keys.kek_for("z" * 64)
+async def test_a_destroyed_patient_key_is_replaced_by_a_new_one(
+    impl: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    s = request.getfixturevalue("services") if impl == "production" else None
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    keys = make_keys(impl, tmp_path, s, prefix)
+    kid, kek = await keys.kek_for("z" * 64)
     await keys.destroy_kek("z" * 64)
-    with pytest.raises(KeyDestroyedError) as err:
-        await keys.kek_for("z" * 64)
-    assert err.value.key_id == kid
+    with pytest.raises(KeyNotFoundError):
+        await keys.destroy_kek("z" * 64)  # nothing live left to destroy
+    new_kid, new_kek = await keys.kek_for("z" * 64)
+    assert new_kid != kid and new_kek != kek
+    assert await keys.kek_for("z" * 64) == (new_kid, new_kek)
+    with pytest.raises(KeyDestroyedError):
+        await keys.kek_by_id(kid)  # the old one stays destroyed
+    await keys.close()
+    again = make_keys(impl, tmp_path, s, prefix)  # and so after a reload
+    assert await again.kek_for("z" * 64) == (new_kid, new_kek)
+    with pytest.raises(KeyDestroyedError):
+        await again.kek_by_id(kid)
+    await again.close()
+
+
+async def test_destroying_wrapped_data_keys_leaves_the_others(
+    impl: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    s = request.getfixturevalue("services") if impl == "production" else None
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    keys = make_keys(impl, tmp_path, s, prefix)
+    kid, _ = await keys.kek_for("w" * 64)
+    await keys.put_wrapped_keys([WrappedKey(f"rec{n}", kid, b"wrapped-%d" % n) for n in range(5)])
+    assert await keys.destroy_wrapped_keys(["rec1", "rec3", "rec1", "never"]) == 2
+    assert await keys.destroy_wrapped_keys(["rec1"]) == 0
+    await keys.close()
+    again = make_keys(impl, tmp_path, s, prefix)
+    for n in (1, 3):
+        with pytest.raises(KeyNotFoundError):
+            await again.get_wrapped_key(f"rec{n}")
+    for n in (0, 2, 4):
+        assert (await again.get_wrapped_key(f"rec{n}")).wrapped == b"wrapped-%d" % n
+    await again.kek_by_id(kid)  # the patient's KEK is untouched
+    if s is None:
+        data = (tmp_path / "keys.jsonl").read_bytes()
+        assert b'"rec1"' not in data and b'"rec3"' not in data and b'"rec2"' in data
+    await again.close()
 
 
 async def test_kek_ids_do_not_reveal_the_pseudonym(keys: Any) -> None:
