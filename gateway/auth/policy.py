@@ -257,6 +257,7 @@ def authorize(
                 "role",
             )
         authorize_entry(caller, "Consent", "r", institution=institution)
+        return
     if kind == "erase":
         if caller.kind == "patient":
             return  # its own record only: the route resolves pid and compares
