@@ -304,6 +304,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop writers and close the backends."""
         if self.started:
+            await self.consents.stop()
             await self.records.stop()
             await self.pipeline.stop()
             await self.witness.stop()
