@@ -41,8 +41,10 @@ its leaf), :class:`ConsentUnavailableError` (freshness could not be established 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import time
 import uuid
@@ -68,11 +70,14 @@ from gateway.identity import fhir_identifiers, patient_identity
 from gateway.packing import cut
 from gateway.views import PatientLinks
 from ledger.checkpoint import SignedCheckpoint
+from ledger.errors import LedgerError
 from ledger.leaves import ConsentLeaf, decode_leaf
 from ledger.sequencer import Ledger
 
 if TYPE_CHECKING:
     from gateway.fhir import PreparedBundle
+
+log = logging.getLogger("gateway.consents")
 
 #: HKDF ``info`` of the alliance consent key (distinct from every other use of the pseudonym key).
 CONSENT_KEY_INFO = b"alliance-gateway/consent-key/v1"
@@ -341,10 +346,43 @@ class ConsentService:
         self._fresh_next: asyncio.Future[None] | None = None
         self._fresh_task: asyncio.Task[None] | None = None
         self.fresh_lookups = 0
+        self.retry_interval = 2.0
+        self._default_task: asyncio.Task[None] | None = None
 
     # ---- start -----------------------------------------------------------------------------
 
-    async def start(self) -> StoredConsent | None:
+    async def start(self) -> None:
+        """Anchor this institution's administrative default unless the ledger already has it.
+        While the blob store or the log is down the gateway still starts: the default is
+        anchored by a background retry (every ``retry_interval`` s) once they are back.
+        Raises nothing."""
+        try:
+            await self.ensure_default()
+        except (BackendError, LedgerError) as exc:
+            log.warning(
+                "administrative default Consent not anchored yet; retrying",
+                extra={"error": type(exc).__name__},
+            )
+            self._default_task = asyncio.create_task(self._retry_default(), name="consent-default")
+
+    async def _retry_default(self) -> None:
+        while True:
+            await asyncio.sleep(self.retry_interval)
+            try:
+                await self.ensure_default()
+                return
+            except (BackendError, LedgerError):
+                continue
+
+    async def stop(self) -> None:
+        """Stop the background retry, if any. Raises nothing."""
+        task, self._default_task = self._default_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def ensure_default(self) -> StoredConsent | None:
         """Anchor this institution's administrative default unless the ledger already has it;
         return what was anchored (None: it was there). Raises BackendError, LedgerError."""
         default = consent_core.default_consent(self.institution)

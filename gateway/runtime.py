@@ -333,6 +333,7 @@ class Gateway:
         """Stop writers and close the backends."""
         if self.started:
             await self.erasure.stop()
+            await self.consents.stop()
             await self.records.stop()
             await self.pipeline.stop()
             await self.witness.stop()

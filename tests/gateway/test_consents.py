@@ -31,6 +31,7 @@ from gateway.auth.guard import issuer_of, token_key
 from gateway.auth.policy import PRIVACY_OFFICER_ROLE
 from gateway.auth.scopes import parse_scopes
 from gateway.auth.tokens import TokenService
+from gateway.backends.protocols import Backends
 from gateway.backends.state_memory import MemoryStateStore
 from gateway.consent import (
     ACT_REASON,
@@ -41,10 +42,11 @@ from gateway.consent import (
     RecordMeta,
 )
 from gateway.consents import ConsentView, consent_token, open_consent
-from gateway.runtime import Gateway
+from gateway.runtime import Gateway, build_backends, load_secrets
 from gateway.verify_cmd import run_verify
 from gateway.views import PatientLinks
 from ledger.leaves import ConsentLeaf, decode_leaf, encode_leaf
+from tests.fakes import FailingBlobs
 from tests.gateway.conftest import FHIR, settings_for
 from tests.gateway.test_records import _clients, _shared
 
@@ -603,3 +605,28 @@ def test_view_orders_versions_ignores_lost_races_and_follows_links() -> None:
     view.on_batch(17, [link], 4)
     assert view.consented_patients() == {p, r}
     assert view.version(r) == 15 and [e.leaf_index for e in view.current_of(r)] == [15]
+
+
+async def test_a_gateway_starts_with_the_blob_store_down_and_anchors_its_default_later(
+    tmp_path: Path,
+) -> None:
+    settings = settings_for("embedded", tmp_path / "gw", institution="clinic-a")
+    _pkey, master = load_secrets(settings)
+    real = build_backends(settings, master_key=master)
+    blobs = FailingBlobs(real.blobs)  # down from the start
+    backends = Backends(blobs=blobs, log=real.log, state=real.state, keys=real.keys)
+    app = create_app(settings, backends=backends)
+    async with app.router.lifespan_context(app):
+        gw: Gateway = app.state.gateway
+        gw.consents.retry_interval = 0.05
+        token = consent_token(gw.pseudonym_key, "default-clinic-a")
+        assert gw.consent_view.latest(token) is None
+        await asyncio.sleep(0.2)
+        assert gw.consent_view.latest(token) is None  # still down: nothing anchored
+        blobs.down = False
+        for _ in range(100):  # bounded: 5 s
+            if gw.consent_view.latest(token) is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert gw.consent_view.latest(token) is not None
+        assert (await gw.consents.policy_for("ab" * 32)).policy.consent_ids == ("default-clinic-a",)
