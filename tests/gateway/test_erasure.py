@@ -685,3 +685,36 @@ async def test_verify_reports_an_erasure_leaf_naming_a_record_never_anchored(
     assert "erasure: 0 restriction(s), 3 record(s) crypto-shredded" in out
     assert out.count("did not anchor before it under the patient the leaf names") == 2
     assert "f00d" in out and f"lists record {old.record}, which" in out
+
+
+async def test_the_container_of_an_hl7_message_is_shredded_whole(tmp_path: Path) -> None:
+    settings = settings_for(
+        "embedded", tmp_path / "gw", erasure_interval_s=0, hl7_convert_workers=0
+    )
+    message = (Path(__file__).resolve().parents[2] / "fixtures/hl7v2/oru_r01_lab.hl7").read_bytes()
+    async with AsyncExitStack() as stack:
+        site = await _site(stack, settings)
+        c, gw = site.client, site.gw
+        hl7 = {"content-type": "x-application/hl7-v2+er7"}
+        r = await c.post("/hl7v2", content=message, headers=hl7)
+        assert r.status_code == 200 and b"MSA|CA" in r.content, r.text  # commit accept
+        members = [a for a in gw.index.all_versions() if a.container is not None]
+        assert len({a.container for a in members}) == 1 and len(members) > 3
+        ids = []
+        for anchor in members:
+            resource = await gw.pipeline.read_anchor(anchor)
+            ids.append(f"{anchor.resource_type}/{resource['id']}")
+        pid = next(i for i in ids if i.startswith("Patient/"))
+        r = await c.post(f"/fhir/{pid}/$erase", headers=_admin(site))
+        params = {p["name"]: p for p in r.json()["parameter"]}
+        assert r.status_code == 200 and "shredded" not in params, r.text  # all from 2026
+        assert params["retained"]["valueUnsignedInt"] == len(members)
+        assert (await c.get(f"/fhir/{ids[-1]}")).status_code == 200
+        gw.erasure.clock = lambda: LATER
+        (result,) = await gw.erasure.run()
+        assert sorted(result.shredded) == sorted(ids) and result.keks_destroyed
+        (erasure,) = await _leaves_of_kind(gw, "erasure")
+        assert erasure["records"] == [members[0].container]  # the container, once
+        for rid in ids:
+            assert (await c.get(f"/fhir/{rid}")).status_code == 410, rid
+    assert await run_verify(settings, blobs=True, from_checkpoint=None) == 0
