@@ -45,7 +45,9 @@ from gateway.identity import fhir_identifiers, institution_pseudonym, patient_id
 from gateway.pipeline import PreparedResource
 from ledger.errors import GroupCommitStoppedError
 from ledger.groupcommit import GroupCommitter
+from mappings.dictionary_apply import labels
 from mappings.errors import ConversionWarning, MappingError
+from mappings.terminology import Terminology
 from mappings.v2.common import ConversionOptions, ConversionResult, stable_id
 from mappings.v2.convert import convert
 from mappings.v2.parse import ParsedMessage, parse
@@ -209,9 +211,14 @@ def prepare(
     unique = {(r["resourceType"], r["id"]): r for r in (*resources, binary, provenance)}
     if any("meta" in r for r in unique.values()):
         raise ValueError("a converted resource carries meta")
+    term = options.terminology
     entries = tuple(
         PreparedResource(
-            rtype, rid, record_id(pseudonym_key, options.institution, rtype, rid), orjson.dumps(r)
+            rtype,
+            rid,
+            record_id(pseudonym_key, options.institution, rtype, rid),
+            orjson.dumps(r),
+            _security(r, term),
         )
         for (rtype, rid), r in unique.items()
     )
@@ -223,6 +230,16 @@ def prepare(
         provisional=provisional,
         aliases=tuple(dict.fromkeys(aliases)),
     )
+
+
+def _security(resource: dict[str, Any], term: Terminology) -> bytes:
+    """The security labels the dictionary gives a resource (``labels(resource)``), as the
+    JSON array its ``meta.security`` is sealed with; ``b""`` for none. The original message
+    (Binary) is not looked into: its codes are those of the resources converted from it."""
+    if resource.get("resourceType") == "Binary":
+        return b""
+    found = labels(resource, term)
+    return orjson.dumps(found) if found else b""
 
 
 def convert_one(
