@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from gateway.access import AccessEvent
+from gateway.app import create_app
 from gateway.consent import ACT_CODE
-from tests.gateway.conftest import auth_headers
+from tests.gateway.conftest import auth_headers, settings_for
 from tests.gateway.consent_stub import InMemoryConsents, RecordingLog, grant, install
 from tests.gateway.test_search import DATA, LOINC, MASTER, _cursor_of, _store
 
@@ -225,8 +227,6 @@ async def test_receipt_lookups_are_checked(client: httpx.AsyncClient) -> None:
 async def test_hl7_records_are_labelled_and_indexed(client: httpx.AsyncClient) -> None:
     """An HL7 v2 result with an HIV test code is sealed with the label and indexed with it;
     the hospital with a plain treatment consent neither finds nor reads it."""
-    from pathlib import Path
-
     raw = (Path(__file__).resolve().parents[2] / "fixtures/hl7v2/oru_r01_lab.hl7").read_bytes()
     raw = raw.replace("HBSAG^乙肝表面抗原^L".encode(), b"56888-1^HIV 1+2 Ab^LN")
     resp = await client.post(
@@ -254,3 +254,30 @@ async def test_hl7_records_are_labelled_and_indexed(client: httpx.AsyncClient) -
     assert visible["total"] >= 1 and "56888-1" not in codes
     assert (await client.get(f"/fhir/Observation/{obs['id']}", headers=h)).status_code == 404
     assert "HIV" not in json.dumps(visible)
+
+
+async def test_without_the_search_index_metadata_comes_from_the_decrypted_record(
+    tmp_path: Path,
+) -> None:
+    """GATEWAY_SEARCH_INDEX=false: reads are still decided on codes and labels, taken from
+    the decrypted resource before anything is returned."""
+    app = create_app(settings_for("embedded", tmp_path / "gw", search_index=False))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://gw", headers=auth_headers(app)
+        ) as client:
+            client.app = app  # type: ignore[attr-defined]
+            consents, log, p1 = await setup(client)
+            await _store(client, [HIV_CONDITION])
+            assert app.state.gateway.records.meta_source is None
+            h = hospital(client)
+            assert (await client.get("/fhir/Observation/o1", headers=h)).status_code == 404
+            consents.put(p1, grant("c-1", HOSPITAL, codes=[(LOINC, "718-7")]))
+            assert (await client.get("/fhir/Observation/o1", headers=h)).status_code == 200
+            assert (await client.get("/fhir/Observation/o2", headers=h)).status_code == 404
+            consents.put(p1, grant("c-2", HOSPITAL, classes=["Condition"]))
+            assert (await client.get("/fhir/Condition/c-hiv", headers=h)).status_code == 404
+            consents.put(p1, grant("c-3", HOSPITAL, labels=[(ACT_CODE, "HIV")]))
+            assert (await client.get("/fhir/Condition/c-hiv", headers=h)).status_code == 200
+            assert [e.decision.permitted for e in log.events[-4:]] == [True, False, False, True]
