@@ -270,6 +270,9 @@ async def test_without_the_search_index_metadata_comes_from_the_decrypted_record
             client.app = app  # type: ignore[attr-defined]
             consents, log, p1 = await setup(client)
             await _store(client, [HIV_CONDITION])
+            (write,) = log.events  # the custodian's own write is logged too
+            assert write.interaction == "create" and write.patient == p1
+            assert write.records == ("Condition/c-hiv/_history/1",) and write.decision.permitted
             assert app.state.gateway.records.meta_source is None
             h = hospital(client)
             assert (await client.get("/fhir/Observation/o1", headers=h)).status_code == 404
