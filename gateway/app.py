@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.access import AccessDeniedError
 from gateway.api import auth as auth_api
 from gateway.api import consent as consent_api
 from gateway.api import erasure as erasure_api
@@ -72,6 +73,11 @@ def outcome_for(exc: Exception) -> tuple[int, dict[str, object]]:
             return exc.status, operation_outcome("error", "transient", str(exc))
         code = "login" if exc.status == 401 else "forbidden"
         return exc.status, operation_outcome("error", code, str(exc))
+    if isinstance(exc, AccessDeniedError):
+        # Reads refused by the access seam are answered as missing records where they are
+        # refused (gateway/records.py); what reaches here is a refusal to say so (a search
+        # from another institution naming no patient).
+        return 403, operation_outcome("error", "forbidden", str(exc))
     if isinstance(exc, PayloadTooLargeError):
         return 413, operation_outcome("error", "too-costly", str(exc))
     if isinstance(exc, InvalidInputError):

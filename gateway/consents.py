@@ -619,7 +619,7 @@ class ConsentService:
         opened = await self._open_all(entries)
         return [ReadConsent(r, e) for e, (_s, r) in zip(entries, opened, strict=True)]
 
-    # ---- for enforcement (h2) --------------------------------------------------------------
+    # ---- for enforcement (gateway/consent_policy.py) ---------------------------------------
 
     async def policy_for(self, patient: str) -> PatientPolicy:
         """The patient's compiled policy: every consent under every pseudonym linked to it, and
@@ -710,7 +710,7 @@ class ConsentService:
 
     def forget(self, patient: str) -> None:
         """Drop what this gateway holds in memory of a patient's consents (opened Consents,
-        compiled policies): erasure's restriction (h4) calls it. Raises nothing."""
+        compiled policies): erasure's restriction calls it. Raises nothing."""
         indexes = {
             e.leaf_index for token in self.view.tokens_of(patient) for e in self.view.history(token)
         }

@@ -88,12 +88,15 @@ BLOB_CALLS_IN_FLIGHT = 2
 
 class PreparedResource(NamedTuple):
     """A resource ready to be stored in a container: its type, id, ledger record id
-    (:meth:`RecordPipeline.record_of`) and its JSON object without ``meta`` (set when stored)."""
+    (:meth:`RecordPipeline.record_of`) and its JSON object without ``meta`` (set when stored);
+    ``security``: its security labels as a JSON array of Codings (``b""``: none), sealed as
+    its ``meta.security``."""
 
     type: str
     id: str
     record: str
     body: bytes
+    security: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,8 +195,14 @@ class _Stamp:
         iso = datetime.now(UTC).isoformat(timespec="milliseconds")  # ...ss.mmm+00:00
         return cls(iso[:23] + "Z", iso[:19] + "Z")
 
-    def meta_json(self) -> bytes:
-        """``"meta":{...}`` with this stamp's ``lastUpdated`` (the version is set on read)."""
+    def meta_json(self, security: bytes = b"") -> bytes:
+        """``"meta":{...}`` with this stamp's ``lastUpdated`` (the version is set on read)
+        and ``security`` (a JSON array of Codings) when given."""
+        if security:
+            return b'"meta":{"lastUpdated":"%s","security":%s}' % (
+                self.last_updated.encode(),
+                security,
+            )
         return b'"meta":{"lastUpdated":"%s"}' % self.last_updated.encode()
 
     def apply(self, resource: dict[str, Any]) -> None:
@@ -372,7 +381,13 @@ class RecordPipeline:
             bundle_id = container_id if n == 0 else f"{container_id}-{n // MAX_CONTAINED + 1}"
             container = self.record_of(CONTAINER_TYPE, bundle_id)
             part = resources[n : n + MAX_CONTAINED]
-            entries = [(f"{r.type}/{r.id}", with_meta(r.body, meta)) for r in part]
+            entries = [
+                (
+                    f"{r.type}/{r.id}",
+                    with_meta(r.body, stamp.meta_json(r.security) if r.security else meta),
+                )
+                for r in part
+            ]
             plain = container_json(bundle_id, meta, entries)
             members = [(r.type, r.id, r.record) for r in part]
             units.append(await self._seal(plain, container, patient, CONTAINER_TYPE, members, True))

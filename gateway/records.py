@@ -7,7 +7,15 @@ FHIR REST, HL7 v2 (MLLP and HTTP) and imaging all come through here, so the rule
 - versions are those the ledger committed (taken when the record's leaf is appended, never
   reserved ahead of it: :mod:`gateway.pipeline`);
 - the access seam (:mod:`gateway.access`) is asked before anything is stored or decrypted,
-  with the caller and the record's metadata (custodian, patient, type);
+  with the caller and the record's metadata (custodian, patient, type, and for reads its id,
+  version and index metadata: codes, clinical date, security labels, from the search index's
+  ``meta_of`` without decrypting; when the index is switched off or has not indexed that
+  version yet, from the decrypted resource, before anything is returned);
+- a read the seam denies answers exactly like a missing record (the same NotFoundError), so a
+  caller cannot tell a record it may not see from one that does not exist;
+- every decision about an authenticated caller (not internal calls: no caller, or the local
+  sender) is given to the access log (:class:`gateway.access.AccessLog`) before anything is
+  returned: a permitted record leaves only once its trace is durable;
 - every store answers with receipts (:class:`Receipt`: leaf index, tree size, root, inclusion
   proof, signed checkpoint, CID), whatever the entry point;
 - patients known under several pseudonyms are linked on the ledger (``link`` leaves), and
@@ -29,15 +37,27 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway.access import AccessDeniedError, AccessPolicy, AccessRequest, Interaction
+from gateway.access import (
+    PERMIT,
+    AccessDecision,
+    AccessDeniedError,
+    AccessEvent,
+    AccessLog,
+    AccessPolicy,
+    AccessRequest,
+    Interaction,
+    NoAccessLog,
+)
+from gateway.auth.caller import Caller
+from gateway.consent import RecordMeta
 from gateway.errors import GoneError, NotFoundError
 from gateway.observability import Metrics
 from gateway.pipeline import PreparedResource, ReadRecord, RecordInput, RecordPipeline, StoredRecord
-from gateway.views import RecordAnchor, RecordIndex
+from gateway.views import RecordAnchor, RecordIndex, anchors_of_leaf
 from gateway.witness_service import WitnessService
 from ledger.errors import GroupCommitStoppedError
 from ledger.groupcommit import GroupCommitter
-from ledger.leaves import encode_leaf
+from ledger.leaves import RecordLeaf, decode_leaf, encode_leaf
 from ledger.sequencer import Ledger
 
 log = logging.getLogger("gateway.records")
@@ -51,6 +71,40 @@ INDEX_BATCH_MAX = 512
 #: set) once it is durable and before the store returns, so what a caller was acknowledged is
 #: already there (the search index).
 Indexer = Callable[[Sequence[tuple[StoredRecord, dict[str, Any]]]], Awaitable[None]]
+
+#: Where reads get a stored version's consent metadata without decrypting it: (custodian,
+#: record, version) -> RecordMeta, or None when it does not know that version (the search
+#: index's ``meta_of``).
+MetaSource = Callable[[str, str, int], Awaitable[RecordMeta | None]]
+
+#: Labels a stored resource gets (``meta.security`` codings, e.g. the dictionary's
+#: ``labels(resource)``).
+Labeller = Callable[[dict[str, Any]], list[dict[str, Any]]]
+
+
+def logged(caller: object | None) -> bool:
+    """Whether decisions about ``caller`` go to the access log: an authenticated caller, not
+    an internal call (None) or the local sender. Raises nothing."""
+    return isinstance(caller, Caller) and caller.kind != "local"
+
+
+def add_labels(resource: dict[str, Any], labels: Sequence[dict[str, Any]]) -> None:
+    """Add security labels to ``meta.security`` (those already there kept, none twice).
+    Raises nothing."""
+    if not labels:
+        return
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        meta = resource["meta"] = {}
+    have = meta.get("security")
+    current = [x for x in have if isinstance(x, dict)] if isinstance(have, list) else []
+    seen = {(x.get("system"), x.get("code")) for x in current}
+    for label in labels:
+        key = (label.get("system"), label.get("code"))
+        if key not in seen:
+            seen.add(key)
+            current.append(dict(label))
+    meta["security"] = current
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +122,11 @@ class Receipt:
     byte_range: tuple[int, int] | None
 
 
-def _with_version(body: bytes, record: StoredRecord) -> dict[str, Any]:
-    resource: dict[str, Any] = orjson.loads(body)
+def _with_version(prepared: PreparedResource, record: StoredRecord) -> dict[str, Any]:
+    resource: dict[str, Any] = orjson.loads(prepared.body)
     resource["meta"] = {"versionId": str(record.version), "lastUpdated": record.last_updated}
+    if prepared.security:
+        resource["meta"]["security"] = orjson.loads(prepared.security)
     return resource
 
 
@@ -106,8 +162,13 @@ class RecordService:
         metrics: Metrics,
         institution: str,
         receipt_wait_final_ms: float = 0.0,
+        access_log: AccessLog | None = None,
+        labeller: Labeller | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.access_log: AccessLog = access_log if access_log is not None else NoAccessLog()
+        self.labeller = labeller
+        self.meta_source: MetaSource | None = None
         self.index = index
         self.ledger = ledger
         self.witness = witness
@@ -174,14 +235,36 @@ class RecordService:
         reason); see :meth:`link`), then store the resources (one record each); return once
         all of it is durable. Raises AccessDeniedError (nothing stored), BackendError,
         LedgerError."""
+        decisions: list[tuple[Interaction, AccessDecision]] = []
         for item in inputs:
             rtype = str(item.resource["resourceType"])
             exists = self.index.latest(self.record_of(rtype, str(item.resource["id"])))
-            await self._check(caller, "update" if exists else "create", rtype, item.patient)
+            interaction: Interaction = "update" if exists else "create"
+            try:
+                decision = await self._check(caller, interaction, rtype, item.patient)
+            except AccessDeniedError as exc:
+                ref = f"{rtype}/{item.resource['id']}"
+                await self._log(caller, interaction, item.patient, exc, (ref,))
+                raise
+            decisions.append((interaction, decision))
+            if self.labeller is not None and not item.deleted:
+                add_labels(item.resource, self.labeller(item.resource))
         await self.link(links)
         stored = await self.pipeline.store(inputs)
         if self._indexers:
             await self._index(list(zip(stored, (i.resource for i in inputs), strict=True)))
+        if logged(caller):
+            events = [
+                AccessEvent(
+                    caller,
+                    interaction,
+                    item.patient,
+                    decision,
+                    (f"{s.resource_type}/{s.resource_id}/_history/{s.version}",),
+                )
+                for (interaction, decision), item, s in zip(decisions, inputs, stored, strict=True)
+            ]
+            await self.access_log.record(events)
         return await self._stored(stored)
 
     async def store_message(
@@ -209,7 +292,7 @@ class RecordService:
             # (bench_mllp, 163 against 505 messages/s). Searchable a few milliseconds after
             # the ACK; a crash before that is caught up from the ledger at the next start.
             items = [
-                (record, _with_version(prepared.body, record))
+                (record, _with_version(prepared, record))
                 for record, prepared in zip(stored, resources, strict=True)
             ]
             try:
@@ -286,32 +369,141 @@ class RecordService:
         version: int | None = None,
     ) -> ReadRecord:
         """The latest version of this institution's resource (or version ``version``),
-        decrypted after the access check and the check against its anchor.
+        decrypted after the access check and the check against its anchor; the decision is
+        logged (see the module docstring) before it is returned.
 
-        Raises NotFoundError (also when the version does not exist), AccessDeniedError,
-        IntegrityError, KeyDestroyedError, BackendError.
+        Raises NotFoundError (also when the version does not exist, and when the access seam
+        denies the read: a denied read is a missing record), GoneError (a deletion),
+        ForbiddenError (a patient token reaching another patient's record), IntegrityError,
+        KeyDestroyedError, BackendError and LedgerError (the access log failed: nothing is
+        returned).
         """
-        rec = self.record_of(resource_type, resource_id)
-        anchor = self.index.latest(rec) if version is None else self.index.version(rec, version)
-        if anchor is None:
-            what = f"{resource_type}/{resource_id}"
-            raise NotFoundError(
-                f"{what} is not known" if version is None else f"{what} has no version {version}"
-            )
         interaction: Interaction = "read" if version is None else "vread"
-        what = f"{resource_type}/{resource_id}"
         try:
-            await self._check(caller, interaction, resource_type, anchor.patient, anchor.source)
+            found, decision = await self.read_checked(
+                resource_type, resource_id, caller=caller, version=version, interaction=interaction
+            )
         except AccessDeniedError as exc:
-            # Denied == missing: the same answer, byte for byte.
-            raise NotFoundError(
-                f"{what} is not known" if version is None else f"{what} has no version {version}"
-            ) from exc
+            anchor = self._anchor_of(resource_type, resource_id, version)
+            assert anchor is not None  # denied, so it was found
+            ref = f"{resource_type}/{resource_id}/_history/{anchor.version}"
+            await self._log(caller, interaction, anchor.patient, exc, (ref,))
+            raise self._missing(resource_type, resource_id, version) from exc
+        except GoneError:
+            anchor = self._anchor_of(resource_type, resource_id, version)
+            assert anchor is not None
+            ref = f"{resource_type}/{resource_id}/_history/{anchor.version}"
+            await self._log(caller, interaction, anchor.patient, PERMIT, (ref,))
+            raise
+        ref = f"{resource_type}/{resource_id}/_history/{found.anchor.version}"
+        await self._log(caller, interaction, found.anchor.patient, decision, (ref,))
+        return found
+
+    def _anchor_of(
+        self, resource_type: str, resource_id: str, version: int | None
+    ) -> RecordAnchor | None:
+        rec = self.record_of(resource_type, resource_id)
+        return self.index.latest(rec) if version is None else self.index.version(rec, version)
+
+    @staticmethod
+    def _missing(resource_type: str, resource_id: str, version: int | None) -> NotFoundError:
+        what = f"{resource_type}/{resource_id}"
+        return NotFoundError(
+            f"{what} is not known" if version is None else f"{what} has no version {version}"
+        )
+
+    async def read_checked(
+        self,
+        resource_type: str,
+        resource_id: str,
+        *,
+        caller: object | None,
+        version: int | None = None,
+        interaction: Interaction = "read",
+    ) -> tuple[ReadRecord, AccessDecision]:
+        """:meth:`read` without the access log and without hiding a denial: the decrypted
+        record and the seam's decision (the search service logs one event per patient of a
+        search instead). Raises NotFoundError, AccessDeniedError, GoneError, ForbiddenError,
+        IntegrityError, KeyDestroyedError, BackendError."""
+        anchor = self._anchor_of(resource_type, resource_id, version)
+        if anchor is None:
+            raise self._missing(resource_type, resource_id, version)
+        decision, resource = await self._decide(caller, interaction, anchor)
         if anchor.deleted:
-            raise GoneError(f"{what} version {anchor.version} is deleted")
+            raise GoneError(f"{resource_type}/{resource_id} version {anchor.version} is deleted")
         if self.shredded(anchor):
-            raise GoneError(f"{what} version {anchor.version} was erased (crypto-shredded)")
-        return ReadRecord(await self.pipeline.read_anchor(anchor), anchor)
+            raise GoneError(
+                f"{resource_type}/{resource_id} version {anchor.version} was erased "
+                "(crypto-shredded)"
+            )
+        if resource is None:
+            resource = await self.pipeline.read_anchor(anchor)
+        return ReadRecord(resource, anchor), decision
+
+    async def record_meta(self, anchor: RecordAnchor) -> RecordMeta | None:
+        """What consent looks at of an anchored version, from the meta source (the search
+        index) without decrypting; a deletion is its type and custodian alone. None when the
+        source does not know the version (or there is none). Raises BackendError."""
+        if anchor.deleted:
+            return RecordMeta(anchor.resource_type, anchor.source)
+        if self.meta_source is None:
+            return None
+        return await self.meta_source(anchor.source, anchor.record, anchor.version)
+
+    async def _decide(
+        self, caller: object | None, interaction: Interaction, anchor: RecordAnchor
+    ) -> tuple[AccessDecision, dict[str, Any] | None]:
+        """Check a read of an anchored version with its metadata. When the meta source does
+        not know it, the resource is decrypted first and its metadata extracted from it
+        (returned with the decision, so it is not decrypted twice); nothing is returned to
+        the caller before the check. Raises AccessDeniedError, ForbiddenError, BackendError,
+        IntegrityError, KeyDestroyedError."""
+        resource: dict[str, Any] | None = None
+        meta: RecordMeta | None = None
+        if isinstance(caller, Caller) and caller.kind == "system":
+            # Only a system caller's reads are decided on the record's content (consent); a
+            # patient's own reads, the local sender and internal calls need no metadata.
+            meta = await self.record_meta(anchor)
+            if meta is None and self.shredded(anchor):
+                meta = RecordMeta(anchor.resource_type, anchor.source)  # nothing left to read
+            elif meta is None:
+                # Imported here: gateway.search imports this module.
+                from gateway.search.extract import meta_of_resource
+
+                resource = await self.pipeline.read_anchor(anchor)
+                meta = meta_of_resource(resource, anchor.source)
+        decision = await self.policy.check(
+            caller,
+            AccessRequest(
+                interaction,
+                anchor.resource_type,
+                anchor.source,
+                anchor.patient,
+                record=anchor.record,
+                version=anchor.version,
+                meta=meta,
+            ),
+        )
+        return decision, resource
+
+    async def _log(
+        self,
+        caller: object | None,
+        interaction: Interaction,
+        patient: str,
+        decision: AccessDecision | AccessDeniedError,
+        records: tuple[str, ...],
+        query: str | None = None,
+    ) -> None:
+        """Log one decision about an authenticated caller (nothing for internal calls).
+        Raises BackendError, LedgerError."""
+        if not logged(caller):
+            return
+        if isinstance(decision, AccessDeniedError):
+            decision = decision.decision or AccessDecision(False, decision.reason)
+        await self.access_log.record(
+            [AccessEvent(caller, interaction, patient, decision, records, query)]
+        )
 
     async def delete(
         self, resource_type: str, resource_id: str, *, caller: object | None = None
@@ -324,8 +516,16 @@ class RecordService:
         anchor = self.index.latest(rec)
         if anchor is None:
             raise NotFoundError(f"{resource_type}/{resource_id} is not known")
-        await self._check(caller, "delete", resource_type, anchor.patient, anchor.source)
+        ref = f"{resource_type}/{resource_id}"
+        try:
+            decision = await self._check(
+                caller, "delete", resource_type, anchor.patient, anchor.source
+            )
+        except AccessDeniedError as exc:
+            await self._log(caller, "delete", anchor.patient, exc, (ref,))
+            raise
         if anchor.deleted:
+            await self._log(caller, "delete", anchor.patient, decision, (ref,))
             return None
         tombstone = {"resourceType": resource_type, "id": resource_id}
         (stored,) = await self.pipeline.store(
@@ -333,6 +533,9 @@ class RecordService:
         )
         if self._indexers:
             await self._index([(stored, tombstone)])
+        await self._log(
+            caller, "delete", anchor.patient, decision, (f"{ref}/_history/{stored.version}",)
+        )
         return (await self._stored([stored]))[0]
 
     async def history(
@@ -348,8 +551,10 @@ class RecordService:
         every resource of the type), newest first, each with its resource (None for a
         deletion, whose tombstone is still read for the resource's id). ``before``: only
         versions anchored at a leaf index below it (the next page); at most ``count``.
-        Versions the access seam refuses are left out. Raises NotFoundError (an unknown
-        resource), BackendError, IntegrityError."""
+        Versions the access seam refuses are left out (a denied version of a record stored
+        here is named by its ledger record id in the access log: its resource id is sealed).
+        Raises NotFoundError (an unknown resource), BackendError, IntegrityError,
+        LedgerError."""
         if resource_id is not None:
             anchors = self.index.history(self.record_of(resource_type, resource_id))
             if not anchors:
@@ -357,21 +562,47 @@ class RecordService:
         else:
             anchors = self.index.versions_of_type(resource_type, self.institution)
         out: list[HistoryEntry] = []
+        permitted: dict[str, tuple[AccessDecision, list[str]]] = {}
+        denied: dict[str, tuple[AccessDecision, list[str]]] = {}
         for anchor in reversed(anchors):
             if before is not None and anchor.leaf_index >= before:
                 continue
-            try:
-                await self._check(caller, "history", resource_type, anchor.patient, anchor.source)
-            except AccessDeniedError:
-                continue
             if self.shredded(anchor):
                 continue  # crypto-shredded: nothing left to show
-            resource = await self.pipeline.read_anchor(anchor)
+            try:
+                decision, resource = await self._decide(caller, "history", anchor)
+            except AccessDeniedError as exc:
+                what = resource_id or anchor.record
+                ref = f"{resource_type}/{what}/_history/{anchor.version}"
+                taken = exc.decision or AccessDecision(False, exc.reason)
+                denied.setdefault(anchor.patient, (taken, []))[1].append(ref)
+                continue
+            if resource is None:
+                resource = await self.pipeline.read_anchor(anchor)
             rid = str(resource["id"])
+            ref = f"{resource_type}/{rid}/_history/{anchor.version}"
+            permitted.setdefault(anchor.patient, (decision, []))[1].append(ref)
             out.append(HistoryEntry(anchor, rid, None if anchor.deleted else resource))
             if len(out) >= count:
                 break
+        if resource_id is not None and before is None and not out and denied:
+            await self._log_groups(caller, denied)
+            raise NotFoundError(f"{resource_type}/{resource_id} is not known")  # as if missing
+        await self._log_groups(caller, denied, permitted)
         return out
+
+    async def _log_groups(
+        self, caller: object | None, *groups: dict[str, tuple[AccessDecision, list[str]]]
+    ) -> None:
+        """Log one history event per patient and decision. Raises BackendError, LedgerError."""
+        if logged(caller):
+            events = [
+                AccessEvent(caller, "history", patient, decision, tuple(refs))
+                for group in groups
+                for patient, (decision, refs) in group.items()
+            ]
+            if events:
+                await self.access_log.record(events)
 
     def records_of_patient(self, patient: str) -> list[RecordAnchor]:
         """The latest version of every record of a patient, under every pseudonym linked to
@@ -379,6 +610,43 @@ class RecordService:
         return self.index.records_of(patient)
 
     # ---- receipts --------------------------------------------------------------------------
+
+    async def check_receipt(self, caller: object | None, leaf_index: int) -> None:
+        """Decide a receipt lookup of leaf ``leaf_index`` (``GET /ledger/receipt``): a
+        ``record`` leaf's receipt is given only to a caller the access seam permits to read
+        one of the records it anchors (each decided on its index metadata when this gateway
+        indexed it, else on its type and custodian alone: nothing is decrypted for a
+        receipt); other leaves carry no record. The decision is logged like a read. Raises
+        NotFoundError (denied: the answer of a leaf not yet covered), ForbiddenError,
+        BackendError, LedgerError."""
+        if caller is None or not 0 <= leaf_index < self.ledger.size:
+            return
+        (raw,) = await self.ledger.leaves(leaf_index, leaf_index + 1)
+        leaf = decode_leaf(raw)
+        if leaf.get("kind") != "record":
+            return
+        anchors = anchors_of_leaf(RecordLeaf.from_leaf(leaf), leaf_index)
+        permitted: list[tuple[RecordAnchor, AccessDecision]] = []
+        refusal: AccessDeniedError | None = None
+        for a in anchors:
+            meta = await self.record_meta(a) or RecordMeta(a.resource_type, a.source)
+            request = AccessRequest(
+                "receipt", a.resource_type, a.source, a.patient, a.record, a.version, meta
+            )
+            try:
+                permitted.append((a, await self.policy.check(caller, request)))
+            except AccessDeniedError as exc:
+                refusal = refusal or exc
+        if not anchors:
+            return
+        patient = anchors[0].patient
+        if not permitted:
+            assert refusal is not None
+            refs = tuple(f"{a.resource_type}/{a.record}/_history/{a.version}" for a in anchors)
+            await self._log(caller, "receipt", patient, refusal, refs)
+            raise NotFoundError(f"leaf {leaf_index} is not yet covered by a checkpoint")
+        refs = tuple(f"{a.resource_type}/{a.record}/_history/{a.version}" for a, _ in permitted)
+        await self._log(caller, "receipt", patient, permitted[0][1], refs)
 
     def receipt_of_anchor(self, anchor: RecordAnchor) -> Receipt:
         """The receipt of an anchored version, proved in the ledger's latest checkpoint.
@@ -422,8 +690,8 @@ class RecordService:
         resource_type: str,
         patient: str,
         custodian: str | None = None,
-    ) -> None:
-        await self.policy.check(
+    ) -> AccessDecision:
+        return await self.policy.check(
             caller,
             AccessRequest(interaction, resource_type, custodian or self.institution, patient),
         )

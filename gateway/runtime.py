@@ -259,6 +259,7 @@ class Gateway:
             metrics=self.metrics,
             institution=settings.institution,
             receipt_wait_final_ms=settings.receipt_wait_final_ms,
+            labeller=self.terminology.labels,
         )
         self.consents = ConsentService(
             ledger=self.ledger,

@@ -178,6 +178,7 @@ class Terminology:
     _mapped: dict[tuple[str, str, str], tuple[Coding, ...]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    _may_label: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ loading
 
@@ -343,6 +344,22 @@ class Terminology:
             return None
         return _vs_contains(vs, system, code)
 
+    def may_label(self, code: str) -> bool:
+        """Whether ``code`` under some system is in a value set that implies a security label
+        (False: no coding with this code gets a label, whatever its system): a quick test
+        before the codings of a resource are looked at with their systems. Memoised."""
+        found = self._may_label.get(code)
+        if found is None:
+            found = any(
+                _vs_contains(vs, system, code)
+                for vs in self.value_sets.values()
+                if vs.label is not None
+                for system in _systems_of(vs)
+            )
+            if len(self._may_label) < 100_000:
+                self._may_label[code] = found
+        return found
+
     def labels_of(self, system: str, code: str) -> list[Coding]:
         """Security labels implied by ``system|code`` (copies)."""
         return [
@@ -350,6 +367,10 @@ class Terminology:
             for vs in self.value_sets.values()
             if vs.label is not None and _vs_contains(vs, system, code)
         ]
+
+
+def _systems_of(vs: _ValueSetDef) -> frozenset[str]:
+    return vs.systems | {s for s, _ in vs.codes} | {s for s, _, _ in vs.ranges}
 
 
 def _vs_contains(vs: _ValueSetDef, system: str, code: str) -> bool:

@@ -69,12 +69,17 @@ def build_router(gw: Gateway) -> APIRouter:
 
     @router.get("/receipt")
     async def receipt(
-        index: int = Query(ge=0), tree_size: int | None = Query(default=None, ge=1)
+        request: Request,
+        index: int = Query(ge=0),
+        tree_size: int | None = Query(default=None, ge=1),
     ) -> Response:
         """Leaf ``index`` proved against a signed checkpoint: the latest final (cosigned) one
         when it covers the leaf, else the latest one (``"final": false``); with ``tree_size``
-        (e.g. ZRC-2 of an HL7 ACK), the checkpoint of exactly that size. Raises
-        NotFoundError (404) when no such checkpoint covers the leaf, InvalidInputError (400)."""
+        (e.g. ZRC-2 of an HL7 ACK), the checkpoint of exactly that size. A record leaf's
+        receipt only for a caller who may read one of its records (else the 404 of a leaf
+        not yet covered). Raises NotFoundError (404) when no such checkpoint covers the leaf,
+        InvalidInputError (400)."""
+        await gw.records.check_receipt(getattr(request.state, "caller", None), index)
         done = gw.witness.final_checkpoint()
         signed: SignedCheckpoint | None
         if tree_size is not None:

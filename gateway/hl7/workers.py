@@ -29,6 +29,7 @@ import base64
 import logging
 import multiprocessing
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -45,7 +46,9 @@ from gateway.identity import fhir_identifiers, institution_pseudonym, patient_id
 from gateway.pipeline import PreparedResource
 from ledger.errors import GroupCommitStoppedError
 from ledger.groupcommit import GroupCommitter
+from mappings.dictionary_apply import labels
 from mappings.errors import ConversionWarning, MappingError
+from mappings.terminology import Terminology
 from mappings.v2.common import ConversionOptions, ConversionResult, stable_id
 from mappings.v2.convert import convert
 from mappings.v2.parse import ParsedMessage, parse
@@ -209,20 +212,49 @@ def prepare(
     unique = {(r["resourceType"], r["id"]): r for r in (*resources, binary, provenance)}
     if any("meta" in r for r in unique.values()):
         raise ValueError("a converted resource carries meta")
-    entries = tuple(
-        PreparedResource(
-            rtype, rid, record_id(pseudonym_key, options.institution, rtype, rid), orjson.dumps(r)
+    term = options.terminology
+    entries = []
+    for (rtype, rid), r in unique.items():
+        body = orjson.dumps(r)
+        entries.append(
+            PreparedResource(
+                rtype,
+                rid,
+                record_id(pseudonym_key, options.institution, rtype, rid),
+                body,
+                _security(r, body, term),
+            )
         )
-        for (rtype, rid), r in unique.items()
-    )
     return Converted(
-        entries,
+        tuple(entries),
         patient,
         stable_id(options, "Bundle", facility, msg.control_id),
         warnings=tuple(result.warnings),
         provisional=provisional,
         aliases=tuple(dict.fromkeys(aliases)),
     )
+
+
+#: A JSON string member ``"code":"..."`` as orjson writes it (escapes kept).
+_CODE_MEMBER = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
+
+
+def _security(resource: dict[str, Any], body: bytes, term: Terminology) -> bytes:
+    """The security labels the dictionary gives a resource (``labels(resource)``), as the
+    JSON array its ``meta.security`` is sealed with; ``b""`` for none. ``body`` is the
+    resource's JSON: when none of its ``code`` strings is in a labelling value set under any
+    system (:meth:`Terminology.may_label`, memoised), the resource is not walked at all, which
+    keeps the common message (no sensitive code) cheap. The original message (Binary) is not
+    looked into: its codes are those of the resources converted from it."""
+    if resource.get("resourceType") == "Binary":
+        return b""
+    if not any(
+        b"\\" in code or term.may_label(code.decode("utf-8", "replace"))
+        for code in _CODE_MEMBER.findall(body)
+    ):
+        return b""
+    found = labels(resource, term)
+    return orjson.dumps(found) if found else b""
 
 
 def convert_one(

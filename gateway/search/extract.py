@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
+from gateway.consent import RecordMeta
 from gateway.crypto import pseudonym
 from gateway.errors import InvalidInputError
 from gateway.search.params import PARAMS, date_range
@@ -193,3 +194,31 @@ def extract(
         if isinstance(label, dict) and isinstance(label.get("code"), str):
             entry.labels.append(f"{label.get('system') or ''}|{label['code']}")
     return entry
+
+
+#: Token parameters whose codes consent looks at (``Consent.provision.code``): the record's
+#: codes and categories.
+CONSENT_CODE_PARAMS = ("code", "category")
+
+
+def meta_of_entry(entry: IndexEntry) -> RecordMeta:
+    """What consent looks at of an index entry: type, custodian, codes and categories
+    (``system|code``), clinical date (the start of its range, UTC) and security labels; the
+    same as the index's ``meta_of`` answers for it. Raises nothing."""
+    return RecordMeta(
+        resource_type=entry.resource_type,
+        custodian=entry.custodian,
+        codes=frozenset(f"{s}|{c}" for p, s, c in entry.tokens if p in CONSENT_CODE_PARAMS),
+        clinical_date=None
+        if entry.date_lo is None
+        else datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=entry.date_lo),
+        labels=frozenset(entry.labels),
+    )
+
+
+def meta_of_resource(resource: dict[str, Any], custodian: str, tz: tzinfo = UTC) -> RecordMeta:
+    """What consent looks at of a decrypted resource, extracted exactly as the index would
+    (:func:`extract`, :func:`meta_of_entry`): the record service's fallback when the search
+    index is switched off or has not indexed the version yet. Raises nothing."""
+    entry = extract(resource, custodian=custodian, record="", version=0, patient="", key=b"", tz=tz)
+    return meta_of_entry(entry)

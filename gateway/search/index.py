@@ -19,12 +19,14 @@ import contextlib
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
-from gateway.access import SearchFilter
+from gateway.access import PatientFilter, SearchFilter
+from gateway.consent import And, DateIn, Filter, In, Or, RecordMeta
 from gateway.errors import BackendError
-from gateway.search.extract import IndexEntry
+from gateway.search.extract import CONSENT_CODE_PARAMS, IndexEntry
 
 # ---- queries --------------------------------------------------------------------------------
 
@@ -198,6 +200,80 @@ def _clause_sql(c: Clause, args: list[Any]) -> str:
     return f"NOT {exists}" if c.negate else exists
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def micros(value: datetime) -> int:
+    """Microseconds since the epoch of a timezone-aware datetime (exact; the index's unit)."""
+    return (value - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(value: int) -> datetime:
+    """The UTC datetime of microseconds since the epoch (inverse of :func:`micros`)."""
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def filter_sql(f: Filter, args: list[Any]) -> str:
+    """The SQL condition (over ``versions v``) of a consent :data:`gateway.consent.Filter`,
+    so that a version matches exactly when ``f.matches`` holds for its metadata (type,
+    custodian, codes and categories, clinical date ``date_lo``, security labels: what
+    :meth:`SearchIndex.meta_of` returns). Every atom is two-valued (never NULL), so ``NOT``
+    is exact. Raises nothing."""
+    if isinstance(f, In):
+        values = sorted(f.values)
+        if not values:
+            return "1=0"
+        if f.field == "custodian":
+            return _in("v.custodian", values, args)
+        if f.field == "type":
+            return _in("v.rtype", values, args)
+        if f.field == "label":
+            sub = _in("l.label", values, args)
+            return f"EXISTS (SELECT 1 FROM labels l WHERE l.vid = v.vid AND {sub})"
+        params = _in("t.param", CONSENT_CODE_PARAMS, args)
+        alts = []
+        for value in values:
+            system, _, code = value.partition("|")
+            alts.append("(t.system = ? AND t.code = ?)")
+            args.extend((system, code))
+        return (
+            f"EXISTS (SELECT 1 FROM tokens t WHERE t.vid = v.vid AND {params} AND ("
+            + " OR ".join(alts)
+            + "))"
+        )
+    if isinstance(f, DateIn):
+        conds = ["v.date_lo IS NOT NULL"]
+        if f.start is not None:
+            conds.append("v.date_lo >= ?")
+            args.append(micros(f.start))
+        if f.end is not None:
+            conds.append("v.date_lo < ?")
+            args.append(micros(f.end))
+        return "(" + " AND ".join(conds) + ")"
+    if isinstance(f, And):
+        return "(" + " AND ".join(filter_sql(t, args) for t in f.terms) + ")" if f.terms else "1=1"
+    if isinstance(f, Or):
+        return "(" + " OR ".join(filter_sql(t, args) for t in f.terms) + ")" if f.terms else "1=0"
+    return f"NOT ({filter_sql(f.term, args)})"
+
+
+def consent_sql(terms: Sequence[PatientFilter], args: list[Any]) -> str:
+    """The SQL condition of a consent-based search filter (``SearchFilter.consent``): a
+    version matches one of the terms, each its patients (None: every patient no other term
+    names) and its :data:`Filter`. No terms: nothing matches. Raises nothing."""
+    named = sorted({p for t in terms if t.patients is not None for p in t.patients})
+    alts = []
+    for term in terms:
+        if term.patients is not None:
+            who = _in("v.patient", sorted(term.patients), args)
+        elif named:
+            who = "NOT " + _in("v.patient", named, args)
+        else:
+            who = "1=1"
+        alts.append(f"({who} AND {filter_sql(term.where, args)})")
+    return "(" + " OR ".join(alts) + ")" if alts else "1=0"
+
+
 def _sort_key(sort: Sort) -> tuple[str, bool]:
     if sort in ("date", "-date"):
         return f"COALESCE(v.date_lo, {LOW})", sort.startswith("-")
@@ -224,6 +300,8 @@ def compile_query(q: Query, *, count: bool = False) -> tuple[str, list[Any]]:
         allowed = sorted(f.labels)
         sub = "1=1" if not allowed else "NOT " + _in("l.label", allowed, args)
         where.append(f"NOT EXISTS (SELECT 1 FROM labels l WHERE l.vid = v.vid AND {sub})")
+    if f.consent is not None:
+        where.append(consent_sql(f.consent, args))
     for c in q.clauses:
         where.append(_clause_sql(c, args))
     key, desc = _sort_key(q.sort)
@@ -278,6 +356,12 @@ class SearchIndex(Protocol):
     async def indexed(self, custodian: str) -> set[tuple[str, int]]:
         """Every (record, version) indexed of ``custodian``. Raises BackendError."""
 
+    async def meta_of(self, custodian: str, record: str, version: int) -> RecordMeta | None:
+        """What consent looks at of one indexed version (type, custodian, codes and
+        categories, clinical date, security labels), in one query, without decrypting
+        anything; None when that version is not indexed (or is a deletion). Raises
+        BackendError."""
+
 
 _DDL = [
     """CREATE TABLE IF NOT EXISTS versions (
@@ -310,6 +394,33 @@ _INSERT = (
     "INSERT INTO versions (vid, custodian, record, rtype, rid, version, last_updated, patient, "
     "date_lo, date_hi, until_vid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# One query: the version's row, then its codes and its labels (columns as text, so both
+# stores accept the UNION).
+_META = (
+    "SELECT 0, v.rtype, CAST(v.date_lo AS TEXT) FROM versions v"
+    " WHERE v.custodian = ? AND v.record = ? AND v.version = ?"
+    " UNION ALL SELECT 1, t.system, t.code FROM versions v JOIN tokens t ON t.vid = v.vid"
+    " WHERE v.custodian = ? AND v.record = ? AND v.version = ?"
+    f" AND t.param IN ({', '.join(repr(p) for p in CONSENT_CODE_PARAMS)})"
+    " UNION ALL SELECT 2, l.label, NULL FROM versions v JOIN labels l ON l.vid = v.vid"
+    " WHERE v.custodian = ? AND v.record = ? AND v.version = ?"
+)
+
+
+def _meta_of_rows(custodian: str, rows: Sequence[tuple[Any, ...]]) -> RecordMeta | None:
+    head = [r for r in rows if int(r[0]) == 0]
+    if not head or not head[0][1]:  # not indexed, or a deletion's entry
+        return None
+    date = head[0][2]
+    return RecordMeta(
+        resource_type=str(head[0][1]),
+        custodian=custodian,
+        codes=frozenset(f"{r[1]}|{r[2]}" for r in rows if int(r[0]) == 1),
+        clinical_date=from_micros(int(date)) if date is not None else None,
+        labels=frozenset(str(r[1]) for r in rows if int(r[0]) == 2),
+    )
+
+
 _CLEAR = [
     "DELETE FROM tokens WHERE vid IN (SELECT vid FROM versions WHERE custodian = ?)",
     "DELETE FROM refs WHERE vid IN (SELECT vid FROM versions WHERE custodian = ?)",
@@ -456,6 +567,10 @@ class SqliteIndex:
         """How many match. Raises BackendError."""
         sql, args = compile_query(query, count=True)
         return int(self._query(sql, args)[0][0])
+
+    async def meta_of(self, custodian: str, record: str, version: int) -> RecordMeta | None:
+        """One version's consent metadata (one query). Raises BackendError."""
+        return _meta_of_rows(custodian, self._query(_META, [custodian, record, version] * 3))
 
     async def clear(self, custodian: str) -> None:
         """Forget a custodian's rows. Raises BackendError."""
@@ -664,6 +779,11 @@ class PostgresIndex:
         """How many match. Raises BackendError."""
         sql, args = compile_query(query, count=True)
         return int((await self._query(sql, args))[0][0])
+
+    async def meta_of(self, custodian: str, record: str, version: int) -> RecordMeta | None:
+        """One version's consent metadata (one query). Raises BackendError."""
+        rows = await self._query(_META, [custodian, record, version] * 3)
+        return _meta_of_rows(custodian, rows)
 
     async def clear(self, custodian: str) -> None:
         """Forget a custodian's rows. Raises BackendError."""

@@ -13,6 +13,7 @@ cursors), :class:`gateway.errors.NotFoundError`, :class:`gateway.errors.BackendE
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,16 @@ from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway.access import AccessDeniedError, AccessPolicy, SearchFilter, caller_key
+from gateway.access import (
+    AccessDecision,
+    AccessDeniedError,
+    AccessEvent,
+    AccessPolicy,
+    Interaction,
+    SearchFilter,
+    caller_key,
+)
+from gateway.consent import DateIn, Filter, In, Not
 from gateway.crypto import pseudonym
 from gateway.errors import (
     GoneError,
@@ -31,7 +41,7 @@ from gateway.errors import (
     NotFoundError,
 )
 from gateway.pipeline import StoredRecord
-from gateway.records import RecordService
+from gateway.records import RecordService, logged
 from gateway.search.cursor import cursor_key, decode_cursor, encode_cursor
 from gateway.search.extract import ANY_SYSTEM, IndexEntry, extract, reference_of
 from gateway.search.index import (
@@ -140,6 +150,7 @@ class SearchService:
         await self.index.open()
         if not self._started:
             self.records.add_indexer(self.index_records)
+            self.records.meta_source = self.index.meta_of
             self._started = True
         await self.catch_up()
 
@@ -441,6 +452,94 @@ class SearchService:
 
     # ---- searching -------------------------------------------------------------------------
 
+    async def named_patients(
+        self, rtype: str, params: Params, patient_id: str | None, snapshot: int
+    ) -> frozenset[str] | None:
+        """The pseudonyms of the patients a search names (what the access policy's
+        ``search_filter`` is told), None when it names none: ``$everything``'s patient;
+        ``patient=`` and ``subject=`` (a Patient id or reference, or ``:identifier`` /
+        ``.identifier``); on Patient, ``_id`` and ``identifier``. Identifiers are looked up
+        here unrestricted to learn who is named; what the search returns is still filtered by
+        that patient's consent. A named patient not stored here is an empty set. Raises
+        InvalidInputError (a malformed reference), BackendError."""
+        if rtype == EVERYTHING:
+            return frozenset(self._pseudonyms_of([patient_id] if patient_id else []))
+        defs = PARAMS.get(rtype, {})
+        ids: list[str] = []
+        named = False
+        for name, value in params:
+            base, _, chain = name.partition(".")
+            pname, _, modifier = base.partition(":")
+            by_identifier = modifier == "identifier" or chain == "identifier"
+            if rtype == "Patient" and pname in ("_id", "identifier") and not chain:
+                if modifier:
+                    continue
+                named = True
+                if pname == "_id":
+                    ids += split_values(value)
+                else:
+                    ids += await self._ids_by_identifier("Patient", value, snapshot, SearchFilter())
+                continue
+            d = defs.get(pname)
+            if pname not in PATIENT_PARAMS or d is None or d.target != "Patient":
+                continue
+            if by_identifier:
+                named = True
+                ids += await self._ids_by_identifier("Patient", value, snapshot, SearchFilter())
+                continue
+            if modifier not in ("", "Patient"):
+                continue
+            named = True
+            for v in split_values(value):
+                ref = reference_of({"reference": v}) if "/" in v else f"Patient/{v}"
+                if ref is not None and ref.startswith("Patient/"):
+                    ids.append(ref.split("/", 1)[1])
+        if not named:
+            return None
+        return frozenset(self._pseudonyms_of(sorted(set(ids))))
+
+    async def _log_search(
+        self,
+        caller: object | None,
+        interaction: Interaction,
+        query: str,
+        named: frozenset[str] | None,
+        returned: Sequence[tuple[Hit, AccessDecision]],
+        denied: Sequence[tuple[Hit, AccessDeniedError]],
+    ) -> None:
+        """One access event per patient named or returned (listing the records returned;
+        one more per patient whose records the second-line check refused). Raises
+        BackendError, LedgerError (nothing is sent then)."""
+        if not logged(caller):
+            return
+        links = self.records.index.links
+
+        def person(p: str) -> str:
+            return min(links.all_of(p))
+
+        permitted: dict[str, tuple[AccessDecision, list[str]]] = {}
+        for p in sorted(named or ()):
+            permitted.setdefault(person(p), (AccessDecision(True, "search", consent_version=0), []))
+        for hit, decision in returned:
+            key = person(hit.patient)
+            taken, refs = permitted.get(key, (decision, []))
+            if not refs or taken.consent_version < decision.consent_version:
+                taken = decision
+            refs.append(f"{hit.resource_type}/{hit.resource_id}/_history/{hit.version}")
+            permitted[key] = (taken, refs)
+        refused: dict[str, tuple[AccessDecision, list[str]]] = {}
+        for hit, exc in denied:
+            taken = exc.decision or AccessDecision(False, exc.reason)
+            ref = f"{hit.resource_type}/{hit.resource_id}/_history/{hit.version}"
+            refused.setdefault(person(hit.patient), (taken, []))[1].append(ref)
+        events = [
+            AccessEvent(caller, interaction, patient, decision, tuple(refs), query)
+            for group in (refused, permitted)
+            for patient, (decision, refs) in group.items()
+        ]
+        if events:
+            await self.records.access_log.record(events)
+
     async def find(
         self, resource_type: str, params: Params, *, caller: object | None = None
     ) -> list[str]:
@@ -494,6 +593,7 @@ class SearchService:
         cursor = [v for k, v in params if k == "_cursor"]
         after: tuple[int, int] | None = None
         total: int | None = None
+        state: dict[str, Any] = {}
         if cursor:
             state = decode_cursor(self._ckey, cursor[0], who)
             if state.get("t") != rtype or state.get("p") != patient_id:
@@ -507,7 +607,12 @@ class SearchService:
             lenient = bool(state.get("l"))
         else:
             snapshot = await self.index.snapshot()
-        flt = await self.policy.search_filter(caller)
+        own = [(k, v) for k, v in params if k != "_cursor"]
+        named = await self.named_patients(rtype, own, patient_id, snapshot)
+        flt = await self.policy.search_filter(caller, named)
+        fingerprint = filter_fingerprint(flt)
+        if cursor and state.get("f") != fingerprint:
+            total = None  # consent changed since the first page: the total is counted anew
         if rtype == EVERYTHING:
             parsed = ParsedSearch()
             for name, value in params:
@@ -547,20 +652,32 @@ class SearchService:
             if patient_id is not None
             else f"{base_url}/fhir/{rtype}"
         )
-        own = [(k, v) for k, v in params if k != "_cursor"]
         links = [{"relation": "self", "url": path + (f"?{urlencode(own)}" if own else "")}]
         bundle["link"] = links
+        interaction: Interaction = "everything" if rtype == EVERYTHING else "search"
+        what = f"{'Patient/$everything' if rtype == EVERYTHING else rtype}?{urlencode(own)}"
         if parsed.summary_count:
+            await self._log_search(caller, interaction, what, named, [], [])
             return bundle
         hits = await self.index.search(query)
         more = len(hits) > parsed.count
         hits = hits[: parsed.count]
-        resources = await self._read_all(hits, caller)
+        returned: list[tuple[Hit, AccessDecision]] = []
+        denied: list[tuple[Hit, AccessDeniedError]] = []
+        resources = await self._read_all(hits, caller, interaction, returned, denied)
         entries = [self._entry(base_url, r, "match") for r in resources if r is not None]
         included = await self._included(
-            rtype, parsed, [r for r in resources if r is not None], hits, flt, snapshot, caller
+            rtype,
+            parsed,
+            [r for r in resources if r is not None],
+            hits,
+            flt,
+            snapshot,
+            caller,
+            (interaction, returned, denied),
         )
         entries += [self._entry(base_url, r, "include") for r in included]
+        await self._log_search(caller, interaction, what, named, returned, denied)
         if entries:
             bundle["entry"] = entries
         if more and hits:
@@ -571,6 +688,7 @@ class SearchService:
                 "s": snapshot,
                 "a": [hits[-1].key, hits[-1].vid],
                 "n": total,
+                "f": fingerprint,
                 "c": who,
                 "l": lenient,
             }
@@ -587,15 +705,34 @@ class SearchService:
         }
 
     async def _read_all(
-        self, hits: Sequence[Hit], caller: object | None
+        self,
+        hits: Sequence[Hit],
+        caller: object | None,
+        interaction: Interaction = "search",
+        returned: list[tuple[Hit, AccessDecision]] | None = None,
+        denied: list[tuple[Hit, AccessDeniedError]] | None = None,
     ) -> list[dict[str, Any] | None]:
+        """Read each hit, checked as a read (the second line behind the index filter);
+        what is refused or gone is left out. The decisions are collected in ``returned``
+        and ``denied`` for the access log."""
+
         async def one(h: Hit) -> dict[str, Any] | None:
             try:
-                rec = await self.records.read(
-                    h.resource_type, h.resource_id, caller=caller, version=h.version
+                rec, decision = await self.records.read_checked(
+                    h.resource_type,
+                    h.resource_id,
+                    caller=caller,
+                    version=h.version,
+                    interaction=interaction,
                 )
-            except (AccessDeniedError, NotFoundError, GoneError):
+            except AccessDeniedError as exc:
+                if denied is not None:
+                    denied.append((h, exc))
                 return None  # a denied read is answered as a missing record: left out
+            except (NotFoundError, GoneError):
+                return None
+            if returned is not None:
+                returned.append((h, decision))
             return rec.resource
 
         return list(await asyncio.gather(*(one(h) for h in hits)))
@@ -609,6 +746,10 @@ class SearchService:
         flt: SearchFilter,
         snapshot: int,
         caller: object | None,
+        collect: tuple[
+            Interaction, list[tuple[Hit, AccessDecision]], list[tuple[Hit, AccessDeniedError]]
+        ]
+        | None = None,
     ) -> list[dict[str, Any]]:
         if not matches or not (parsed.includes or parsed.revincludes):
             return []
@@ -643,7 +784,37 @@ class SearchService:
             if (h.resource_type, h.resource_id) not in seen and len(unique) < MAX_INCLUDED:
                 seen.add((h.resource_type, h.resource_id))
                 unique.append(h)
-        return [r for r in await self._read_all(unique, caller) if r is not None]
+        interaction, returned, denied = collect or ("search", None, None)
+        read = await self._read_all(unique, caller, interaction, returned, denied)
+        return [r for r in read if r is not None]
+
+
+def _canonical(f: Filter) -> str:
+    if isinstance(f, In):
+        return f"in({f.field}:{','.join(sorted(f.values))})"
+    if isinstance(f, DateIn):
+        return f"date({f.start and f.start.isoformat()},{f.end and f.end.isoformat()})"
+    if isinstance(f, Not):
+        return f"not({_canonical(f.term)})"
+    return f"{type(f).__name__.lower()}({';'.join(_canonical(t) for t in f.terms)})"
+
+
+def filter_fingerprint(flt: SearchFilter) -> str:
+    """A short stable digest of an access filter (the same in every process), kept in a
+    search cursor: when the filter of a later page differs (a consent changed), its total is
+    counted again, so no page reports a total the caller may no longer see. Raises
+    nothing."""
+    parts = [
+        ",".join(sorted(x)) if x is not None else "*"
+        for x in (flt.patients, flt.custodians, flt.types, flt.labels)
+    ]
+    if flt.consent is not None:
+        parts += [
+            f"{','.join(sorted(t.patients)) if t.patients is not None else '*'}:"
+            + _canonical(t.where)
+            for t in flt.consent
+        ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _targets(resource: dict[str, Any], param: str) -> list[str]:
