@@ -22,6 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.access import AllowAll
+from gateway.api import access_log as access_log_api
 from gateway.api import auth as auth_api
 from gateway.api import fhir as fhir_api
 from gateway.api import hl7v2 as hl7v2_api
@@ -117,6 +119,11 @@ def create_app(
     if settings.auth_off_for_benchmark:
         log.warning("authentication is OFF (auth_off_for_benchmark): a benchmark setting only")
     gw.records.policy = CallerPolicy(auth, gw.index.links)
+    if settings.access_off_for_benchmark:
+        log.warning("access checks and the access log are OFF: a benchmark setting only")
+        gw.records.policy = AllowAll()
+    elif auth.enabled:
+        gw.records.access_log = gw.access_log
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -218,6 +225,7 @@ def create_app(
     app.include_router(ops_api.build_router(gw))
     app.include_router(terminology_api.build_router(gw))  # before fhir's /fhir/{type}/{id}
     app.include_router(auth_api.build_router(gw, auth))
+    app.include_router(access_log_api.build_router(gw))  # before search's /fhir/{type}
     app.include_router(search_api.build_router(gw, app))  # before the FHIR router
     app.include_router(fhir_api.build_router(gw))
     app.include_router(ledger_api.build_router(gw))

@@ -29,7 +29,16 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway.access import AccessDeniedError, AccessPolicy, AccessRequest, Interaction
+from gateway.access import (
+    AccessDecision,
+    AccessDeniedError,
+    AccessEvent,
+    AccessLog,
+    AccessPolicy,
+    AccessRequest,
+    Interaction,
+    NoAccessLog,
+)
 from gateway.errors import GoneError, NotFoundError
 from gateway.observability import Metrics
 from gateway.pipeline import PreparedResource, ReadRecord, RecordInput, RecordPipeline, StoredRecord
@@ -112,6 +121,9 @@ class RecordService:
         self.ledger = ledger
         self.witness = witness
         self.policy = policy
+        #: Where decisions of authenticated callers are logged (gateway/access_log.py);
+        #: nothing until the app sets it (authentication on).
+        self.access_log: AccessLog = NoAccessLog()
         self.metrics = metrics
         self.institution = institution
         self._wait_final = receipt_wait_final_ms / 1000.0
@@ -296,7 +308,24 @@ class RecordService:
                 f"{what} is not known" if version is None else f"{what} has no version {version}"
             )
         interaction: Interaction = "read" if version is None else "vread"
-        await self._check(caller, interaction, resource_type, anchor.patient, anchor.source)
+        decision = await self._check(
+            caller, interaction, resource_type, anchor.patient, anchor.source
+        )
+        if caller is not None and getattr(caller, "kind", None) != "local":
+            # Logged (AuditEvent sealed, access leaf durable) before anything is decrypted
+            # and sent. Interim wiring of the access log (issue 15): the enforcement's wiring
+            # logs every decision, denials included, from the record and search services.
+            await self.access_log.record(
+                [
+                    AccessEvent(
+                        caller,
+                        interaction,
+                        anchor.patient,
+                        decision,
+                        records=(f"{resource_type}/{resource_id}/_history/{anchor.version}",),
+                    )
+                ]
+            )
         if anchor.deleted:
             raise GoneError(f"{resource_type}/{resource_id} version {anchor.version} is deleted")
         return ReadRecord(await self.pipeline.read_anchor(anchor), anchor)
@@ -408,8 +437,8 @@ class RecordService:
         resource_type: str,
         patient: str,
         custodian: str | None = None,
-    ) -> None:
-        await self.policy.check(
+    ) -> AccessDecision:
+        return await self.policy.check(
             caller,
             AccessRequest(interaction, resource_type, custodian or self.institution, patient),
         )

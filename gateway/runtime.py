@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from gateway.access import AllowAll
+from gateway.access_log import AuditLog
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
 from gateway.datadir import DataDir
@@ -231,6 +232,15 @@ class Gateway:
             interval=settings.witness_interval_ms / 1000.0,
             transport=witness_transport,
         )
+        self.access_log = AuditLog(
+            backends=self.backends,
+            ledger=self.ledger,
+            pipeline=self.pipeline,
+            institution=settings.institution,
+            metrics=self.metrics,
+            queue_path=paths.break_glass_queue,
+        )
+        self.ledger.add_listener(self.access_log.view.on_batch)
         self.records = RecordService(
             pipeline=self.pipeline,
             index=self.index,
@@ -258,6 +268,7 @@ class Gateway:
         await self.terminology.ensure_anchored(self.ledger)  # before any record names it
         await self.witness.start()
         self.pipeline.start()
+        self.access_log.start()
         self.records.start()
         self.started = True
         log.info(
@@ -273,6 +284,7 @@ class Gateway:
         """Stop writers and close the backends."""
         if self.started:
             await self.records.stop()
+            await self.access_log.stop()
             await self.pipeline.stop()
             await self.witness.stop()
             await self.ledger.stop()

@@ -115,6 +115,9 @@ async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path |
         f"checkpoints: {report.batches} verified, {report.signatures_checked} signatures "
         f"(Ed25519 + ML-DSA-65); trust file anchored: {'yes' if report.trust_anchored else 'no'}"
     )
+    print(
+        f"access leaves: {report.access_leaves}, each followed by its sealed AuditEvent's container"
+    )
     if blobs:
         print(f"blobs: {report.records_checked} ciphertexts re-hashed")
     if report.saved_checkpoint_size is not None:

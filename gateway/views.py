@@ -58,6 +58,9 @@ class RecordAnchor(NamedTuple):
 
 
 CONTAINER_TYPE = "Bundle"
+#: The ``type`` of the ``record`` leaf that anchors a container of the access log's sealed
+#: AuditEvents (gateway/access_log.py): not a clinical record, so not in the record index.
+ACCESS_LOG_TYPE = "AuditEvent"
 
 
 def anchor_of_leaf(leaf: RecordLeaf, leaf_index: int) -> RecordAnchor:
@@ -167,7 +170,7 @@ class RecordIndex:
             if kind == "link":
                 self.links.add(str(leaf["from"]), str(leaf["to"]))
                 continue
-            if kind != "record":
+            if kind != "record" or (leaf["type"] == ACCESS_LOG_TYPE and "contains" in leaf):
                 continue
             for anchor in anchors_of_leaf(RecordLeaf.from_leaf(leaf), first_index + offset):
                 self._all.append(anchor)

@@ -30,7 +30,7 @@ from gateway.app import create_app
 from gateway.auth.dev import dev_token
 from gateway.auth.guard import issuer_of, token_key
 from gateway.auth.peer import client_assertion, public_jwks
-from gateway.auth.policy import FRAMEWORK_ROUTES, ROUTES, rule_for
+from gateway.auth.policy import FRAMEWORK_ROUTES, PRIVACY_OFFICER_ROLE, ROUTES, rule_for
 from gateway.auth.registry import ClientRecord
 from gateway.auth.scopes import parse_scopes
 from gateway.auth.tokens import ASSERTION_TYPE, TokenService
@@ -94,6 +94,27 @@ class World:
         kw.setdefault("client_id", "test-his")
         kw.setdefault("scope", "system/*.cruds")
         return dev_token(self.settings, **kw)
+
+    def officer(self, *, institution: str | None = None, role: str = PRIVACY_OFFICER_ROLE) -> str:
+        """A token naming a user with ``role`` (by default the privacy officer's)."""
+        service = TokenService(
+            key=token_key(self.settings),
+            issuer=issuer_of(self.settings),
+            institution=self.settings.institution,
+            registry=self.app.state.auth.registry,
+            state=MemoryStateStore(),
+        )
+        token, _ = service.mint(
+            client_id="privacy-desk",
+            institution=institution or self.settings.institution,
+            kind="system",
+            scopes=parse_scopes("system/*.rs"),
+            purposes=("TREAT",),
+            user="po-1",
+            role=role,
+            dev=True,
+        )
+        return str(token)
 
     def minted(self, *, issuer: str | None = None, clock_offset: float = 0.0) -> str:
         service = TokenService(
@@ -188,6 +209,8 @@ def _request(w: World, method: str, path: str) -> dict[str, Any]:
         "/ledger/proof/inclusion": {"index": "0", "tree_size": "1"},
         "/ledger/proof/consistency": {"first": "1", "second": "1"},
         "/ledger/leaves": {"start": "0", "end": "1"},
+        # patient A by the master identifier: refused to patient B's token
+        "/fhir/AuditEvent": {"patient": f"{w.settings.master_id_system}|{PATIENT_A}"},
     }.get(path, {})
     body, ctype = bodies.get(path, (b"", "application/json")) if method != "GET" else (b"", "")
     return {"url": url, "params": query, "content": body or None, "ctype": ctype}
@@ -200,6 +223,8 @@ def _right_caller(w: World, method: str, path: str) -> dict[str, str]:
         tok = w.token(client_id="peer-gw", institution="other-hospital", gateway=True)
     elif kind == "portal":
         tok = w.token(client_id="test-portal", scope="system/Patient.r")
+    elif kind in ("access-log", "privacy"):
+        tok = w.officer()
     else:
         return dict(w.good)
     return {"Authorization": f"Bearer {tok}"}
@@ -272,6 +297,12 @@ def _wrong_callers(w: World, method: str, path: str) -> list[tuple[str, dict[str
         )
     if kind == "portal":
         cases.append(("not a portal", dict(w.good), 400))  # OAuth unauthorized_client
+    if kind in ("access-log", "privacy"):
+        cases.append(("not the privacy officer", dict(w.good), 403))
+        cases.append(("a user of another role", bearer(w.officer(role="physician")), 403))
+        cases.append(
+            ("another institution's officer", bearer(w.officer(institution="other-hospital")), 403)
+        )
     return cases
 
 
