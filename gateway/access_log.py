@@ -126,6 +126,20 @@ def access_hash(salt: bytes, event: dict[str, Any]) -> str:
     return hashlib.sha256(salt + canonical(event)).hexdigest()
 
 
+#: Purposes of use that break the glass (gateway/auth/purposes.py EMERGENCY).
+_EMERGENCY = frozenset({"BTG", "ETREAT"})
+
+
+def broke_glass(event: AccessEvent) -> bool:
+    """Whether an access broke the glass: the decision says so, or the caller's token is a
+    break-glass token (a stated reason) used with an emergency purpose. Raises nothing."""
+    caller = event.caller
+    return event.decision.break_glass or (
+        bool(getattr(caller, "break_glass", None))
+        and getattr(caller, "purpose", None) in _EMERGENCY
+    )
+
+
 def _utc(at: datetime) -> datetime:
     return at.astimezone(UTC) if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
@@ -152,9 +166,9 @@ def audit_event(event: AccessEvent, *, institution: str, event_id: str) -> dict[
     user and role when the token names them (or the patient, for a patient token), this
     gateway; purpose of use; source: this gateway; entities: the patient (by pseudonym, never
     an identifier), each record returned (or asked), the query (base64 of its canonical
-    string) and the consent that decided (id, version, provision path). A break-glass decision
-    carries the ``BTG`` purpose, the ``BTG`` security label and the stated reason in
-    ``outcomeDesc``. Raises nothing."""
+    string) and the consent that decided (id, version, provision path). A break-glass access
+    (:func:`broke_glass`) carries the ``BTG`` purpose, the ``BTG`` security label and the
+    stated reason in ``outcomeDesc``. Raises nothing."""
     caller = event.caller
     decision = event.decision
     client = str(getattr(caller, "client_id", "") or "unknown")
@@ -165,8 +179,9 @@ def audit_event(event: AccessEvent, *, institution: str, event_id: str) -> dict[
     kind = getattr(caller, "kind", "system")
     reason_text = getattr(caller, "break_glass", None)
     own_patient = getattr(caller, "patient", None)
+    glass = broke_glass(event)
     purposes = [str(purpose)] if purpose else []
-    if decision.break_glass and "BTG" not in purposes:
+    if glass and "BTG" not in purposes:
         purposes.append("BTG")
     pou = [_purpose(p) for p in purposes]
     recorded = _utc(event.at).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -254,7 +269,7 @@ def audit_event(event: AccessEvent, *, institution: str, event_id: str) -> dict[
         )
 
     out: dict[str, Any] = {"resourceType": "AuditEvent", "id": event_id}
-    if decision.break_glass:
+    if glass:
         out["meta"] = {"security": [_coding(_ACT_REASON, "BTG", "break the glass")]}
     out["type"] = _coding(_AUDIT_TYPE, "rest", "RESTful Operation")
     subtype = [_coding(_INTERACTION, _SUBTYPE.get(event.interaction, "operation"))]
@@ -263,7 +278,7 @@ def audit_event(event: AccessEvent, *, institution: str, event_id: str) -> dict[
     out["recorded"] = recorded
     out["outcome"] = "0" if decision.permitted else "4"
     desc = decision.reason or ("permit" if decision.permitted else "deny")
-    if decision.break_glass:
+    if glass:
         desc = f"break-glass: {reason_text or 'no reason stated'}; {desc}"
     out["outcomeDesc"] = desc
     if pou:
@@ -588,7 +603,7 @@ class AuditLog:
             self._b.blobs.put_many(packs),
             self._b.keys.put_wrapped_keys([key for _rec, _box, key in sealed]),
         )
-        glass = [b for b in built if b.event.decision.break_glass]
+        glass = [b for b in built if broke_glass(b.event)]
         await self.queue.add(
             [
                 QueuedBreakGlass(

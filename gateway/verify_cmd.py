@@ -116,7 +116,8 @@ async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path |
         f"(Ed25519 + ML-DSA-65); trust file anchored: {'yes' if report.trust_anchored else 'no'}"
     )
     print(
-        f"access leaves: {report.access_leaves}, each followed by its sealed AuditEvent's container"
+        f"access leaves: {report.access_leaves}, each access-log container checked to come "
+        "right after its access leaves"
     )
     if blobs:
         print(f"blobs: {report.records_checked} ciphertexts re-hashed")

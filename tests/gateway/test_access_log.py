@@ -511,3 +511,31 @@ async def test_break_glass_tokens_are_short_lived(app: FastAPI) -> None:
     now[0] = exp + 1
     with pytest.raises(AuthenticationError, match="expired"):
         service.verify(f"Bearer {raw}")
+
+
+async def test_a_read_with_a_break_glass_token_is_flagged_and_queued(app: FastAPI) -> None:
+    """A read over HTTP with a break-glass token (an emergency purpose and a stated reason)
+    is flagged in its AuditEvent, queued for the officer and counted, whatever the policy's
+    decision says."""
+    gw: Gateway = app.state.gateway
+    pid, oid, _pseudonym = await _store(app)
+    er = token(app, client_id="er-1", purposes=("ETREAT",), break_glass="unconscious on arrival")
+    async with _http(app, er) as c:
+        assert (await c.get(f"/fhir/Observation/{oid}")).status_code == 200
+    async with _http(app, auth_headers(app)) as c:
+        assert (await c.get(f"/fhir/Observation/{oid}")).status_code == 200  # not break-glass
+    async with _http(app, officer(app)) as c:
+        queue = (await c.get("/consent/break-glass")).json()
+        history = (await c.get("/fhir/AuditEvent", params={"patient": pid})).json()
+    (entry,) = queue["entry"]
+    event = entry["resource"]
+    assert event["agent"][0]["who"]["identifier"]["value"] == "er-1"
+    assert "unconscious on arrival" in event["outcomeDesc"]
+    assert [s["code"] for s in event["meta"]["security"]] == ["BTG"]
+    assert history["total"] == 2
+    flagged = ["meta" in e["resource"] for e in history["entry"]]
+    assert sorted(flagged) == [False, True]
+    metrics = gw.metrics.registry.get_sample_value(
+        "gateway_break_glass_total", {"institution": gw.settings.institution}
+    )
+    assert metrics == 1.0
