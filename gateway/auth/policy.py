@@ -29,10 +29,12 @@ Rules (``kind``):
   seam and each record checked as a read.
 - ``curator``: a system client of this institution allowed to update ConceptMaps
   (``system/ConceptMap.u``): the curation queue of unmapped codes.
-- ``access-log``: the access history (``GET /fhir/AuditEvent``): a patient token (the route
-  then answers only for that patient, every linked pseudonym) or the privacy officer.
+- ``access-log``: the access history (``GET /fhir/AuditEvent``), ``r`` on ``AuditEvent``: a
+  patient token (the route then answers only for that patient, every linked pseudonym) or
+  the privacy officer.
 - ``privacy``: the privacy officer only (the break-glass review queue): a system client of
-  this institution whose token names a user with role :data:`PRIVACY_OFFICER_ROLE`.
+  this institution whose token names a user with role :data:`PRIVACY_OFFICER_ROLE`, with
+  ``r`` on ``AuditEvent``.
 
 Raises :class:`gateway.auth.errors.ForbiddenError`.
 """
@@ -220,11 +222,14 @@ def authorize(
         return
     if kind == "access-log":
         if caller.kind == "patient" and caller.patient:
+            authorize_entry(caller, "AuditEvent", "r")
             return
         require_privacy_officer(caller, institution)
+        authorize_entry(caller, "AuditEvent", "r", institution=institution)
         return
     if kind == "privacy":
         require_privacy_officer(caller, institution)
+        authorize_entry(caller, "AuditEvent", "r", institution=institution)
         return
     raise _refuse(f"no rule {kind}", "no-rule")
 

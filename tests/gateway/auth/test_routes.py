@@ -95,7 +95,13 @@ class World:
         kw.setdefault("scope", "system/*.cruds")
         return dev_token(self.settings, **kw)
 
-    def officer(self, *, institution: str | None = None, role: str = PRIVACY_OFFICER_ROLE) -> str:
+    def officer(
+        self,
+        *,
+        institution: str | None = None,
+        role: str = PRIVACY_OFFICER_ROLE,
+        scope: str = "system/*.rs",
+    ) -> str:
         """A token naming a user with ``role`` (by default the privacy officer's)."""
         service = TokenService(
             key=token_key(self.settings),
@@ -108,7 +114,7 @@ class World:
             client_id="privacy-desk",
             institution=institution or self.settings.institution,
             kind="system",
-            scopes=parse_scopes("system/*.rs"),
+            scopes=parse_scopes(scope),
             purposes=("TREAT",),
             user="po-1",
             role=role,
@@ -300,6 +306,9 @@ def _wrong_callers(w: World, method: str, path: str) -> list[tuple[str, dict[str
     if kind in ("access-log", "privacy"):
         cases.append(("not the privacy officer", dict(w.good), 403))
         cases.append(("a user of another role", bearer(w.officer(role="physician")), 403))
+        cases.append(
+            ("officer without AuditEvent", bearer(w.officer(scope="system/Consent.r")), 403)
+        )
         cases.append(
             ("another institution's officer", bearer(w.officer(institution="other-hospital")), 403)
         )
