@@ -166,11 +166,14 @@ class RecordIndex:
         for offset, raw in enumerate(leaves):
             leaf = decode_leaf(raw)
             kind = str(leaf["kind"])
+            if kind == "record" and leaf["type"] == ACCESS_LOG_TYPE and "contains" in leaf:
+                self.leaf_kinds["access-log"] += 1  # the access log's, not a clinical record
+                continue
             self.leaf_kinds[kind] += 1
             if kind == "link":
                 self.links.add(str(leaf["from"]), str(leaf["to"]))
                 continue
-            if kind != "record" or (leaf["type"] == ACCESS_LOG_TYPE and "contains" in leaf):
+            if kind != "record":
                 continue
             for anchor in anchors_of_leaf(RecordLeaf.from_leaf(leaf), first_index + offset):
                 self._all.append(anchor)
