@@ -22,7 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.access import AccessDeniedError
+from gateway.access import AccessDeniedError, AllowAll
+from gateway.api import access_log as access_log_api
 from gateway.api import auth as auth_api
 from gateway.api import consent as consent_api
 from gateway.api import erasure as erasure_api
@@ -40,6 +41,7 @@ from gateway.auth.peer import PeerTokenTransport, gateway_key
 from gateway.auth.tls import client_context, mllp_identifier, mllp_server_context
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
+from gateway.consent_policy import ConsentPolicy
 from gateway.erasure import RestrictPolicy
 from gateway.errors import (
     BackendError,
@@ -126,9 +128,20 @@ def create_app(
     auth = Authenticator(settings, gw.backends.state, gw.metrics.registry)
     if settings.auth_off_for_benchmark:
         log.warning("authentication is OFF (auth_off_for_benchmark): a benchmark setting only")
-    gw.records.policy = RestrictPolicy(
-        CallerPolicy(auth, gw.index.links), gw.erasure_view, institution=settings.institution
+    callers = CallerPolicy(auth, gw.index.links)
+    consents = ConsentPolicy(
+        callers,
+        gw.consents,
+        links=gw.index.links,
+        institution=settings.institution,
+        default_patient=gw.records.no_patient,
     )
+    gw.records.policy = RestrictPolicy(consents, gw.erasure_view, institution=settings.institution)
+    if settings.access_off_for_benchmark:
+        log.warning("access checks and the access log are OFF: a benchmark setting only")
+        gw.records.policy = AllowAll()
+    elif auth.enabled:
+        gw.records.access_log = gw.access_log
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -232,6 +245,7 @@ def create_app(
     app.include_router(auth_api.build_router(gw, auth))
     app.include_router(consent_api.build_router(gw))  # /fhir/Consent: before search and FHIR
     app.include_router(erasure_api.build_router(gw))  # before the FHIR router
+    app.include_router(access_log_api.build_router(gw))  # before search's /fhir/{type}
     app.include_router(search_api.build_router(gw, app))  # before the FHIR router
     app.include_router(fhir_api.build_router(gw))
     app.include_router(ledger_api.build_router(gw))

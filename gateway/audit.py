@@ -14,6 +14,8 @@ What is checked, in order (docs/ledger-format.md, "Verifying, step by step"):
    ``record`` leaf's dictionary version by an earlier ``dictionary`` leaf; every record an
    ``erasure`` leaf lists must have been anchored before it by the same custodian, under the
    same patient (a ``key`` leaf of action ``restrict`` is checked for its shape like any);
+   and every access-log container (a ``record`` leaf of type ``AuditEvent``) must come right
+   after its ``access`` leaves, one per AuditEvent it contains, of the same source;
 6. the node's stored tree files are checked (CRC of every entry, every node re-hashed from its
    children) and compared with the re-derived tree;
 7. with ``blobs=True``, every stored ciphertext is re-hashed against its ``record`` leaf, and
@@ -29,13 +31,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.backends.protocols import Backends
 from gateway.consents import open_consent
 from gateway.crypto import sha256_hex
 from gateway.errors import BackendError, BlobNotFoundError, IntegrityError
 from gateway.packing import cut
-from gateway.views import RecordAnchor, anchor_of_leaf
+from gateway.views import ACCESS_LOG_TYPE, RecordAnchor, anchor_of_leaf
 from ledger.errors import LeafFormatError, LedgerError
 from ledger.keys import Signer, TrustedKeys
 from ledger.leaves import ConsentLeaf, RecordLeaf, decode_leaf
@@ -57,6 +60,7 @@ class AuditReport:
     consents_checked: int = 0
     records_erased: int = 0
     restrictions: int = 0
+    access_leaves: int = 0
     signatures_checked: int = 0
     trust_anchored: bool = False
     saved_checkpoint_size: int | None = None
@@ -111,14 +115,25 @@ async def audit(
         report.batches += 1
         if ledger.latest is not None:
             report.signatures_checked += len(ledger.latest.signatures)
+        decoded: list[dict[str, Any] | None] = []
         for offset, raw in enumerate(leaves):
             try:
                 leaf = decode_leaf(raw)
             except LeafFormatError as exc:
                 leaf_problems += 1
+                decoded.append(None)
                 if leaf_problems <= MAX_LEAF_PROBLEMS:
                     report.problems.append(f"log message {seq}, leaf {first + offset}: {exc}")
                 continue
+            decoded.append(leaf)
+            if leaf["kind"] == "access":
+                report.access_leaves += 1
+            if _unpaired_access_log(leaf, decoded[:-1]):
+                report.problems.append(
+                    f"log message {seq}, leaf {first + offset}: access-log container of "
+                    f"{len(leaf['contains'])} AuditEvents is not right after its "
+                    f"{len(leaf['contains'])} access leaves of {leaf['source']}"
+                )
             if leaf["kind"] == "dictionary":
                 dictionaries.add(str(leaf["version"]))
             elif leaf["kind"] == "erasure":
@@ -212,6 +227,18 @@ def _check_erasure(
                 f"leaf {index}: erasure by {source} lists record {rec}, which {source} did not "
                 "anchor before it under the patient the leaf names"
             )
+
+
+def _unpaired_access_log(leaf: dict[str, Any], before: Sequence[dict[str, Any] | None]) -> bool:
+    """Whether ``leaf`` is an access-log container (docs/ledger-format.md, ``access``) whose
+    AuditEvents' ``access`` leaves are not the leaves right before it in its batch."""
+    if leaf["kind"] != "record" or leaf["type"] != ACCESS_LOG_TYPE or "contains" not in leaf:
+        return False
+    n = len(leaf["contains"])
+    prior = before[len(before) - n :] if n <= len(before) else None
+    return prior is None or any(
+        x is None or x["kind"] != "access" or x["source"] != leaf["source"] for x in prior
+    )
 
 
 def _file_position(backends: Backends, seq: int) -> str:

@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     # Benchmark only (bench/bench_auth.py): every request is taken as the local sender, no
     # token checked. Never set it on a gateway that serves anyone.
     auth_off_for_benchmark: bool = False
+    # Benchmark only (bench/bench_reads.py): tokens are still checked, but the record access
+    # check allows everything and no access is logged or anchored. Never set it in service.
+    access_off_for_benchmark: bool = False
 
     # Erasure (gateway/erasure.py): retention period in years per record class (0: not
     # retained, shredded as soon as the patient asks), after the record's clinical date. China:

@@ -14,6 +14,8 @@
       ledger/tree-<profile>/                       the stored Merkle tree (a cache of the log)
       ledger/witness-state.json                    what this gateway's witness last cosigned
       ledger/final-checkpoint-<profile>.json       the last checkpoint the witnesses finalised
+      audit/break-glass.jsonl                      break-glass accesses awaiting the privacy
+                                                   officer's review (ids and times only), 0600
 
 Runtime, ``gateway verify``, the audit, the demo, tests and benchmarks take their paths from a
 :class:`DataDir`, never from path literals. Raises nothing: it only names paths.
@@ -102,6 +104,11 @@ class DataDir:
     def witness_state(self) -> Path:
         """The witness's state (the checkpoint it last cosigned)."""
         return self.ledger / "witness-state.json"
+
+    @property
+    def break_glass_queue(self) -> Path:
+        """The privacy officer's queue of break-glass accesses to review."""
+        return self.root / "audit" / "break-glass.jsonl"
 
     @property
     def final_checkpoint(self) -> Path:

@@ -91,6 +91,13 @@ class Metrics:
         self.access_decisions = Counter(
             "gateway_access_decisions_total", "Read decisions", ["decision"], registry=r
         )
+        self.break_glass = Counter(
+            "gateway_break_glass_total",
+            "Break-glass accesses logged (queued for the privacy officer's review), by the "
+            "caller's institution",
+            ["institution"],
+            registry=r,
+        )
 
     def count_stored(self, resource_types: Iterable[str]) -> None:
         """Count stored records by resource type (the labelled child kept per type: looking

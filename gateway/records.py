@@ -166,6 +166,8 @@ class RecordService:
         labeller: Labeller | None = None,
     ) -> None:
         self.pipeline = pipeline
+        #: Where decisions of authenticated callers are logged (gateway/access_log.py);
+        #: nothing until the app sets it (authentication on).
         self.access_log: AccessLog = access_log if access_log is not None else NoAccessLog()
         self.labeller = labeller
         self.meta_source: MetaSource | None = None

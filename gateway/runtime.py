@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from gateway.access import AllowAll
+from gateway.access_log import AuditLog
 from gateway.backends.protocols import Backends
 from gateway.config import Settings
 from gateway.consents import ConsentService, ConsentView, consent_key
@@ -250,6 +251,15 @@ class Gateway:
             interval=settings.witness_interval_ms / 1000.0,
             transport=witness_transport,
         )
+        self.access_log = AuditLog(
+            backends=self.backends,
+            ledger=self.ledger,
+            pipeline=self.pipeline,
+            institution=settings.institution,
+            metrics=self.metrics,
+            queue_path=paths.break_glass_queue,
+        )
+        self.ledger.add_listener(self.access_log.view.on_batch)
         self.records = RecordService(
             pipeline=self.pipeline,
             index=self.index,
@@ -318,6 +328,7 @@ class Gateway:
         await self.consents.start()  # this institution's administrative default Consent
         await self.witness.start()
         self.pipeline.start()
+        self.access_log.start()
         self.records.start()
         self.erasure.start()
         self.started = True
@@ -336,6 +347,7 @@ class Gateway:
             await self.erasure.stop()
             await self.consents.stop()
             await self.records.stop()
+            await self.access_log.stop()
             await self.pipeline.stop()
             await self.witness.stop()
             await self.ledger.stop()

@@ -127,6 +127,10 @@ async def run_verify(settings: Settings, *, blobs: bool, from_checkpoint: Path |
             f"erasure: {report.restrictions} restriction(s), {report.records_erased} record(s) "
             "crypto-shredded (their ciphertexts stay and are still re-hashed)"
         )
+    print(
+        f"access leaves: {report.access_leaves}, each access-log container checked to come "
+        "right after its access leaves"
+    )
     if blobs:
         print(
             f"blobs: {report.records_checked} ciphertexts re-hashed, "

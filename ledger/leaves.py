@@ -75,10 +75,6 @@ def _positive(v: Any) -> str | None:
     return None if ok else "must be an integer >= 1"
 
 
-def _bool(v: Any) -> str | None:
-    return None if isinstance(v, bool) else "must be true or false"
-
-
 def _true(v: Any) -> str | None:
     return None if v is True else "must be true (absent when false)"
 
@@ -88,19 +84,6 @@ def _enum(*values: str) -> Callable[[Any], str | None]:
         return None if v in values else f"must be one of {', '.join(values)}"
 
     return check
-
-
-def _tokens(v: Any) -> str | None:
-    if not isinstance(v, list) or not 1 <= len(v) <= MAX_LIST:
-        return f"must be a list of 1-{MAX_LIST} opaque tokens"
-    for item in v:
-        if _token(item) is not None:
-            return "must be a list of opaque tokens"
-    return None
-
-
-def _nullable_token(v: Any) -> str | None:
-    return None if v is None else _token(v)
 
 
 MAX_CONTAINED = 200
@@ -166,8 +149,6 @@ def _erased_records(v: Any) -> str | None:
     return None
 
 
-PURPOSES = ("TREAT", "ETREAT", "HPAYMT", "HRESCH", "PUBHLTH")
-
 LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
     "record": {
         "record": FieldSpec(_token, doc="opaque record id"),
@@ -219,16 +200,13 @@ LEAF_FIELDS: dict[str, dict[str, FieldSpec]] = {
         "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
     },
     "access": {
-        "actor": FieldSpec(_token, doc="opaque id of who asked (practitioner or system)"),
-        "institution": FieldSpec(_token, doc="institution of the actor"),
         "patient": FieldSpec(_hex64, doc="patient pseudonym, hex"),
-        "records": FieldSpec(_tokens, required=False, doc="record ids read (or query)"),
-        "query": FieldSpec(_hex64, required=False, doc="SHA-256 of the canonical query, hex"),
-        "purpose": FieldSpec(_enum(*PURPOSES), doc="v3 ActReason purpose of use"),
         "decision": FieldSpec(_enum("permit", "deny"), doc="permit or deny"),
-        "consent": FieldSpec(_nullable_token, required=False, doc="consent id relied on"),
-        "emergency": FieldSpec(_bool, required=False, doc="emergency (break-glass) access"),
-        "reason": FieldSpec(_hex64, required=False, doc="SHA-256 of the stated reason, hex"),
+        "sha256": FieldSpec(
+            _hex64,
+            doc="SHA-256 of a 32-byte random salt followed by the RFC 8785 bytes of the "
+            "AuditEvent, hex (the salt is only inside the sealed AuditEvent)",
+        ),
         "source": FieldSpec(_token, doc="institution (gateway) that decided"),
         "time": FieldSpec(_time, doc="RFC 3339 UTC time"),
     },
@@ -295,10 +273,6 @@ def _validate(kind: Any, fields: Mapping[str, Any]) -> None:
         problem = fs.check(fields[name])
         if problem:
             raise LeafFormatError(f"{kind} leaf: field {name!r} {problem}", kind=kind, field=name)
-    if kind == "access" and "records" not in fields and "query" not in fields:
-        raise LeafFormatError("access leaf: needs records or query", kind=kind, field="records")
-    if kind == "access" and fields.get("emergency") and "reason" not in fields:
-        raise LeafFormatError("access leaf: emergency needs a reason", kind=kind, field="reason")
     if kind == "record" and fields.get("deleted") and "contains" in fields:
         raise LeafFormatError(
             "record leaf: a container is never deleted", kind=kind, field="deleted"

@@ -42,6 +42,12 @@ Rules (``kind``):
   own token (the route checks that ``pid`` is that patient), or the administrator: a system
   client of this institution with ``system/Patient.d`` that selected the purpose of use
   ``HLEGAL`` (the request is processed as a legal obligation).
+- ``access-log``: the access history (``GET /fhir/AuditEvent``), ``r`` on ``AuditEvent``: a
+  patient token (the route then answers only for that patient, every linked pseudonym) or
+  the privacy officer.
+- ``privacy``: the privacy officer only (the break-glass review queue): a system client of
+  this institution whose token names a user with role :data:`PRIVACY_OFFICER_ROLE`, with
+  ``r`` on ``AuditEvent``.
 
 Raises :class:`gateway.auth.errors.ForbiddenError`.
 """
@@ -70,10 +76,13 @@ RuleKind = Literal[
     "consent",
     "consent-explain",
     "erase",
+    "access-log",
+    "privacy",
 ]
 
 #: The staff role (IHE IUA ``subject_role``, registered for the client) of the privacy officer,
-#: who may ask ``GET /consent/$explain`` about any patient.
+#: who may ask ``GET /consent/$explain`` about any patient, reads every patient's access
+#: history and reviews break-glass accesses.
 PRIVACY_OFFICER_ROLE = "privacy-officer"
 
 
@@ -142,6 +151,9 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("GET", "/ledger/proof/consistency"): Rule("ledger"),
     ("GET", "/ledger/leaves"): Rule("ledger"),
     ("POST", "/ledger/witness"): Rule("witness"),
+    ("GET", "/fhir/AuditEvent"): Rule("access-log"),
+    ("GET", "/consent/break-glass"): Rule("privacy"),
+    ("POST", "/consent/break-glass/{event}/reviewed"): Rule("privacy"),
 }
 
 #: Routes FastAPI itself serves (not API routes): the OpenAPI description is public (it says
@@ -272,6 +284,17 @@ def authorize(
                 "purpose",
             )
         return
+    if kind == "access-log":
+        if caller.kind == "patient" and caller.patient:
+            authorize_entry(caller, "AuditEvent", "r")
+            return
+        require_privacy_officer(caller, institution)
+        authorize_entry(caller, "AuditEvent", "r", institution=institution)
+        return
+    if kind == "privacy":
+        require_privacy_officer(caller, institution)
+        authorize_entry(caller, "AuditEvent", "r", institution=institution)
+        return
     raise _refuse(f"no rule {kind}", "no-rule")
 
 
@@ -326,6 +349,29 @@ def authorize_entry(
     raise _refuse(
         f"client {caller.client_id} has no scope for {interaction} on {resource_type}", "scope"
     )
+
+
+def is_privacy_officer(caller: Caller, institution: str) -> bool:
+    """Whether ``caller`` is this institution's privacy officer: a system client of
+    ``institution`` whose token names a user with role :data:`PRIVACY_OFFICER_ROLE`. Raises
+    nothing."""
+    return (
+        caller.kind == "system"
+        and caller.institution == institution
+        and caller.user is not None
+        and caller.role == PRIVACY_OFFICER_ROLE
+    )
+
+
+def require_privacy_officer(caller: Caller, institution: str) -> None:
+    """Refuse anyone but this institution's privacy officer. Raises ForbiddenError (reason
+    ``privacy-officer``)."""
+    if not is_privacy_officer(caller, institution):
+        raise _refuse(
+            f"only the privacy officer of {institution} (a user with role "
+            f"{PRIVACY_OFFICER_ROLE}) may do this",
+            "privacy-officer",
+        )
 
 
 def check_patient(caller: Caller, patient: str, linked: tuple[str, ...] = ()) -> None:

@@ -38,7 +38,8 @@ HEADER = struct.Struct(">II")
 
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An embedded data dir with three Bundles anchored and a checkpoint saved after two."""
+    """An embedded data dir with three Bundles anchored and a checkpoint saved after two, and
+    reads of the stored Observations (access leaves and the access log's sealed AuditEvents)."""
     root = tmp_path_factory.mktemp("verify")
     data = root / "gw"
 
@@ -55,6 +56,8 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     if i == 1:
                         saved = await c.get("/ledger/checkpoint")
                         (root / "saved.json").write_text(saved.text)
+                    where = r.json()["entry"][1]["response"]["location"].split("/_history")[0]
+                    assert (await c.get(f"/fhir/{where}")).status_code == 200
 
     import asyncio
 
@@ -105,6 +108,7 @@ def test_clean_ledger_verifies_with_progress_and_blobs(work: Path) -> None:
     assert "verify: OK" in res.stdout
     assert "trust file anchored: yes" in res.stdout
     assert "ciphertexts re-hashed" in res.stdout and "blobs: 0" not in res.stdout
+    assert "access leaves: 3," in res.stdout
     assert "is a prefix of the current tree" in res.stdout
     assert "log [" in res.stderr and "messages" in res.stderr
 
@@ -268,3 +272,59 @@ def test_split_view_evidence_held_by_the_witness_is_reported(work: Path) -> None
     res = verify(data)
     assert res.returncode == 1, res.stdout
     assert "holds split-view evidence: same tree size, different root" in res.stdout
+
+
+def test_access_log_container_away_from_its_access_leaves_is_named(work: Path) -> None:
+    """An access-log container (a record leaf of type AuditEvent) must come right after its
+    access leaves: one appended alone, validly signed by the institution (an insider), is
+    reported with its log message and leaf index."""
+    path = log_path(work)
+    signer = Signer.load(gw_dir(work).signer)
+    trusted = TrustedKeys.load(gw_dir(work).trust)
+    records = list(iter_records(path))
+    first = sum(len(decode_batch(p).leaves) for _o, p, _m in records)
+    dictionary = next(
+        json.loads(leaf)["version"]
+        for _o, p, _m in records
+        for leaf in decode_batch(p).leaves
+        if b'"kind":"dictionary"' in leaf
+    )
+
+    async def append() -> None:
+        ledger = Ledger(
+            log=FileLog(path=path),
+            tree=TreeStore.memory(),
+            signer=signer,
+            trusted=trusted,
+            origin="alliance.example/ledger",
+        )
+        await ledger.start(follow_interval=None)
+        member = {"record": "ab" * 16, "type": "AuditEvent", "version": 1}
+        await ledger.append(
+            [
+                encode_leaf(
+                    "record",
+                    {
+                        "record": "cd" * 16,
+                        "version": 1,
+                        "cid": "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
+                        "sha256": "0" * 64,
+                        "patient": "1" * 64,
+                        "type": "AuditEvent",
+                        "source": signer.name,
+                        "dictionary": dictionary,
+                        "time": "2026-01-01T00:00:00Z",
+                        "contains": [member],
+                    },
+                )
+            ]
+        )
+        await ledger.stop()
+
+    import asyncio
+
+    asyncio.run(append())
+    res = verify(work / "gw")
+    assert res.returncode == 1, res.stdout
+    assert f"log message {len(records) + 1}, leaf {first}: access-log container" in res.stdout
+    assert "is not right after its 1 access leaves" in res.stdout

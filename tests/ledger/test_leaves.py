@@ -37,15 +37,9 @@ GOOD: dict[str, dict[str, Any]] = {
         "time": T,
     },
     "access": {
-        "actor": "hosp-b/practitioner/77",
-        "institution": "hosp-b",
         "patient": HEX,
-        "records": ["3f2a9c", "8d1e"],
-        "purpose": "ETREAT",
         "decision": "permit",
-        "consent": None,
-        "emergency": True,
-        "reason": HEX,
+        "sha256": "ef" * 32,
         "source": "hosp-a",
         "time": "2026-11-28T19:41:38.123Z",
     },
@@ -139,10 +133,17 @@ def test_non_canonical_rejected() -> None:
         ("record", {"range": [0, True]}, "range"),
         ("record", {"range": [0, "10"]}, "range"),
         ("record", {"range": [2 * 1024 * 1024, 1]}, "range"),
-        ("access", {"purpose": "MARKETING"}, "purpose"),
         ("access", {"decision": "maybe"}, "decision"),
-        ("access", {"records": []}, "records"),
-        ("access", {"reason": "patient unconscious"}, "reason"),
+        ("access", {"sha256": "AB" * 32}, "sha256"),
+        ("access", {"patient": "Wu Li"}, "patient"),
+        # The access leaf is exactly {v, kind, patient, decision, sha256, source, time}: what
+        # the old leaf carried (actor, purpose, records, consent, break-glass) is refused.
+        ("access", {"actor": "hosp-b/practitioner/77"}, "actor"),
+        ("access", {"purpose": "ETREAT"}, "purpose"),
+        ("access", {"records": ["3f2a9c"]}, "records"),
+        ("access", {"consent": "c-1"}, "consent"),
+        ("access", {"emergency": True}, "emergency"),
+        ("access", {"query": HEX}, "query"),
         ("key", {"new_key_id": "k2"}, "new_key_id"),
     ],
 )
@@ -159,12 +160,10 @@ def test_missing_and_conditional_fields() -> None:
     del rec["cid"]
     with pytest.raises(LeafFormatError, match="missing field 'cid'"):
         encode_leaf("record", rec)
-    acc = {k: v for k, v in GOOD["access"].items() if k != "records"}
-    with pytest.raises(LeafFormatError, match="records or query"):
-        encode_leaf("access", acc)
-    acc2 = {k: v for k, v in GOOD["access"].items() if k != "reason"}
-    with pytest.raises(LeafFormatError, match="reason"):
-        encode_leaf("access", acc2)
+    for name in GOOD["access"]:
+        acc = {k: v for k, v in GOOD["access"].items() if k != name}
+        with pytest.raises(LeafFormatError, match=f"missing field '{name}'"):
+            encode_leaf("access", acc)
     with pytest.raises(LeafFormatError, match="needs 'new_key_id'"):
         encode_leaf("key", {"action": "rotation", "key_id": "k", "source": "a", "time": T})
     assert (

@@ -96,6 +96,33 @@ class World:
         kw.setdefault("scope", "system/*.cruds")
         return dev_token(self.settings, **kw)
 
+    def officer(
+        self,
+        *,
+        institution: str | None = None,
+        role: str = PRIVACY_OFFICER_ROLE,
+        scope: str = "system/*.rs",
+    ) -> str:
+        """A token naming a user with ``role`` (by default the privacy officer's)."""
+        service = TokenService(
+            key=token_key(self.settings),
+            issuer=issuer_of(self.settings),
+            institution=self.settings.institution,
+            registry=self.app.state.auth.registry,
+            state=MemoryStateStore(),
+        )
+        token, _ = service.mint(
+            client_id="privacy-desk",
+            institution=institution or self.settings.institution,
+            kind="system",
+            scopes=parse_scopes(scope),
+            purposes=("TREAT",),
+            user="po-1",
+            role=role,
+            dev=True,
+        )
+        return str(token)
+
     def minted(self, *, issuer: str | None = None, clock_offset: float = 0.0) -> str:
         service = TokenService(
             key=token_key(self.settings),
@@ -259,6 +286,8 @@ def _request(w: World, method: str, path: str) -> dict[str, Any]:
             "purpose": "TREAT",
             "class": "Observation",
         },
+        # patient A by the master identifier: refused to patient B's token
+        "/fhir/AuditEvent": {"patient": f"{w.settings.master_id_system}|{PATIENT_A}"},
     }.get(path, {})
     body, ctype = bodies.get(path, (b"", "application/json")) if method != "GET" else (b"", "")
     return {"url": url, "params": query, "content": body or None, "ctype": ctype}
@@ -275,6 +304,8 @@ def _right_caller(w: World, method: str, path: str) -> dict[str, str]:
         tok = _privacy_officer(w)
     elif kind == "erase":
         tok = w.token(client_id="privacy-office", scope="system/Patient.d", purpose="HLEGAL")
+    elif kind in ("access-log", "privacy"):
+        tok = w.officer()
     else:
         return dict(w.good)
     return {"Authorization": f"Bearer {tok}"}
@@ -362,6 +393,15 @@ def _wrong_callers(w: World, method: str, path: str) -> list[tuple[str, dict[str
                 ),
                 403,
             )
+        )
+    if kind in ("access-log", "privacy"):
+        cases.append(("not the privacy officer", dict(w.good), 403))
+        cases.append(("a user of another role", bearer(w.officer(role="physician")), 403))
+        cases.append(
+            ("officer without AuditEvent", bearer(w.officer(scope="system/Consent.r")), 403)
+        )
+        cases.append(
+            ("another institution's officer", bearer(w.officer(institution="other-hospital")), 403)
         )
     return cases
 
