@@ -9,6 +9,7 @@ the gateway's log) when the process exits or does not answer within ``timeout`` 
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -48,11 +49,19 @@ def gateway_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def serve(
-    env: dict[str, str], port: int, log: Path, *, timeout: float = 60.0
+    env: dict[str, str],
+    port: int,
+    log: Path,
+    *,
+    timeout: float = 60.0,
+    base: str | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> subprocess.Popen[bytes]:
     """Start ``gateway serve`` on ``port`` with ``env``, output appended to ``log``; return
-    once ``/healthz`` answers 200. Raises AssertionError when the process exits first or does
-    not answer within ``timeout`` seconds (it is killed then)."""
+    once ``{base}/healthz`` answers 200 (``base``: ``http://127.0.0.1:{port}`` unless given,
+    such as an ``https://`` one checked with ``verify``). Raises AssertionError when the process
+    exits first or does not answer within ``timeout`` seconds (it is killed then)."""
+    url = f"{base or f'http://127.0.0.1:{port}'}/healthz"
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--http-port", str(port)],
@@ -63,7 +72,7 @@ def serve(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+            if httpx.get(url, timeout=2, verify=verify).status_code == 200:
                 return proc
         except httpx.TransportError:
             pass
