@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def load(
-    base: str, seconds: float, clients: int, per_bundle: int, token: str = ""
+    base: str,
+    seconds: float,
+    clients: int,
+    per_bundle: int,
+    token: str = "",
+    make: Callable[[int, int, int], dict[str, Any]] = observation_bundle,
 ) -> dict[str, float]:
-    """Post Bundles from ``clients`` concurrent clients for ``seconds`` (with ``token`` as
-    their bearer token); return the figures."""
+    """Post Bundles ``make(per_bundle, client, seq)`` from ``clients`` concurrent clients for
+    ``seconds`` (with ``token`` as their bearer token); return the figures."""
     headers = {"content-type": "application/fhir+json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -66,7 +72,7 @@ async def load(
         async with httpx.AsyncClient(base_url=base, timeout=60) as c:
             seq = 0
             while time.monotonic() < deadline:
-                body = json.dumps(observation_bundle(per_bundle, n, seq)).encode()
+                body = json.dumps(make(per_bundle, n, seq)).encode()
                 seq += 1
                 t0 = time.perf_counter()
                 r = await c.post("/fhir", content=body, headers=headers)

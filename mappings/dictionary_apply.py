@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mappings.terminology import (
+    LOCAL_UNITS,
     ORIGINAL_CODE_URL,
     UCUM,
     Terminology,
@@ -66,7 +67,9 @@ UNMAPPED_TAG: Json = {
     "display": "has codes the unified dictionary did not map",
 }
 _SKIP = frozenset({"meta", "text", "contained"})
-_MEMOS: dict[int, tuple[Terminology, dict[tuple[Any, ...], Any], dict[str, str | None]]] = {}
+#: Memos by dictionary (a new version gets a new one; all are dropped beyond _MEMOS_KEPT).
+_MEMOS: dict[int, _Memo] = {}
+_MEMOS_KEPT = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +81,12 @@ class Unmapped:
     code: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Applied:
     """The mapped resource, the codes left unmapped, the dictionary version used, and
-    whether anything was added or mapped (else ``resource`` is the input itself)."""
+    whether anything was added or mapped (else ``resource`` is the input itself). Read-only
+    by convention (not ``frozen``: a frozen dataclass costs microseconds to build, a large
+    part of a small resource's mapping)."""
 
     resource: Json
     unmapped: tuple[Unmapped, ...]
@@ -92,7 +97,7 @@ class Applied:
 def apply_dictionary(resource: Json, term: Terminology, *, source: str = "") -> Applied:
     """Map every coded element of ``resource`` with ``term`` for input of institution
     ``source``; see the module docstring. Pure; the input is left unchanged."""
-    walker = _Walker(term, source)
+    walker = _Walker(_memo_for(term), source)
     rtype = str(resource.get("resourceType", "Resource"))
     out = walker.walk(resource, rtype)
     for element, spec in _CODE_ELEMENTS_OF.get(rtype, ()):
@@ -128,91 +133,109 @@ def _codings(node: Any) -> list[tuple[str, str]]:
     return out
 
 
-#: Concept results memoised per dictionary: (source, codings) -> (codings to add, local codes).
-_ConceptResult = tuple[tuple[Json, ...], tuple[tuple[str, str], ...]]
+#: A concept's result: (codings to add, local codes left unmapped, whether any coding to add
+#: has an extension to copy).
+_ConceptResult = tuple[tuple[Json, ...], tuple[tuple[str, str], ...], bool]
 _MEMO_SIZE = 65536
 
 
-class _Walker:
-    def __init__(self, term: Terminology, source: str) -> None:
+class _Memo:
+    """What one dictionary version maps, memoised (each at most _MEMO_SIZE entries): concepts
+    by source institution and their codings' (system, code) pairs, unit spellings to UCUM
+    codes (None: unknown)."""
+
+    __slots__ = ("concepts", "term", "units")
+
+    def __init__(self, term: Terminology) -> None:
         self.term = term
+        self.concepts: dict[tuple[Any, ...], _ConceptResult] = {}
+        self.units: dict[str, str | None] = {}
+
+
+def _memo_for(term: Terminology) -> _Memo:
+    memo = _MEMOS.get(id(term))
+    if memo is None or memo.term is not term:
+        if len(_MEMOS) >= _MEMOS_KEPT:
+            _MEMOS.clear()
+        memo = _MEMOS[id(term)] = _Memo(term)
+    return memo
+
+
+def _path(parent: str, key: str | int) -> str:
+    """The FHIRPath-like location of ``key`` under ``parent`` (built only when needed)."""
+    return f"{parent}[{key}]" if type(key) is int else f"{parent}.{key}"
+
+
+class _Walker:
+    """One resource's walk. Element paths are passed as (parent path, key) and only joined
+    when the walk goes deeper or a code is reported unmapped."""
+
+    __slots__ = ("memo", "source", "unmapped")
+
+    def __init__(self, memo: _Memo, source: str) -> None:
+        self.memo = memo
         self.source = source
         self.unmapped: list[Unmapped] = []
-        memo = _MEMOS.get(id(term))
-        if memo is None or memo[0] is not term:
-            memo = (term, {}, {})
-            if len(_MEMOS) > 8:
-                _MEMOS.clear()
-            _MEMOS[id(term)] = memo
-        self.memo: dict[tuple[Any, ...], _ConceptResult] = memo[1]
-        self.units: dict[str, str | None] = memo[2]
 
-    def child(self, value: Json, path: str) -> Json:
-        """A dict-valued element: a CodeableConcept, a Quantity, a Reference (skipped) or a
-        backbone element walked further."""
-        if "coding" in value:
-            codings = value["coding"]
-            return self.concept(value, path, codings) if type(codings) is list else value
-        if "reference" in value:
-            return value
-        if "value" in value and ("unit" in value or "code" in value):
-            return self.quantity(value, path)
-        return self.walk(value, path)
-
-    def walk(self, node: Json, path: str) -> Json:
-        out: Json | None = None
-        for key, value in node.items():
+    def walk(self, node: Json | list[Any], path: str) -> Any:
+        """``node`` (an element, or a list of them) with every coded element under it mapped;
+        ``node`` itself when nothing changed, else a copy sharing the unchanged parts. A dict
+        is a CodeableConcept (it has a ``coding`` list), a Reference (skipped), a Quantity (a
+        ``value`` with a ``unit`` or ``code``) or a backbone element, walked further."""
+        in_list = type(node) is list
+        pairs: Any = enumerate(node) if in_list else node.items()  # type: ignore[union-attr]
+        out: Any = None
+        for key, value in pairs:
             kind = type(value)
             if kind is dict:
-                new: Any = self.child(value, f"{path}.{key}")
-            elif kind is list and key not in _SKIP:
-                new = self.walk_list(value, f"{path}.{key}")
+                if "coding" in value:
+                    codings = value["coding"]
+                    if type(codings) is not list:
+                        continue
+                    new: Any = self.concept(value, path, key, codings)
+                elif "reference" in value or key in _SKIP:
+                    continue
+                elif "value" in value and ("unit" in value or "code" in value):
+                    new = self.quantity(value, path, key)
+                else:
+                    new = self.walk(value, f"{path}[{key}]" if in_list else f"{path}.{key}")
+            elif kind is list and not in_list and key not in _SKIP:
+                new = self.walk(value, f"{path}.{key}")
             else:
                 continue
             if new is not value:
                 if out is None:
-                    out = dict(node)
+                    out = list(node) if in_list else dict(node)
                 out[key] = new
         return node if out is None else out
 
-    def walk_list(self, items: list[Any], path: str) -> list[Any]:
-        out: list[Any] | None = None
-        for i, item in enumerate(items):
-            if type(item) is not dict:
-                continue
-            new = self.child(item, f"{path}[{i}]")
-            if new is not item:
-                if out is None:
-                    out = list(items)
-                out[i] = new
-        return items if out is None else out
-
-    def concept(self, cc: Json, path: str, codings: list[Any]) -> Json:
+    def concept(self, cc: Json, parent: str, key: str | int, codings: list[Any]) -> Json:
+        concepts = self.memo.concepts
         try:
             if len(codings) == 1:
                 only = codings[0]
-                key: tuple[Any, ...] = (self.source, only["system"], only["code"])
+                memo_key: tuple[Any, ...] = (self.source, only["system"], only["code"])
             else:
-                key = (self.source, *(x for c in codings for x in (c["system"], c["code"])))
-            found = self.memo.get(key)
+                memo_key = (self.source, *(x for c in codings for x in (c["system"], c["code"])))
+            found = concepts.get(memo_key)
         except (KeyError, TypeError):  # a malformed coding: left for validation
-            key, found = (), None
+            memo_key, found = (), None
         if found is None:
             found = self._concept(codings)
-            if key and len(self.memo) < _MEMO_SIZE:
-                self.memo[key] = found
-        added, local = found
+            if memo_key and len(concepts) < _MEMO_SIZE:
+                concepts[memo_key] = found
+        added, local, nested = found
         if local:
-            where = f"{path}.coding"
+            where = f"{_path(parent, key)}.coding"
             self.unmapped.extend(Unmapped(where, system, code) for system, code in local)
         if not added:
             return cc
         out = dict(cc)
-        out["coding"] = [*codings, *(_copy(m) for m in added)]
+        out["coding"] = [*codings, *map(_copy if nested else dict, added)]
         return out
 
     def _concept(self, codings: list[Any]) -> _ConceptResult:
-        term = self.term
+        term, source = self.memo.term, self.source
         added: list[Json] = []
         local: list[tuple[str, str]] = []
         standard = False
@@ -226,7 +249,7 @@ class _Walker:
             if term.is_standard(system):
                 standard = True
                 continue
-            mapped = term.mapped(system, code, self.source)
+            mapped = term.mapped(system, code, source)
             if not mapped:
                 local.append((system, code))
             for m in mapped:
@@ -235,27 +258,29 @@ class _Walker:
                     present.add(pair)
                     added.append(m)
         unmapped = tuple(local) if local and not added and not standard else ()
-        return tuple(added), unmapped
+        return tuple(added), unmapped, any("extension" in m for m in added)
 
-    def quantity(self, q: Json, path: str) -> Json:
+    def quantity(self, q: Json, parent: str, key: str | int) -> Json:
         if q.get("system") == UCUM:
             return q
-        spelling = q.get("code") if isinstance(q.get("code"), str) else q.get("unit")
-        if not isinstance(spelling, str) or not spelling:
+        code = q.get("code")
+        spelling = code if type(code) is str else q.get("unit")
+        if type(spelling) is not str or not spelling:
             return q
-        ucum = self.units.get(spelling, "")
+        units = self.memo.units
+        ucum = units.get(spelling, "")
         if ucum == "":
-            ucum = self.term.unit(spelling)
-            if len(self.units) < _MEMO_SIZE:
-                self.units[spelling] = ucum
+            ucum = self.memo.term.unit(spelling)
+            if len(units) < _MEMO_SIZE:
+                units[spelling] = ucum
         if ucum is None:
             if q.get("system") is None:
-                self.unmapped.append(
-                    Unmapped(f"{path}.unit", "urn:alliance:codesystem:local-unit", spelling)
-                )
+                where = f"{_path(parent, key)}.unit"
+                self.unmapped.append(Unmapped(where, LOCAL_UNITS, spelling))
             return q
         out = dict(q)
-        out.setdefault("unit", spelling)
+        if "unit" not in out:
+            out["unit"] = spelling
         out["system"] = UCUM
         out["code"] = ucum
         return out
@@ -267,7 +292,8 @@ class _Walker:
         source_system, target_system, valid = spec
         if not isinstance(value, str) or value in valid:
             return res
-        for m in self.term.mapped(source_system, value, self.source):
+        term, source = self.memo.term, self.source
+        for m in term.mapped(source_system, value, source):
             if m["system"] == target_system and m["code"] in valid:
                 out = dict(res)
                 out[element] = m["code"]

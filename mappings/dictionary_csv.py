@@ -10,11 +10,17 @@ then a CSV header row and one row per source code::
     # target-system: http://loinc.org               (required)
     # codesystem: yes        (also write the source CodeSystem, with zh designations)
     # codesystem-title: ...  # institution: hosp-t  # copyright: ...  # description: ...
-    source_code,source_display,source_display_zh,target_code,target_display,equivalence,unit
+    # source-valueset: ...   # target-valueset: ...   (ConceptMap.sourceUri / targetUri)
+    source_code,source_display,source_display_zh,target_code,target_display,equivalence,unit,
+    comment
 
 ``equivalence`` is an R4 ConceptMapEquivalence (empty: ``equivalent``); ``unit`` (optional)
-is the UCUM unit the target concept is reported in, kept as a ``product`` of the target.
-Several rows with the same source code give several targets.
+is the UCUM unit the target concept is reported in, kept as a ``product`` of the target;
+``comment`` says why a mapping is not equivalent, and is required for ``narrower`` and
+``inexact`` (R4 invariant cmd-1). Several rows with the same source code give several targets.
+``source-valueset`` and ``target-valueset`` name the value sets the map is from and to
+(ConceptMap.source[x] and target[x] are value sets: for HL7 v2 tables and FHIR code systems
+the value sets FHIR R4 defines); without them the code systems' URIs stand in.
 
 Raises :class:`mappings.terminology.DictionaryError` naming the file, line and column.
 """
@@ -42,7 +48,10 @@ COLUMNS = (
     "target_display",
     "equivalence",
     "unit",
+    "comment",
 )
+#: Equivalences that need a comment (R4 ConceptMap invariant cmd-1).
+NEED_COMMENT = frozenset({"narrower", "inexact"})
 _REQUIRED = ("id", "title", "source-system", "target-system")
 _VERSION = "2026.2"
 
@@ -56,7 +65,8 @@ def resources_from_csv(text: str, *, name: str) -> list[dict[str, Any]]:
     by the CSV ``text`` of file ``name``.
 
     Raises DictionaryError for a missing header key, an unknown column, an empty source or
-    target code, or an unknown equivalence (naming file and line).
+    target code, an unknown equivalence, or a narrower or inexact mapping without a comment
+    (naming file and line).
     """
     meta: dict[str, str] = {}
     body: list[str] = []
@@ -106,6 +116,14 @@ def resources_from_csv(text: str, *, name: str) -> list[dict[str, Any]]:
         tdisplay = (row.get("target_display") or "").strip()
         if tdisplay:
             tgt["display"] = tdisplay
+        comment = (row.get("comment") or "").strip()
+        if comment:
+            tgt["comment"] = comment
+        elif equivalence in NEED_COMMENT:
+            raise DictionaryError(
+                f"{name}: line {lineno}: a {equivalence} mapping needs a comment saying how "
+                "source and target differ (ConceptMap invariant cmd-1)"
+            )
         unit = (row.get("unit") or "").strip()
         if unit:
             tgt["product"] = [{"property": UCUM, "system": UCUM, "value": unit}]
@@ -133,8 +151,8 @@ def resources_from_csv(text: str, *, name: str) -> list[dict[str, Any]]:
         cmap["description"] = meta["description"]
     if meta.get("copyright"):
         cmap["copyright"] = meta["copyright"]
-    cmap["sourceUri"] = source
-    cmap["targetUri"] = target
+    cmap["sourceUri"] = meta.get("source-valueset") or source
+    cmap["targetUri"] = meta.get("target-valueset") or target
     cmap["group"] = [{"source": source, "target": target, "element": list(elements.values())}]
     out = [cmap]
     if meta.get("codesystem", "").lower() in ("yes", "true", "1"):

@@ -9,7 +9,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.config import Settings
 from gateway.crypto import record_id
 from gateway.demo import free_port
 from gateway.mllp.client import MLLPClient
@@ -28,53 +28,16 @@ from ledger.leaves import decode_leaf
 from mappings.v2.common import ConversionOptions, stable_id
 from mappings.v2.parse import parse
 from tests.gateway.conftest import FHIR, FIXTURES, bearer, demo_bundle, settings_for
-
-
-def _env_for(settings: Any) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in (
-        "profile",
-        "data_dir",
-        "institution",
-        "kubo_url",
-        "nats_urls",
-        "redis_url",
-        "postgres_url",
-        "nats_stream",
-        "redis_prefix",
-    ):
-        env[f"GATEWAY_{name.upper()}"] = str(getattr(settings, name))
-    env["GATEWAY_MLLP_ENABLED"] = "false"
-    env["GATEWAY_LOG_LEVEL"] = "WARNING"
-    return env
+from tests.gateway_process import gateway_env, serve, stop
 
 
 def _start(
-    settings: Any, port: int, log: Path, *, mllp_port: int | None = None
+    settings: Settings, port: int, log: Path, *, mllp_port: int | None = None
 ) -> subprocess.Popen[bytes]:
-    env = _env_for(settings)
+    extra = {}
     if mllp_port is not None:
-        env["GATEWAY_MLLP_ENABLED"] = "true"
-        env["GATEWAY_MLLP_PORT"] = str(mllp_port)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--http-port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/fhir/metadata", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"gateway exited: {log.read_text()[-3000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"gateway did not become ready: {log.read_text()[-3000:]}")
+        extra = {"GATEWAY_MLLP_ENABLED": "true", "GATEWAY_MLLP_PORT": str(mllp_port)}
+    return serve(gateway_env(settings, **extra), port, log)
 
 
 @pytest.mark.parametrize(
@@ -131,11 +94,10 @@ async def test_sigkill_loses_nothing_acknowledged(
                     == sent["status" if rtype == "Observation" else "gender"]
                 )
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop([proc])
     out = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "verify", "--blobs"],
-        env=_env_for(settings),
+        env=gateway_env(settings),
         capture_output=True,
         text=True,
         timeout=300,
@@ -232,5 +194,4 @@ async def test_sigkill_under_mllp_load_inflight_messages_accepted_at_once_and_st
             rec = record_id(pseudonym_key, settings.institution, "Bundle", container)
             assert records.get(rec) == 1, (control_id, records.get(rec))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop([proc])

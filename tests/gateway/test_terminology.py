@@ -384,7 +384,11 @@ async def test_same_glucose_from_two_institutions_reads_back_alike(
     assert b"MSA|AA" in ack or b"MSA|CA" in ack, ack
     hl7_obs = [a for a in gw.index.all_versions() if a.resource_type == "Observation"]
     assert len(hl7_obs) == 1
-    via_hl7 = await gw.pipeline.read_anchor(hl7_obs[0])
+    stored = await gw.pipeline.read_anchor(hl7_obs[0])
+    # Read back as a member institution reads it: through the FHIR API.
+    r = await tgw.http.get(f"/fhir/Observation/{stored['id']}")
+    assert r.status_code == 200, r.text
+    via_hl7 = r.json()
     # Institution 2 (CLINIC-E, its LIS code 1001) as a FHIR transaction Bundle from its HIS to
     # its own gateway: the gateway maps it, keyed by the authenticated client's institution.
     obs: dict[str, Any] = {
@@ -435,17 +439,25 @@ async def test_same_glucose_from_two_institutions_reads_back_alike(
             "mmol/L",
         )
     )
+    assert via_hl7["valueQuantity"]["value"] == via_fhir["valueQuantity"]["value"] == 6.4
+    # Each still carries its original code (first, unchanged) and unit spelling.
     assert via_hl7["code"]["coding"][0]["system"] == HOSP_T_LIS
     assert via_hl7["code"]["coding"][0]["code"] == "GLU"
     assert via_fhir["code"]["coding"][0] == obs["code"]["coding"][0]
-    # Every record leaf names the dictionary version, whose leaf precedes them (on each
-    # institution's ledger: here each gateway has a log of its own).
+    assert via_hl7["valueQuantity"]["unit"] == via_fhir["valueQuantity"]["unit"] == "mmol/l"
+    # Every record leaf names the dictionary version that mapped it, and a `dictionary` leaf of
+    # that version precedes it (on each institution's ledger: here each gateway has a log of
+    # its own).
+    version = gw.terminology.version
+    assert version == Terminology.load_default().version
     for leaves in (await tgw.leaves(), clinic_leaves):
-        first_dictionary = next(i for i, x in enumerate(leaves) if x["kind"] == "dictionary")
         records = [i for i, x in enumerate(leaves) if x["kind"] == "record"]
-        assert records and first_dictionary < min(records)
-        assert {leaves[i]["dictionary"] for i in records} == {gw.terminology.version}
-        assert leaves[first_dictionary]["version"] == gw.terminology.version
+        assert records
+        for i in records:
+            assert leaves[i]["dictionary"] == version, leaves[i]
+            assert any(x["kind"] == "dictionary" and x["version"] == version for x in leaves[:i]), (
+                f"no dictionary leaf of {version} before leaf {i}"
+            )
 
 
 async def test_hl7_unmapped_code_rejected_under_the_reject_policy(strict: App) -> None:

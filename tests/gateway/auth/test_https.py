@@ -3,12 +3,8 @@ plain port off loopback, and the token check works the same behind it."""
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +15,7 @@ from gateway.config import Settings
 from gateway.demo import free_port
 from gateway.errors import ConfigurationError
 from tests.gateway.auth.certs import CA
+from tests.gateway_process import gateway_env, serve, stop
 
 
 def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
@@ -36,40 +33,17 @@ def test_serve_over_https(tmp_path: Path) -> None:
     server = ca.issue("gateway", server=True)
     settings = Settings(profile="embedded", data_dir=tmp_path / "gw", institution="tls-hospital")
     port = free_port()
-    env = dict(os.environ)
-    env.update(
-        GATEWAY_PROFILE="embedded",
-        GATEWAY_DATA_DIR=str(settings.data_dir),
-        GATEWAY_INSTITUTION="tls-hospital",
-        GATEWAY_MLLP_ENABLED="false",
+    env = gateway_env(
+        settings,
         GATEWAY_HL7_CONVERT_WORKERS="0",
-        GATEWAY_LOG_LEVEL="WARNING",
         GATEWAY_TLS_CERT_FILE=str(server.cert),
         GATEWAY_TLS_KEY_FILE=str(server.key),
         GATEWAY_TLS_CA_FILE=str(ca.path),
     )
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--http-port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     verify = ssl.create_default_context(cafile=str(ca.path))
+    base = f"https://localhost:{port}"
+    proc = serve(env, port, tmp_path / "serve.log", base=base, verify=verify)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                r = httpx.get(f"https://localhost:{port}/healthz", verify=verify, timeout=2)
-                if r.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no HTTPS answer within 60 s"
-            time.sleep(0.2)
-        base = f"https://localhost:{port}"
         assert httpx.get(base + "/ledger/checkpoint", verify=verify).status_code == 401
         token = dev_token(settings, client_id="his", scope="system/*.rs")
         r = httpx.get(
@@ -98,9 +72,4 @@ def test_serve_over_https(tmp_path: Path) -> None:
                 name = cipher[0]
                 assert "GCM" in name or "CHACHA20" in name, name
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop([proc])

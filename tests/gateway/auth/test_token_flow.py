@@ -7,9 +7,7 @@ httpx2, so the form is posted with httpx directly.)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from gateway.auth.registry import ClientRecord, ClientRegistry, registry_path
 from gateway.config import Settings
 from gateway.demo import free_port
 from tests.gateway.conftest import FHIR, demo_bundle
+from tests.gateway_process import gateway_env, serve, stop
 
 TOKEN_PATH = "/auth/token"
 
@@ -383,43 +382,8 @@ async def test_patient_token_from_a_portal(started: FastAPI) -> None:
 
 
 def _serve(settings: Settings, port: int, log: Path, base: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    for name in (
-        "profile",
-        "data_dir",
-        "institution",
-        "kubo_url",
-        "nats_urls",
-        "redis_url",
-        "nats_stream",
-        "redis_prefix",
-    ):
-        env[f"GATEWAY_{name.upper()}"] = str(getattr(settings, name))
-    env.update(
-        GATEWAY_MLLP_ENABLED="false",
-        GATEWAY_LOG_LEVEL="WARNING",
-        GATEWAY_PUBLIC_BASE_URL=base,
-        GATEWAY_HL7_CONVERT_WORKERS="0",
-    )
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--http-port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"gateway exited: {log.read_text()[-3000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("gateway did not start within 60 s")
+    env = gateway_env(settings, GATEWAY_PUBLIC_BASE_URL=base, GATEWAY_HL7_CONVERT_WORKERS="0")
+    return serve(env, port, log)
 
 
 @pytest.mark.services
@@ -456,11 +420,4 @@ async def test_jti_replay_refused_across_two_processes_on_redis(
             ok = await c.post(f"http://127.0.0.1:{ports[1]}{TOKEN_PATH}", data=_form(fresh))
             assert ok.status_code == 200, ok.text
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop(procs)
