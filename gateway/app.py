@@ -39,12 +39,14 @@ from gateway.backends.protocols import Backends
 from gateway.config import Settings
 from gateway.errors import (
     BackendError,
+    ConflictError,
     GatewayError,
     GoneError,
     IntegrityError,
     InvalidInputError,
     KeyDestroyedError,
     NotFoundError,
+    PreconditionFailedError,
 )
 from gateway.fhir import input_outcome, operation_outcome
 from gateway.hl7.ingest import HL7Ingest
@@ -74,6 +76,10 @@ def outcome_for(exc: Exception) -> tuple[int, dict[str, object]]:
         return _INPUT_STATUS.get(exc.code, 400), input_outcome(exc)
     if isinstance(exc, GoneError):
         return 410, operation_outcome("error", "deleted", str(exc))
+    if isinstance(exc, PreconditionFailedError):
+        return 412, operation_outcome("error", "conflict", str(exc))
+    if isinstance(exc, ConflictError):
+        return 409, operation_outcome("error", "conflict", str(exc))
     if isinstance(exc, NotFoundError):
         return 404, operation_outcome("error", "not-found", str(exc))
     if isinstance(exc, KeyDestroyedError):
@@ -219,7 +225,7 @@ def create_app(
     app.include_router(terminology_api.build_router(gw))  # before fhir's /fhir/{type}/{id}
     app.include_router(auth_api.build_router(gw, auth))
     app.include_router(search_api.build_router(gw, app))  # before the FHIR router
-    app.include_router(fhir_api.build_router(gw))
+    app.include_router(fhir_api.build_router(gw, search=getattr(app.state, "search", None)))
     app.include_router(ledger_api.build_router(gw))
     app.include_router(hl7v2_api.build_router(ingest))
     app.include_router(imaging_api.build_router(ingest))
