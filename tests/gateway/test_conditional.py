@@ -399,7 +399,7 @@ async def test_batch_entry_with_several_matches_is_412_the_rest_stored(
     assert statuses == ["412 Precondition Failed", "201 Created", "400 Bad Request"]
     # the same as a transaction: all or nothing
     bundle["type"] = "transaction"
-    bundle["entry"] = bundle["entry"][:2]  # type: ignore[index]
+    bundle["entry"] = bundle["entry"][:2]
     r = await client.post("/fhir", content=json.dumps(bundle), headers=FHIR)
     assert r.status_code == 412, r.text
 

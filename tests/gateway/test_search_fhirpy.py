@@ -88,10 +88,10 @@ async def test_fhirpy_searches_and_pages(
             )
         assert [created for _r, created in results] == [True, False, False]
         assert len({r["id"] for r, _c in results}) == 1
-        found = client.resources("Observation").search(identifier="urn:lab:fp|R-FP-1")
-        assert await found.count() == 1
+        same = client.resources("Observation").search(identifier="urn:lab:fp|R-FP-1")
+        assert await same.count() == 1
         # and a conditional update through it: the matched resource gets version 2
-        updated, created = await found.update(
+        updated, created = await same.update(
             client.resource(
                 "Observation",
                 identifier=[{"system": "urn:lab:fp", "value": "R-FP-1"}],
