@@ -393,6 +393,7 @@ def _serve(settings: Settings, port: int, log: Path, base: str) -> subprocess.Po
         "redis_url",
         "nats_stream",
         "redis_prefix",
+        "postgres_url",
     ):
         env[f"GATEWAY_{name.upper()}"] = str(getattr(settings, name))
     env.update(
