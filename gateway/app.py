@@ -45,12 +45,14 @@ from gateway.consent_policy import ConsentPolicy
 from gateway.erasure import RestrictPolicy
 from gateway.errors import (
     BackendError,
+    ConflictError,
     GatewayError,
     GoneError,
     IntegrityError,
     InvalidInputError,
     KeyDestroyedError,
     NotFoundError,
+    PreconditionFailedError,
 )
 from gateway.fhir import input_outcome, operation_outcome
 from gateway.hl7.ingest import HL7Ingest
@@ -86,6 +88,10 @@ def outcome_for(exc: Exception) -> tuple[int, dict[str, object]]:
         return _INPUT_STATUS.get(exc.code, 400), input_outcome(exc)
     if isinstance(exc, GoneError):
         return 410, operation_outcome("error", "deleted", str(exc))
+    if isinstance(exc, PreconditionFailedError):
+        return 412, operation_outcome("error", "conflict", str(exc))
+    if isinstance(exc, ConflictError):
+        return 409, operation_outcome("error", "conflict", str(exc))
     if isinstance(exc, NotFoundError):
         return 404, operation_outcome("error", "not-found", str(exc))
     if isinstance(exc, KeyDestroyedError):
@@ -247,7 +253,7 @@ def create_app(
     app.include_router(erasure_api.build_router(gw))  # before the FHIR router
     app.include_router(access_log_api.build_router(gw))  # before search's /fhir/{type}
     app.include_router(search_api.build_router(gw, app))  # before the FHIR router
-    app.include_router(fhir_api.build_router(gw))
+    app.include_router(fhir_api.build_router(gw, search=getattr(app.state, "search", None)))
     app.include_router(ledger_api.build_router(gw))
     app.include_router(hl7v2_api.build_router(ingest))
     app.include_router(imaging_api.build_router(ingest))

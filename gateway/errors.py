@@ -136,3 +136,13 @@ class NotFoundError(GatewayError):
 
 class GoneError(GatewayError):
     """The requested resource (or version) was deleted: its tombstone is on the ledger."""
+
+
+class PreconditionFailedError(GatewayError):
+    """A conditional write's precondition does not hold (HTTP 412): ``If-Match`` names a
+    version that is not the current one, or a condition matches more than one resource."""
+
+
+class ConflictError(GatewayError):
+    """The write conflicts with what is stored (HTTP 409), e.g. a conditional update that
+    matched nothing names an id that already holds another resource."""

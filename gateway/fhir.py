@@ -250,6 +250,12 @@ class PreparedEntry:
     # Patient links this entry establishes ((from, to, reason) pseudonyms; see
     # gateway.records.RecordService.link).
     links: list[tuple[str, str, Any]] = field(default_factory=list)
+    #: ``request.ifNoneExist`` of a POST entry (a conditional create), as sent.
+    if_none_exist: str | None = None
+    #: The resource type of the entry (kept when ``resource`` is dropped).
+    resource_type: str = ""
+    #: The id of the stored resource a conditional create matched (nothing is written).
+    matched: str | None = None
 
 
 @dataclass
@@ -357,7 +363,16 @@ def prepare_bundle(
                 rid = new_id()
             resource = dict(resource)
             resource["id"] = rid
-            pe.resource, pe.method = resource, method
+            pe.resource, pe.method, pe.resource_type = resource, method, rtype
+            req = entry.get("request")
+            cond = req.get("ifNoneExist") if method == "POST" and isinstance(req, dict) else None
+            if cond is not None:
+                if not isinstance(cond, str) or not cond.strip():
+                    raise InvalidInputError(
+                        "request.ifNoneExist must be search parameters",
+                        location=f"Bundle.entry[{pos}].request.ifNoneExist",
+                    )
+                pe.if_none_exist = cond
             full_url = entry.get("fullUrl")
             if isinstance(full_url, str) and full_url:
                 full_urls[full_url] = f"{rtype}/{rid}"
@@ -373,6 +388,19 @@ def prepare_bundle(
                 if target is not None:
                     ref["reference"] = target
     return prepared
+
+
+def rewrite_references(resources: list[dict[str, Any]], mapping: dict[str, str]) -> None:
+    """Replace every ``reference`` found in ``mapping`` (``Type/id`` -> ``Type/id``) in the
+    resources, in place: entries of a Bundle pointing at an entry whose conditional create
+    matched a stored resource then point at that one. Raises nothing."""
+    if not mapping:
+        return
+    for resource in resources:
+        for ref in _iter_references(resource):
+            target = mapping.get(ref["reference"])
+            if target is not None:
+                ref["reference"] = target
 
 
 def patient_reference(resource: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -448,5 +476,91 @@ def input_outcome(exc: InvalidInputError) -> dict[str, Any]:
                 location=i.location,
             )["issue"][0]
             for i in exc.issues
+        ],
+    }
+
+
+#: Identifier systems of FHIR-input Provenance agents: the authenticated client (a Device) and
+#: an institution of the alliance (an Organization), by the names the registry and the ledger
+#: use.
+CLIENT_ID_SYSTEM = "https://alliance.example/fhir/NamingSystem/client-id"
+INSTITUTION_SYSTEM = "https://alliance.example/fhir/NamingSystem/institution"
+#: Identifier system of a ledger leaf (its 0-based index): the receipt a sender was given.
+LEDGER_LEAF_SYSTEM = "https://alliance.example/fhir/NamingSystem/ledger-leaf"
+_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+_DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+
+
+@dataclass(frozen=True, slots=True)
+class ProvenanceTarget:
+    """One record version a FHIR request stored: type, id, version, whether it was created,
+    and the ledger leaf that anchors it (the sender's receipt)."""
+
+    resource_type: str
+    resource_id: str
+    version: int
+    created: bool
+    leaf_index: int
+
+
+def request_provenance(
+    *,
+    provenance_id: str,
+    targets: list[ProvenanceTarget],
+    recorded: str,
+    client_id: str | None,
+    client_institution: str,
+    custodian: str,
+    interaction: str,
+) -> dict[str, Any]:
+    """The Provenance of one FHIR REST write (a single resource or a whole Bundle): the
+    versions it stored (``target``, versioned references), when (``recorded``), who (the
+    authenticated client as a ``Device`` identified by its client id, on behalf of its
+    institution; this gateway's institution as custodian) and, as ``entity``, the ledger
+    leaves that anchor the versions: the receipts the sender got, so a record can be traced
+    to the request that brought it. Holds no patient data. Raises nothing."""
+    client = {
+        "type": "Device",
+        "identifier": {"system": CLIENT_ID_SYSTEM, "value": client_id or "local"},
+    }
+    author: dict[str, Any] = {
+        "type": {"coding": [{"system": _PARTICIPANT, "code": "author"}]},
+        "who": client,
+        "onBehalfOf": {
+            "type": "Organization",
+            "identifier": {"system": INSTITUTION_SYSTEM, "value": client_institution},
+        },
+    }
+    keeper = {
+        "type": {"coding": [{"system": _PARTICIPANT, "code": "custodian"}]},
+        "who": {
+            "type": "Organization",
+            "identifier": {"system": INSTITUTION_SYSTEM, "value": custodian},
+        },
+    }
+    operation = "CREATE" if all(t.created for t in targets) else "UPDATE"
+    leaves = sorted({t.leaf_index for t in targets})
+    return {
+        "resourceType": "Provenance",
+        "id": provenance_id,
+        "target": [
+            {"reference": f"{t.resource_type}/{t.resource_id}/_history/{t.version}"}
+            for t in targets
+        ],
+        "recorded": recorded,
+        "activity": {
+            "coding": [{"system": _DATA_OPERATION, "code": operation}],
+            "text": f"FHIR {interaction}",
+        },
+        "agent": [author, keeper],
+        "entity": [
+            {
+                "role": "source",
+                "what": {
+                    "identifier": {"system": LEDGER_LEAF_SYSTEM, "value": str(leaf)},
+                    "display": "ledger receipt of the request",
+                },
+            }
+            for leaf in leaves
         ],
     }

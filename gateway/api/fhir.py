@@ -8,11 +8,13 @@ errors and turned into OperationOutcome by the app's single handler.
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from gateway.access import AccessDeniedError
 from gateway.api.common import (
     fhir_response,
     parse_json,
@@ -21,17 +23,37 @@ from gateway.api.common import (
 )
 from gateway.auth.caller import Caller
 from gateway.auth.policy import authorize_entry
+from gateway.conditional import (
+    SHAPING,
+    Finder,
+    WriteLocks,
+    check_version,
+    condition_key,
+    one_match,
+    parse_condition,
+    parse_if_match,
+    version_key,
+)
 from gateway.config import SenderProfile
 from gateway.consents import keep_consents_out
-from gateway.errors import InvalidInputError, NotFoundError
+from gateway.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    PreconditionFailedError,
+)
 from gateway.fhir import (
     PreparedBundle,
     PreparedEntry,
+    ProvenanceTarget,
     b64,
     input_outcome,
+    operation_outcome,
     patient_reference,
     prepare_bundle,
     receipt_extension,
+    request_provenance,
+    rewrite_references,
     validate_resource,
 )
 from gateway.identity import PatientIdentity, fhir_identifiers, patient_identity
@@ -39,6 +61,7 @@ from gateway.pipeline import ReadRecord, RecordInput, StoredRecord
 from gateway.records import HistoryEntry, LinkReason, Receipt
 from gateway.runtime import Gateway
 from gateway.search.params import search_params_of
+from gateway.views import RecordAnchor
 from mappings.v2.datatypes import facility_system
 
 FHIR_VERSION = "4.0.1"
@@ -65,9 +88,10 @@ SUPPORTED_TYPES = (
 )
 
 
-def _capability_of(rtype: str) -> dict[str, Any]:
+def _capability_of(rtype: str, *, conditional: bool) -> dict[str, Any]:
     """One type's entry in the CapabilityStatement: exactly the interactions, search
-    parameters and operations that work."""
+    parameters and operations that work. ``conditional``: conditional create and update
+    work (they need the search index); ``If-Match`` always does (versioned-update)."""
     codes = ["read", "vread", "create", "update", "delete", "history-instance", "history-type"]
     params = search_params_of(rtype)
     if params:
@@ -75,7 +99,12 @@ def _capability_of(rtype: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "type": rtype,
         "interaction": [{"code": c} for c in codes],
-        "versioning": "versioned",
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": conditional and bool(params),
+        "conditionalUpdate": conditional and bool(params),
+        "conditionalDelete": "not-supported",
     }
     if params:
         out["searchParam"] = params
@@ -89,8 +118,9 @@ def _capability_of(rtype: str) -> dict[str, Any]:
     return out
 
 
-def capability_statement(gw: Gateway) -> dict[str, Any]:
-    """The CapabilityStatement served at /fhir/metadata."""
+def capability_statement(gw: Gateway, *, conditional: bool = True) -> dict[str, Any]:
+    """The CapabilityStatement served at /fhir/metadata (``conditional``: whether the
+    search index that conditional writes use is on)."""
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -103,11 +133,102 @@ def capability_statement(gw: Gateway) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "resource": [_capability_of(t) for t in SUPPORTED_TYPES],
+                "resource": [_capability_of(t, conditional=conditional) for t in SUPPORTED_TYPES],
                 "interaction": [{"code": "transaction"}, {"code": "batch"}],
             }
         ],
     }
+
+
+_FHIR_JSON = "application/fhir+json"
+_ANY_RESOURCE: dict[str, Any] = {
+    "type": "object",
+    "required": ["resourceType"],
+    "properties": {"resourceType": {"type": "string"}, "id": {"type": "string"}},
+    "additionalProperties": True,
+}
+_BUNDLE: dict[str, Any] = {
+    "type": "object",
+    "required": ["resourceType", "type"],
+    "properties": {
+        "resourceType": {"type": "string", "enum": ["Bundle"]},
+        "type": {"type": "string", "enum": ["transaction", "batch"]},
+        "entry": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "fullUrl": {"type": "string"},
+                    "resource": _ANY_RESOURCE,
+                    "request": {
+                        "type": "object",
+                        "properties": {
+                            "method": {"type": "string", "enum": ["POST", "PUT"]},
+                            "url": {"type": "string"},
+                            "ifNoneExist": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+_IF_MATCH = _header("If-Match", 'the current version, as the ETag says (W/"3"); else 412')
+_CONDITION = {
+    "name": "identifier",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "the condition (any search parameter of the type): conditional update",
+}
+_IF_NONE_EXIST = _header(
+    "If-None-Exist", "search parameters (identifier=system|value): conditional create"
+)
+
+
+def openapi_of(
+    body: dict[str, Any] | None, headers: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """What the OpenAPI document says of a FHIR route that reads its body itself: the FHIR
+    JSON request body (``body``: its schema) and the headers it takes."""
+    out: dict[str, Any] = {}
+    if body is not None:
+        out["requestBody"] = {"required": True, "content": {_FHIR_JSON: {"schema": body}}}
+    if headers:
+        out["parameters"] = headers
+    return out
+
+
+#: The answers every FHIR route may give besides its success, as the OpenAPI document lists
+#: them (each an OperationOutcome).
+FHIR_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {_FHIR_JSON: {"schema": {"type": "object"}}}}
+    for code, text in (
+        (400, "malformed input (OperationOutcome)"),
+        (401, "no valid token"),
+        (403, "the token does not allow it"),
+        (404, "not found"),
+        (409, "conflict"),
+        (410, "deleted"),
+        (412, "precondition failed (If-Match, several matches of a condition)"),
+        (413, "too large"),
+        (415, "not application/fhir+json"),
+        (422, "not FHIR R4, or a patient unknown here"),
+        (503, "a backend is unavailable; retry"),
+    )
+}
 
 
 def _patient_identity(gw: Gateway, resource: dict[str, Any]) -> PatientIdentity:
@@ -293,9 +414,12 @@ def stored_headers(request: Request, stored: StoredRecord) -> dict[str, str]:
     }
 
 
+_ENTRY_STATUS = {"processing": "422 Unprocessable Entity", "conflict": "412 Precondition Failed"}
+
+
 def _error_entry(pe: PreparedEntry) -> dict[str, Any]:
     assert pe.error is not None
-    status = "422 Unprocessable Entity" if pe.error.code == "processing" else "400 Bad Request"
+    status = _ENTRY_STATUS.get(pe.error.code, "400 Bad Request")
     return {
         "response": {
             "status": status,
@@ -304,35 +428,153 @@ def _error_entry(pe: PreparedEntry) -> dict[str, Any]:
     }
 
 
-def build_router(gw: Gateway) -> APIRouter:
-    """The /fhir routes."""
-    router = APIRouter(prefix="/fhir")
+def build_router(gw: Gateway, *, search: Finder | None = None) -> APIRouter:
+    """The /fhir routes. ``search`` (the search service) answers the conditions of
+    conditional writes; without it (search index off) they are refused with 400."""
+    router = APIRouter(prefix="/fhir", tags=["FHIR"], responses=FHIR_ERRORS)
     settings = gw.settings
+    # Leases in the shared state store serialise conditional writes across the processes of
+    # one gateway (production); the embedded profile's data directory has one process.
+    locks = WriteLocks(gw.backends.state if settings.profile == "production" else None)
 
     @router.get("/metadata")
     async def metadata() -> Response:
-        return fhir_response(capability_statement(gw))
+        return fhir_response(capability_statement(gw, conditional=search is not None))
 
-    @router.post("")
+    async def _find(rtype: str, params: list[tuple[str, str]]) -> list[str]:
+        if search is None:
+            raise InvalidInputError(
+                "conditional writes need the search index (GATEWAY_SEARCH_INDEX is off)",
+                code="not-supported",
+            )
+        # An internal call: whether a record exists is part of the write, whoever may read it.
+        return await search.find(rtype, params, caller=None)
+
+    async def _provenance(
+        request: Request, stored: list[StoredRecord], patients: list[str], interaction: str
+    ) -> str | None:
+        """Store the Provenance of a write (see gateway.fhir.request_provenance); its
+        versioned location, or None when nothing was stored."""
+        if not stored:
+            return None
+        caller = request.state.caller
+        client_id = caller.client_id if isinstance(caller, Caller) else None
+        institution, _profile = sender_of(gw, caller)
+        distinct = set(patients)
+        patient = distinct.pop() if len(distinct) == 1 else gw.records.no_patient
+        prov = request_provenance(
+            provenance_id=uuid.uuid4().hex,
+            targets=[
+                ProvenanceTarget(s.resource_type, s.resource_id, s.version, s.created, s.leaf_index)
+                for s in stored
+            ],
+            recorded=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            client_id=client_id,
+            client_institution=institution,
+            custodian=settings.institution,
+            interaction=interaction,
+        )
+        # Written by the gateway itself (an internal call): the client's scopes are for what
+        # it sends, not for the trace the gateway keeps of it.
+        (p,) = await gw.records.store([RecordInput(prov, patient)], caller=None)
+        return version_location("Provenance", p.resource_id, p.version)
+
+    async def _matched_anchor(rtype: str, rid: str) -> RecordAnchor:
+        """The current version of a resource a condition matched. Another process of this
+        gateway may have written it (the search index is shared): its leaf is then read from
+        the log first. Raises NotFoundError when the views still do not have it."""
+        rec = gw.records.record_of(rtype, rid)
+        anchor = gw.records.index.latest(rec)
+        if anchor is None:
+            await gw.ledger.catch_up()
+            anchor = gw.records.index.latest(rec)
+        if anchor is None:
+            raise NotFoundError(f"{rtype}/{rid} matched the condition but is not stored")
+        return anchor
+
+    async def _matched_response(rtype: str, rid: str) -> dict[str, Any]:
+        """The Bundle.entry.response of a conditional create that matched ``rtype/rid``."""
+        anchor = await _matched_anchor(rtype, rid)
+        return {
+            "status": "200 OK",
+            "location": version_location(rtype, rid, anchor.version),
+            "etag": f'W/"{anchor.version}"',
+            "lastModified": anchor.time,
+            "extension": [_extension(gw.records.receipt_of_anchor(anchor))],
+        }
+
+    async def _resolve_conditions(prepared: PreparedBundle) -> None:
+        """Run each entry's ``ifNoneExist`` (under the caller's locks): a match drops the
+        entry from the write and points the Bundle's references to it at the stored
+        resource; several matches are 412 (the whole transaction, or the batch entry)."""
+        renamed: dict[str, str] = {}
+        for pe in prepared.entries:
+            if pe.resource is None or pe.if_none_exist is None:
+                continue
+            rtype, where = pe.resource_type, f"Bundle.entry[{pe.position}].request.ifNoneExist"
+            try:
+                params = parse_condition(rtype, pe.if_none_exist, where=where)
+                found = one_match(await _find(rtype, params), what=rtype)
+            except PreconditionFailedError as exc:
+                if prepared.bundle_type == "transaction":
+                    raise
+                pe.error = InvalidInputError(str(exc), location=where, code="conflict")
+                pe.resource = None
+                continue
+            except InvalidInputError as exc:
+                if prepared.bundle_type == "transaction":
+                    raise
+                pe.error, pe.resource = exc, None
+                continue
+            if found is not None:
+                renamed[f"{rtype}/{pe.resource['id']}"] = f"{rtype}/{found}"
+                pe.matched, pe.resource = found, None
+        rewrite_references(
+            [pe.resource for pe in prepared.entries if pe.resource is not None], renamed
+        )
+
+    def _condition_keys(prepared: PreparedBundle) -> list[str]:
+        keys = []
+        for pe in prepared.entries:
+            if pe.resource is None or pe.if_none_exist is None:
+                continue
+            try:
+                params = parse_condition(pe.resource_type, pe.if_none_exist, where="")
+            except InvalidInputError:
+                continue  # reported by _resolve_conditions
+            keys.append(condition_key(settings.institution, pe.resource_type, params))
+        return keys
+
+    @router.post("", openapi_extra=openapi_of(_BUNDLE))
     async def post_bundle(request: Request) -> Response:
         require_json_content_type(request)
         body = parse_json(await read_body(request, settings.max_body_bytes))
         prepared = prepare_bundle(body, max_entries=settings.max_bundle_entries)
         keep_consents_out(prepared)  # consents go through /fhir/Consent (gateway/api/consent.py)
-        _link_patients(gw, prepared)
         for pe in prepared.entries:
             if pe.resource is not None:
                 authorize_entry(request.state.caller, pe.resource["resourceType"], pe.method)
-        await _apply_dictionary(gw, prepared, request.state.caller)
-        good = [pe for pe in prepared.entries if pe.resource is not None]
-        stored = await gw.records.store(
-            [
+        async with locks.hold(_condition_keys(prepared)):
+            await _resolve_conditions(prepared)
+            _link_patients(gw, prepared)
+            await _apply_dictionary(gw, prepared, request.state.caller)
+            good = [pe for pe in prepared.entries if pe.resource is not None]
+            inputs = [
                 RecordInput(pe.resource, pe.patient or gw.records.no_patient)
                 for pe in good
                 if pe.resource
-            ],
-            links=[link for pe in good for link in pe.links],
-            caller=request.state.caller,
+            ]
+            stored = (
+                await gw.records.store(
+                    inputs,
+                    links=[link for pe in good for link in pe.links],
+                    caller=request.state.caller,
+                )
+                if inputs
+                else []
+            )
+        prov = await _provenance(
+            request, stored, [i.patient for i in inputs], str(prepared.bundle_type)
         )
         by_pos = {pe.position: s for pe, s in zip(good, stored, strict=True)}
         entries = []
@@ -340,6 +582,8 @@ def build_router(gw: Gateway) -> APIRouter:
         for pe in prepared.entries:
             if pe.position in by_pos:
                 entries.append({"response": entry_response(gw, by_pos[pe.position], encoded)})
+            elif pe.matched is not None:
+                entries.append({"response": await _matched_response(pe.resource_type, pe.matched)})
             else:
                 entries.append(_error_entry(pe))
         return fhir_response(
@@ -348,10 +592,11 @@ def build_router(gw: Gateway) -> APIRouter:
                 "id": uuid.uuid4().hex,
                 "type": f"{prepared.bundle_type}-response",
                 "entry": entries,
-            }
+            },
+            headers={"X-Provenance": prov} if prov else None,
         )
 
-    async def _store_one(request: Request, rtype: str, rid: str | None) -> Response:
+    async def _read_resource(request: Request, rtype: str) -> dict[str, Any]:
         require_json_content_type(request)
         resource = parse_json(await read_body(request, settings.max_body_bytes))
         actual = validate_resource(resource, where=rtype)
@@ -360,10 +605,13 @@ def build_router(gw: Gateway) -> APIRouter:
                 f"resourceType {actual} does not match the URL's {rtype}",
                 location=f"{rtype}.resourceType",
             )
-        if rid is not None and resource.get("id") not in (None, rid):
-            raise InvalidInputError("resource id differs from the URL", location=f"{rtype}.id")
-        resource = dict(resource)
-        resource["id"] = rid or uuid.uuid4().hex
+        return dict(resource)
+
+    async def _write(
+        request: Request, rtype: str, resource: dict[str, Any], rid: str, interaction: str
+    ) -> Response:
+        """Store one resource with id ``rid``, its Provenance, and answer as create/update."""
+        resource["id"] = rid
         source, profile = sender_of(gw, request.state.caller)
         resource = await gw.terminology.apply(resource, source=source, profile=profile)
         links: list[tuple[str, str, LinkReason]] = []
@@ -376,19 +624,101 @@ def build_router(gw: Gateway) -> APIRouter:
         (stored,) = await gw.records.store(
             [RecordInput(resource, patient)], links=links, caller=request.state.caller
         )
+        prov = await _provenance(request, [stored], [patient], interaction)
         resp = entry_response(gw, stored)
         resource.setdefault("meta", {})["extension"] = resp["extension"]
-        return fhir_response(
-            resource, status=201 if stored.created else 200, headers=stored_headers(request, stored)
-        )
+        headers = stored_headers(request, stored)
+        if prov:
+            headers["X-Provenance"] = prov
+        return fhir_response(resource, status=201 if stored.created else 200, headers=headers)
 
-    @router.post("/{rtype}")
+    async def _existing(request: Request, rtype: str, rid: str) -> Response:
+        """200 for a conditional create that matched ``rtype/rid`` (nothing written): the
+        stored resource when the caller may read it, else an informational outcome."""
+        anchor = await _matched_anchor(rtype, rid)
+        where = version_location(rtype, rid, anchor.version)
+        headers = {
+            "Location": f"{str(request.base_url).rstrip('/')}/fhir/{where}",
+            "ETag": f'W/"{anchor.version}"',
+            "Last-Modified": anchor.time,
+            "X-Ledger-Leaf-Index": str(anchor.leaf_index),
+        }
+        try:
+            record = await gw.records.read(rtype, rid, caller=request.state.caller)
+        except AccessDeniedError:
+            body = operation_outcome(
+                "information", "duplicate", f"{where} matches the condition; nothing was written"
+            )
+            return fhir_response(body, headers=headers)
+        return fhir_response(record.resource, headers=headers)
+
+    async def _check_if_match(request: Request, rtype: str, rid: str) -> None:
+        """Refuse (412) a write whose If-Match is not the current version. Other processes'
+        writes are applied from the log first (production)."""
+        expected = parse_if_match(request.headers["if-match"])
+        if settings.profile == "production":
+            await gw.ledger.catch_up()
+        anchor = gw.records.index.latest(gw.records.record_of(rtype, rid))
+        current = None if anchor is None or anchor.deleted else anchor.version
+        check_version(expected, current, what=f"{rtype}/{rid}")
+
+    @router.post("/{rtype}", openapi_extra=openapi_of(_ANY_RESOURCE, [_IF_NONE_EXIST]))
     async def create(rtype: str, request: Request) -> Response:
-        return await _store_one(request, rtype, None)
+        resource = await _read_resource(request, rtype)
+        raw = request.headers.get("if-none-exist")
+        if raw is None and any(k not in SHAPING for k in request.query_params):
+            # Search parameters in the query of a create: a conditional create as some
+            # clients send it (fhirpy's get_or_create), the same as If-None-Exist.
+            raw = request.url.query
+        if raw is None:
+            return await _write(request, rtype, resource, uuid.uuid4().hex, "create")
+        params = parse_condition(rtype, raw, where="If-None-Exist")
+        # A re-sent create usually matches: answer without taking the lock.
+        found = one_match(await _find(rtype, params), what=rtype)
+        if found is None:
+            async with locks.hold([condition_key(settings.institution, rtype, params)]):
+                found = one_match(await _find(rtype, params), what=rtype)
+                if found is None:
+                    return await _write(request, rtype, resource, uuid.uuid4().hex, "create")
+        return await _existing(request, rtype, found)
 
-    @router.put("/{rtype}/{rid}")
+    @router.put("/{rtype}", openapi_extra=openapi_of(_ANY_RESOURCE, [_IF_MATCH, _CONDITION]))
+    async def conditional_update(rtype: str, request: Request) -> Response:
+        resource = await _read_resource(request, rtype)
+        params = parse_condition(rtype, request.url.query, where=f"{rtype}?")
+        keys = [condition_key(settings.institution, rtype, params)]
+        async with locks.hold(keys):
+            found = one_match(await _find(rtype, params), what=rtype)
+            sent = resource.get("id")
+            if found is not None:
+                if sent not in (None, found):
+                    raise InvalidInputError(
+                        f"the resource's id is not that of the {rtype} the condition matched",
+                        location=f"{rtype}.id",
+                    )
+                rid = found
+            elif sent is None:
+                rid = uuid.uuid4().hex
+            else:
+                rid = str(sent)
+                if gw.records.index.latest(gw.records.record_of(rtype, rid)) is not None:
+                    raise ConflictError(
+                        f"no {rtype} matches the condition, but {rtype}/{rid} exists"
+                    )
+            if "if-match" in request.headers:
+                await _check_if_match(request, rtype, rid)
+            return await _write(request, rtype, resource, rid, "update")
+
+    @router.put("/{rtype}/{rid}", openapi_extra=openapi_of(_ANY_RESOURCE, [_IF_MATCH]))
     async def update(rtype: str, rid: str, request: Request) -> Response:
-        return await _store_one(request, rtype, rid)
+        resource = await _read_resource(request, rtype)
+        if resource.get("id") not in (None, rid):
+            raise InvalidInputError("resource id differs from the URL", location=f"{rtype}.id")
+        if "if-match" not in request.headers:
+            return await _write(request, rtype, resource, rid, "update")
+        async with locks.hold([version_key(gw.records.record_of(rtype, rid))]):
+            await _check_if_match(request, rtype, rid)
+            return await _write(request, rtype, resource, rid, "update")
 
     def _read_response(record: ReadRecord) -> Response:
         return fhir_response(
@@ -461,9 +791,14 @@ def build_router(gw: Gateway) -> APIRouter:
         )
         return _history_bundle(request, entries, count)
 
-    @router.delete("/{rtype}/{rid}")
+    @router.delete("/{rtype}/{rid}", openapi_extra=openapi_of(None, [_IF_MATCH]))
     async def delete(rtype: str, rid: str, request: Request) -> Response:
-        stored = await gw.records.delete(rtype, rid, caller=request.state.caller)
+        if "if-match" in request.headers:
+            async with locks.hold([version_key(gw.records.record_of(rtype, rid))]):
+                await _check_if_match(request, rtype, rid)
+                stored = await gw.records.delete(rtype, rid, caller=request.state.caller)
+        else:
+            stored = await gw.records.delete(rtype, rid, caller=request.state.caller)
         if stored is None:
             return Response(status_code=204)
         headers = stored_headers(request, stored)

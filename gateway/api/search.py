@@ -8,6 +8,7 @@ OperationOutcome by the app's single handler.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, FastAPI, Request
@@ -67,6 +68,53 @@ def _query_params(request: Request) -> list[tuple[str, str]]:
     return list(request.query_params.multi_items())
 
 
+def _query(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+#: The search parameters the OpenAPI document names (any parameter of the type's table is
+#: taken; these are the common ones, so that generated requests reach the parser).
+_SEARCH_QUERY = [
+    _query(name, text)
+    for name, text in (
+        ("_id", "resource ids, comma-separated"),
+        ("_lastUpdated", "date with prefix (ge2024-01-01)"),
+        ("identifier", "system|value"),
+        ("patient", "Patient/id or id"),
+        ("code", "system|code"),
+        ("category", "system|code"),
+        ("status", "token"),
+        ("date", "date with prefix"),
+        ("_count", "page size"),
+        ("_sort", "date, -date, _lastUpdated, -_lastUpdated"),
+        ("_summary", "count"),
+        ("_include", "Type:param"),
+        ("_revinclude", "Type:param"),
+        ("_cursor", "the next link's cursor"),
+    )
+]
+_SEARCH_FORM = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            _FORM: {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string"},
+                    "properties": {p["name"]: {"type": "string"} for p in _SEARCH_QUERY},
+                }
+            }
+        },
+    }
+}
+
+
 def build_router(gw: Gateway, app: FastAPI) -> APIRouter:
     """The search router; builds the gateway's :class:`SearchService` (``app.state.search``)
     and opens its index first thing at start."""
@@ -78,14 +126,17 @@ def build_router(gw: Gateway, app: FastAPI) -> APIRouter:
     app.state.stop_hooks.append(service.stop)
     router = APIRouter(prefix="/fhir", tags=["FHIR search"])
 
-    @router.get("/Patient/{pid}/$everything")
+    @router.get(
+        "/Patient/{pid}/$everything",
+        openapi_extra={"parameters": [_query("_count", "page size"), _SEARCH_QUERY[-1]]},
+    )
     async def everything(pid: str, request: Request) -> Response:
         bundle = await service.everything(
             pid, _query_params(request), caller=request.state.caller, base_url=_base(request)
         )
         return fhir_response(bundle)
 
-    @router.get("/{rtype:fhirtype}")
+    @router.get("/{rtype:fhirtype}", openapi_extra={"parameters": _SEARCH_QUERY})
     async def search_get(rtype: str, request: Request) -> Response:
         bundle = await service.search(
             rtype,
@@ -96,7 +147,7 @@ def build_router(gw: Gateway, app: FastAPI) -> APIRouter:
         )
         return fhir_response(bundle)
 
-    @router.post("/{rtype:fhirtype}/_search")
+    @router.post("/{rtype:fhirtype}/_search", openapi_extra=_SEARCH_FORM)
     async def search_post(rtype: str, request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await read_body(request, gw.settings.max_body_bytes)

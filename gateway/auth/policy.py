@@ -112,6 +112,7 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("POST", "/fhir"): Rule("transaction"),
     ("POST", "/fhir/{rtype}"): Rule("fhir"),
     ("PUT", "/fhir/{rtype}/{rid}"): Rule("fhir"),
+    ("PUT", "/fhir/{rtype}"): Rule("fhir"),  # conditional update (?identifier=...)
     ("GET", "/fhir/{rtype}/{rid}"): Rule("fhir"),
     ("DELETE", "/fhir/{rtype}/{rid}"): Rule("fhir"),
     ("GET", "/fhir/{rtype}/_history"): Rule("fhir"),

@@ -101,6 +101,7 @@ def _defs() -> dict[str, dict[str, ParamDef]]:
     add(_ENCOUNTERED, ParamDef("encounter", "reference", "The encounter", "Encounter"))
     add(_BASED_ON, ParamDef("based-on", "reference", "The request fulfilled", "ServiceRequest"))
     add(("DiagnosticReport",), ParamDef("result", "reference", "An observation", "Observation"))
+    add(("Provenance",), ParamDef("target", "reference", "A version the activity wrote"))
     table.setdefault("Patient", dict(COMMON))
     return table
 

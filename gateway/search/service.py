@@ -393,6 +393,20 @@ class SearchService:
         snapshot: int,
         flt: SearchFilter,
     ) -> Clause:
+        if not target:  # a reference to any type (Provenance.target): Type/id only
+            if modifier or chain:
+                raise InvalidInputError(
+                    f"{pname} takes Type/id, without modifiers", location=pname, code="invalid"
+                )
+            targets = []
+            for v in split_values(value):
+                ref = reference_of({"reference": v})
+                if ref is None:
+                    raise InvalidInputError(
+                        f"{pname} must be a reference Type/id", location=pname, code="invalid"
+                    )
+                targets.append(ref)
+            return Refs(pname, targets)
         if modifier == "identifier" or chain == "identifier":
             ids = await self._ids_by_identifier(target, value, snapshot, flt)
         elif modifier and modifier != target:
@@ -446,7 +460,7 @@ class SearchService:
             if name == "_include":
                 out.includes.append((rtype, param))
             else:
-                if d.target != rtype:
+                if d.target not in (rtype, ""):  # "": any type (Provenance:target)
                     raise InvalidInputError(f"{value} does not point at {rtype}", location=name)
                 out.revincludes.append((source, param))
 
@@ -825,6 +839,7 @@ def _targets(resource: dict[str, Any], param: str) -> list[str]:
         "encounter": ("encounter", "context"),
         "based-on": ("basedOn",),
         "result": ("result",),
+        "target": ("target",),
     }.get(param, ())
     out = []
     for element in elements:

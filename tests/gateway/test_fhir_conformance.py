@@ -82,7 +82,8 @@ async def test_what_the_api_serves_is_valid_r4(
     client: httpx.AsyncClient, reference_validator: ReferenceValidator
 ) -> None:
     """The transaction-response (receipts in entry.response), a single create's response
-    (receipt in meta.extension) and every read: zero errors."""
+    (receipt in meta.extension), every read and the Provenance of each write: zero
+    errors."""
     r = await _post(client, "/fhir", demo_bundle())
     assert r.status_code == 200, r.text
     served: list[dict[str, Any]] = [r.json()]
@@ -98,8 +99,13 @@ async def test_what_the_api_serves_is_valid_r4(
         got = await _get(client, "/fhir/" + "/".join(location.split("/")[:2]))
         assert got.status_code == 200
         served.append(got.json())
+    # The Provenance of each write (the transaction's and the single create's).
+    for where in (r.headers["X-Provenance"], created.headers["X-Provenance"]):
+        got = await _get(client, f"/fhir/{where}")
+        assert got.status_code == 200 and got.json()["resourceType"] == "Provenance"
+        served.append(got.json())
     results = reference_validator.validate(served)
-    assert len(results) == 2 + len(locations)
+    assert len(results) == 4 + len(locations)
     bad = [res for res in results if res.errors]
     assert not bad, describe(bad)
 

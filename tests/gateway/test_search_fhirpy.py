@@ -1,5 +1,6 @@
-"""A FHIR client no one here wrote (``fhirpy``, async) stores, searches, counts and pages
-against a running gateway (uvicorn on a free loopback port), on both profiles."""
+"""A FHIR client no one here wrote (``fhirpy``, async) stores, searches, counts, pages and
+runs a conditional create and update against a running gateway (uvicorn on a free loopback
+port), on both profiles."""
 
 from __future__ import annotations
 
@@ -68,6 +69,39 @@ async def test_fhirpy_searches_and_pages(
         assert sorted(r["id"] for r in paged) == [f"fo-{i}" for i in range(7)]
         by_identifier = await client.resources("Patient").search(identifier="HC-FP-1").fetch()
         assert [r["id"] for r in by_identifier] == ["fp-1"]
+        # Conditional create as fhirpy sends it (the search parameters in the POST's query):
+        # the first creates, the re-sends answer the stored resource.
+        results = []
+        for _ in range(3):
+            results.append(
+                await client.resources("Observation")
+                .search(identifier="urn:lab:fp|R-FP-1")
+                .get_or_create(
+                    client.resource(
+                        "Observation",
+                        identifier=[{"system": "urn:lab:fp", "value": "R-FP-1"}],
+                        status="final",
+                        code={"coding": [{"system": LOINC, "code": "718-7"}]},
+                        subject={"reference": "Patient/fp-1"},
+                    )
+                )
+            )
+        assert [created for _r, created in results] == [True, False, False]
+        assert len({r["id"] for r, _c in results}) == 1
+        same = client.resources("Observation").search(identifier="urn:lab:fp|R-FP-1")
+        assert await same.count() == 1
+        # and a conditional update through it: the matched resource gets version 2
+        updated, created = await same.update(
+            client.resource(
+                "Observation",
+                identifier=[{"system": "urn:lab:fp", "value": "R-FP-1"}],
+                status="amended",
+                code={"coding": [{"system": LOINC, "code": "718-7"}]},
+                subject={"reference": "Patient/fp-1"},
+            )
+        )
+        assert not created and updated["id"] == results[0][0]["id"]
+        assert updated["meta"]["versionId"] == "2" and updated["status"] == "amended"
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 60)
