@@ -82,12 +82,15 @@ BLOB_CALLS_IN_FLIGHT = 2
 
 class PreparedResource(NamedTuple):
     """A resource ready to be stored in a container: its type, id, ledger record id
-    (:meth:`RecordPipeline.record_of`) and its JSON object without ``meta`` (set when stored)."""
+    (:meth:`RecordPipeline.record_of`) and its JSON object without ``meta`` (set when stored);
+    ``meta``: members the stored ``meta`` gets beside ``lastUpdated`` (JSON object members
+    without the braces, e.g. ``"tag":[...]``), empty for none."""
 
     type: str
     id: str
     record: str
     body: bytes
+    meta: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +368,13 @@ class RecordPipeline:
             bundle_id = container_id if n == 0 else f"{container_id}-{n // MAX_CONTAINED + 1}"
             container = self.record_of(CONTAINER_TYPE, bundle_id)
             part = resources[n : n + MAX_CONTAINED]
-            entries = [(f"{r.type}/{r.id}", with_meta(r.body, meta)) for r in part]
+            entries = [
+                (
+                    f"{r.type}/{r.id}",
+                    with_meta(r.body, meta if not r.meta else b"%s,%s}" % (meta[:-1], r.meta)),
+                )
+                for r in part
+            ]
             plain = container_json(bundle_id, meta, entries)
             members = [(r.type, r.id, r.record) for r in part]
             units.append(await self._seal(plain, container, patient, CONTAINER_TYPE, members, True))
