@@ -14,6 +14,7 @@ Raises nothing for odd resources: what does not parse is not indexed.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from typing import Any, NamedTuple
@@ -42,9 +43,9 @@ class IndexEntry:
     patient: str
     date_lo: int | None = None
     date_hi: int | None = None
-    tokens: list[tuple[str, str, str]] = field(default_factory=list)  # (param, system, code)
-    refs: list[tuple[str, str]] = field(default_factory=list)  # (param, "Type/id")
-    labels: list[str] = field(default_factory=list)  # "system|code" of meta.security
+    tokens: Sequence[tuple[str, str, str]] = field(default_factory=list)  # (param, system, code)
+    refs: Sequence[tuple[str, str]] = field(default_factory=list)  # (param, "Type/id")
+    labels: Sequence[str] = field(default_factory=list)  # "system|code" of meta.security
 
 
 def reference_of(value: Any) -> str | None:
@@ -231,9 +232,9 @@ def entry_of_rows(
         patient=patient,
         date_lo=rows.date_lo,
         date_hi=rows.date_hi,
-        tokens=list(rows.tokens),
-        refs=list(rows.refs),
-        labels=list(rows.labels),
+        tokens=rows.tokens,
+        refs=rows.refs,
+        labels=rows.labels,
     )
 
 
@@ -251,11 +252,14 @@ def extract(
     identifiers are hashed with. Raises nothing."""
     meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
     assert isinstance(meta, dict)
-    return entry_of_rows(
-        index_rows(resource, key=key, tz=tz),
+    rows = index_rows(resource, key=key, tz=tz)
+    entry = entry_of_rows(
+        rows,
         custodian=custodian,
         record=record,
         version=version,
         last_updated=last_updated_of(meta.get("lastUpdated")),
         patient=patient,
     )
+    entry.tokens, entry.refs, entry.labels = list(rows.tokens), list(rows.refs), list(rows.labels)
+    return entry
