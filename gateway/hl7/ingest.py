@@ -4,11 +4,15 @@ Used by the MLLP listener and by ``POST /hl7v2``. For each message: read the hea
 in the de-duplication state, parse and convert it (``mappings``, pure), then store the produced
 resources plus the original message (an encrypted ``Binary`` linked by a ``Provenance``, so
 nothing that was received is lost) through the record pipeline. ``AA`` is built only after the
-pipeline returned, i.e. after every record is stored and durably anchored, and carries the
-container's ledger receipt (``ZRC``). A message that cannot be parsed or is unsupported is
-answered ``AR``; one that is well formed but cannot be processed ``AE``; a backend failure
-``AE`` with ERR 207 (nothing was acknowledged; the sender's retry is processed normally once the
-backend is back).
+pipeline returned, i.e. after every record is stored and durably anchored and is in the search
+index (searchable when acknowledged; the index rows come from the conversion worker), and
+carries the container's ledger receipt (``ZRC``). Local clinical codes the unified dictionary
+cannot map follow the sender profile's ``unmapped_codes``: ``reject`` is ``AE`` 103 at the
+code's segment and field; ``accept`` stores them as sent, the records carrying them tagged,
+and counts them in the curation queue (source: the sending facility) before the ACK. A message
+that cannot be parsed or is unsupported is answered ``AR``; one that is well formed but cannot
+be processed ``AE``; a backend failure ``AE`` with ERR 207 (nothing was acknowledged; the
+sender's retry is processed normally once the backend is back).
 
 A message claimed as new whose original (the ``Binary`` with its stable id) is already anchored
 was stored by a gateway that died before acknowledging it: the stored bytes are compared with
