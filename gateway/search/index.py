@@ -629,50 +629,59 @@ class PostgresIndex:
         await done
 
     async def _write(self, entries: Sequence[IndexEntry]) -> None:
-        """One transaction in two pipelined round trips (lock, row ids and the current rows of
-        these records; then every insert and the supersession) plus its commit."""
+        """One transaction in two pipelined round trips: ``BEGIN``, the lock, row ids and the
+        current rows of these records; then every insert, the supersession and ``COMMIT``.
+        (A ``conn.transaction()`` block would add a round trip for each of ``BEGIN`` and
+        ``COMMIT``; every round trip is latency each HL7 message waits for.)"""
         import psycopg
 
         conn = self._writer
         custodian = entries[0].custodian
         records = sorted({e.record for e in entries})
         try:
-            async with conn.transaction():
-                async with conn.pipeline():
-                    await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (custodian,))
-                    ids = await conn.execute(
-                        "SELECT nextval('search_vid') FROM generate_series(1, %s)",
-                        (len(entries),),
+            async with conn.pipeline():
+                await conn.execute("BEGIN")
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (custodian,))
+                ids = await conn.execute(
+                    "SELECT nextval('search_vid') FROM generate_series(1, %s)",
+                    (len(entries),),
+                )
+                cur = await conn.execute(
+                    "SELECT record, vid, version FROM versions WHERE custodian = %s "
+                    "AND record = ANY(%s) AND until_vid IS NULL",
+                    (custodian, records),
+                )
+            vids = sorted(int(r[0]) for r in await ids.fetchall())
+            current: dict[str, tuple[int, int]] = {
+                str(record): (int(vid), int(version))
+                for record, vid, version in await cur.fetchall()
+            }
+            plan = _plan(entries, vids, current)
+            supersede = plan.supersede
+            async with conn.pipeline():
+                for sql, rows in (
+                    (_JSON_VERSIONS, plan.versions),
+                    (_JSON_TOKENS, plan.tokens),
+                    (_JSON_REFS, plan.refs),
+                    (_JSON_LABELS, plan.labels),
+                ):
+                    if rows:
+                        await conn.execute(sql, (orjson.dumps(rows).decode(),))
+                if supersede:  # after the inserts: a batch may supersede its own rows
+                    await conn.execute(
+                        "UPDATE versions SET until_vid = d.n FROM (SELECT unnest(%s::bigint[])"
+                        " AS n, unnest(%s::bigint[]) AS o) d WHERE versions.vid = d.o",
+                        ([n for n, _ in supersede], [o for _, o in supersede]),
                     )
-                    cur = await conn.execute(
-                        "SELECT record, vid, version FROM versions WHERE custodian = %s "
-                        "AND record = ANY(%s) AND until_vid IS NULL",
-                        (custodian, records),
-                    )
-                vids = sorted(int(r[0]) for r in await ids.fetchall())
-                current: dict[str, tuple[int, int]] = {
-                    str(record): (int(vid), int(version))
-                    for record, vid, version in await cur.fetchall()
-                }
-                plan = _plan(entries, vids, current)
-                supersede = plan.supersede
-                async with conn.pipeline():
-                    for sql, rows in (
-                        (_JSON_VERSIONS, plan.versions),
-                        (_JSON_TOKENS, plan.tokens),
-                        (_JSON_REFS, plan.refs),
-                        (_JSON_LABELS, plan.labels),
-                    ):
-                        if rows:
-                            await conn.execute(sql, (orjson.dumps(rows).decode(),))
-                    if supersede:  # after the inserts: a batch may supersede its own rows
-                        await conn.execute(
-                            "UPDATE versions SET until_vid = d.n FROM (SELECT unnest(%s::bigint[])"
-                            " AS n, unnest(%s::bigint[]) AS o) d WHERE versions.vid = d.o",
-                            ([n for n, _ in supersede], [o for _, o in supersede]),
-                        )
+                await conn.execute("COMMIT")
         except psycopg.Error as exc:
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("ROLLBACK")  # a no-op (warning) outside a transaction
             raise self._error(exc) from exc
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+            raise
 
     async def _query(
         self, sql: str, args: Sequence[Any], *, rows: bool = True
