@@ -89,14 +89,15 @@ BLOB_CALLS_IN_FLIGHT = 2
 class PreparedResource(NamedTuple):
     """A resource ready to be stored in a container: its type, id, ledger record id
     (:meth:`RecordPipeline.record_of`) and its JSON object without ``meta`` (set when stored);
-    ``security``: its security labels as a JSON array of Codings (``b""``: none), sealed as
-    its ``meta.security``."""
+    ``meta``: members the stored ``meta`` gets beside ``lastUpdated`` (JSON object members
+    without the braces, e.g. ``"security":[...],"tag":[...]``: its security labels and tags),
+    empty for none."""
 
     type: str
     id: str
     record: str
     body: bytes
-    security: bytes = b""
+    meta: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,14 +196,8 @@ class _Stamp:
         iso = datetime.now(UTC).isoformat(timespec="milliseconds")  # ...ss.mmm+00:00
         return cls(iso[:23] + "Z", iso[:19] + "Z")
 
-    def meta_json(self, security: bytes = b"") -> bytes:
-        """``"meta":{...}`` with this stamp's ``lastUpdated`` (the version is set on read)
-        and ``security`` (a JSON array of Codings) when given."""
-        if security:
-            return b'"meta":{"lastUpdated":"%s","security":%s}' % (
-                self.last_updated.encode(),
-                security,
-            )
+    def meta_json(self) -> bytes:
+        """``"meta":{...}`` with this stamp's ``lastUpdated`` (the version is set on read)."""
         return b'"meta":{"lastUpdated":"%s"}' % self.last_updated.encode()
 
     def apply(self, resource: dict[str, Any]) -> None:
@@ -384,7 +379,7 @@ class RecordPipeline:
             entries = [
                 (
                     f"{r.type}/{r.id}",
-                    with_meta(r.body, stamp.meta_json(r.security) if r.security else meta),
+                    with_meta(r.body, meta if not r.meta else b"%s,%s}" % (meta[:-1], r.meta)),
                 )
                 for r in part
             ]

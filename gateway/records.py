@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
@@ -60,12 +60,20 @@ from ledger.groupcommit import GroupCommitter
 from ledger.leaves import RecordLeaf, decode_leaf, encode_leaf
 from ledger.sequencer import Ledger
 
+if TYPE_CHECKING:
+    from gateway.search.extract import IndexRows
+
+    #: The rows form of an indexer, for resources whose index rows were computed where they
+    #: were prepared (the HL7 conversion workers): called with each stored version, its
+    #: patient's pseudonym and its rows; same contract as :data:`Indexer`.
+    RowsIndexer = Callable[[Sequence[tuple[StoredRecord, str, IndexRows]]], Awaitable[None]]
+
 log = logging.getLogger("gateway.records")
 
 LinkReason = Literal["master-identifier", "merge", "patient-link"]
 
-#: Stored versions the derived views take from an HL7 message at most at once.
-INDEX_BATCH_MAX = 512
+#: Stored versions of HL7 messages the derived views take at most in one write.
+INDEX_BATCH_MAX = 2048
 
 #: Called with every stored record version and its resource (as stored, ``meta.versionId``
 #: set) once it is durable and before the store returns, so what a caller was acknowledged is
@@ -123,19 +131,20 @@ class Receipt:
 
 
 def _with_version(prepared: PreparedResource, record: StoredRecord) -> dict[str, Any]:
+    """A prepared resource as it was stored (its ``meta`` members, version, lastUpdated)."""
     resource: dict[str, Any] = orjson.loads(prepared.body)
-    resource["meta"] = {"versionId": str(record.version), "lastUpdated": record.last_updated}
-    if prepared.security:
-        resource["meta"]["security"] = orjson.loads(prepared.security)
+    meta: dict[str, Any] = orjson.loads(b"{%s}" % prepared.meta) if prepared.meta else {}
+    resource["meta"] = {
+        "versionId": str(record.version),
+        "lastUpdated": record.last_updated,
+        **meta,
+    }
     return resource
 
 
-def _log_index_failure(fut: asyncio.Future[list[None]]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error(
-            "stored records not indexed (the index catches up at the next start)",
-            extra={"error": type(fut.exception()).__name__},
-        )
+#: One HL7 message resource on its way to the derived views: the stored version, its
+#: patient's pseudonym, the prepared resource and its index rows (None: not computed).
+_MessageItem = tuple[StoredRecord, str, PreparedResource, "IndexRows | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,33 +190,34 @@ class RecordService:
         #: Whether an anchored version was crypto-shredded (gateway/erasure.py sets it): a
         #: caller the policy permits is answered 410 for it, everyone else as for a missing one.
         self.shredded: Callable[[RecordAnchor], bool] = lambda anchor: False
-        self._indexers: list[Indexer] = []
+        self._indexers: list[tuple[Indexer, RowsIndexer | None]] = []
         self._pending: set[asyncio.Future[list[None]]] = set()
-        # HL7 messages' records reach the derived views behind the acknowledgement, in order
-        # and batched (see store_message); FHIR REST writes are indexed before their answer.
-        self._later: GroupCommitter[tuple[StoredRecord, dict[str, Any]], None] = GroupCommitter(
-            self._index_batch, name="index-later", max_items=INDEX_BATCH_MAX, max_delay=0.005
+        # The records of HL7 messages stored at the same time reach the derived views in one
+        # write (group commit, like the ledger's), before their acknowledgement.
+        self._group_index: GroupCommitter[_MessageItem, None] = GroupCommitter(
+            self._index_messages, name="index", max_items=INDEX_BATCH_MAX, max_delay=0.0
         )
 
     def start(self) -> None:
-        """Start the background indexing (inside the running loop)."""
-        self._later.start()
+        """Start the grouping of index writes (inside the running loop)."""
+        self._group_index.start()
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """Wait (bounded) until what is queued for the derived views is indexed. Raises
-        nothing."""
+        """Wait (bounded) until the index writes in flight are done. Raises nothing."""
         pending = list(self._pending)
         if pending:
             await asyncio.wait(pending, timeout=timeout)
 
     async def stop(self) -> None:
-        """Finish what is queued for the derived views, then stop. Raises nothing."""
+        """Finish the index writes in flight, then stop. Raises nothing."""
         await self.drain()
-        await self._later.stop()
+        await self._group_index.stop()
 
-    def add_indexer(self, indexer: Indexer) -> None:
-        """Register a derived view kept up to date at every store (see :data:`Indexer`)."""
-        self._indexers.append(indexer)
+    def add_indexer(self, indexer: Indexer, *, rows: RowsIndexer | None = None) -> None:
+        """Register a derived view kept up to date at every store (see :data:`Indexer`);
+        ``rows``, its form for resources whose index rows come precomputed (HL7 messages;
+        see :data:`RowsIndexer`)."""
+        self._indexers.append((indexer, rows))
 
     # ---- ids -------------------------------------------------------------------------------
 
@@ -277,10 +287,17 @@ class RecordService:
         container_id: str,
         caller: object | None = None,
         links: Iterable[tuple[str, str, LinkReason]] = (),
+        index: Sequence[IndexRows] | None = None,
     ) -> list[StoredRecord]:
         """Store everything one source message produced as one container (see
-        :meth:`RecordPipeline.store_group`), after the access check and the patient links.
-        Raises as :meth:`store`, and ValueError for a malformed group."""
+        :meth:`RecordPipeline.store_group`), after the access check and the patient links,
+        and index it: returns once the derived views hold it too (so what the caller
+        acknowledges is searchable). ``index``: the resources' index rows when they were
+        computed beforehand (the HL7 conversion workers), in the order of ``resources``.
+        The index writes of messages stored at the same time are grouped into one.
+        Raises as :meth:`store` (BackendError also when the index write fails: the records
+        are then stored but not yet indexed; the next start catches them up), and
+        ValueError for a malformed group."""
         for r in resources:
             exists = self.index.latest(r.record)
             await self._check(caller, "update" if exists else "create", r.type, patient)
@@ -289,30 +306,44 @@ class RecordService:
             resources, patient=patient, container_id=container_id
         )
         if self._indexers:
-            # Indexed behind the acknowledgement: extracting a message's dozen resources and
-            # writing them to the index took two thirds of the HL7 rate when awaited here
-            # (bench_mllp, 163 against 505 messages/s). Searchable a few milliseconds after
-            # the ACK; a crash before that is caught up from the ledger at the next start.
+            rows: Sequence[IndexRows | None] = (
+                index
+                if index is not None and len(index) == len(resources)
+                else [None] * len(stored)
+            )
             items = [
-                (record, _with_version(prepared, record))
-                for record, prepared in zip(stored, resources, strict=True)
+                (record, patient, prepared, r)
+                for record, prepared, r in zip(stored, resources, rows, strict=True)
             ]
             try:
-                fut = self._later.enqueue(items)
+                fut = self._group_index.enqueue(items)
             except GroupCommitStoppedError:
                 log.warning("records stored while stopping: indexed at the next start")
             else:
                 self._pending.add(fut)
                 fut.add_done_callback(self._pending.discard)
-                fut.add_done_callback(_log_index_failure)
+                try:
+                    await fut
+                except GroupCommitStoppedError:
+                    log.warning("records stored while stopping: indexed at the next start")
         return await self._stored(stored)
 
-    async def _index_batch(self, items: list[tuple[StoredRecord, dict[str, Any]]]) -> list[None]:
-        await self._index(items)
+    async def _index_messages(self, items: list[_MessageItem]) -> list[None]:
+        """One write per derived view for the resources of every message grouped here: the
+        rows form where every resource has its rows, else the resources parsed again."""
+        parsed: list[tuple[StoredRecord, dict[str, Any]]] | None = None
+        precomputed = all(r is not None for _, _, _, r in items)
+        for indexer, rows_indexer in self._indexers:
+            if rows_indexer is not None and precomputed:
+                await rows_indexer([(s, patient, r) for s, patient, _, r in items if r is not None])
+                continue
+            if parsed is None:
+                parsed = [(s, _with_version(p, s)) for s, _, p, _ in items]
+            await indexer(parsed)
         return [None] * len(items)
 
     async def _index(self, items: list[tuple[StoredRecord, dict[str, Any]]]) -> None:
-        for indexer in self._indexers:
+        for indexer, _ in self._indexers:
             await indexer(items)
 
     async def _stored(self, stored: list[StoredRecord]) -> list[StoredRecord]:

@@ -90,8 +90,18 @@ class CurationQueue:
 
         Raises BackendError.
         """
+        await self.record_counts(
+            [
+                (source, system, code, 1)
+                for system, code in sorted({(u.system, u.code) for u in codes})
+            ]
+        )
+
+    async def record_counts(self, counts: Sequence[tuple[str, str, str, int]]) -> None:
+        """Count each (source, system, code) ``count`` times more (the codes of many messages
+        at once: one entry per distinct code). Raises BackendError."""
         now = _now()
-        for system, code in sorted({(u.system, u.code) for u in codes}):
+        for source, system, code, count in counts:
             key = self._key(source, system, code)
             first = json.dumps(
                 {"code": code, "system": system, "source": source, "first": now}
@@ -99,7 +109,7 @@ class CurationQueue:
             if await self.state.set_if_absent(key, first):
                 slot = await self.state.incr(_PREFIX + "n")
                 await self.state.set(f"{_PREFIX}slot:{slot}", key.encode())
-            await self.state.incr(key + ":count")
+            await self.state.incr(key + ":count", count)
             await self.state.set(key + ":last", now.encode())
 
     async def entries(self, *, limit: int = MAX_LISTED) -> list[CurationEntry]:

@@ -4,11 +4,15 @@ Used by the MLLP listener and by ``POST /hl7v2``. For each message: read the hea
 in the de-duplication state, parse and convert it (``mappings``, pure), then store the produced
 resources plus the original message (an encrypted ``Binary`` linked by a ``Provenance``, so
 nothing that was received is lost) through the record pipeline. ``AA`` is built only after the
-pipeline returned, i.e. after every record is stored and durably anchored, and carries the
-container's ledger receipt (``ZRC``). A message that cannot be parsed or is unsupported is
-answered ``AR``; one that is well formed but cannot be processed ``AE``; a backend failure
-``AE`` with ERR 207 (nothing was acknowledged; the sender's retry is processed normally once the
-backend is back).
+pipeline returned, i.e. after every record is stored and durably anchored and is in the search
+index (searchable when acknowledged; the index rows come from the conversion worker), and
+carries the container's ledger receipt (``ZRC``). Local clinical codes the unified dictionary
+cannot map follow the sender profile's ``unmapped_codes``: ``reject`` is ``AE`` 103 at the
+code's segment and field; ``accept`` stores them as sent, the records carrying them tagged,
+and counts them in the curation queue (source: the sending facility) before the ACK. A message
+that cannot be parsed or is unsupported is answered ``AR``; one that is well formed but cannot
+be processed ``AE``; a backend failure ``AE`` with ERR 207 (nothing was acknowledged; the
+sender's retry is processed normally once the backend is back).
 
 A message claimed as new whose original (the ``Binary`` with its stable id) is already anchored
 was stored by a gateway that died before acknowledging it: the stored bytes are compared with
@@ -25,6 +29,7 @@ import hashlib
 import hmac
 import logging
 import socket
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -46,6 +51,7 @@ from gateway.hl7.workers import ConversionWorkers, Converted, Failed, MessagePol
 from gateway.records import LinkReason
 from gateway.runtime import Gateway
 from ledger.errors import GroupCommitStoppedError, LedgerError
+from ledger.groupcommit import GroupCommitter
 from mappings.errors import MappingError
 from mappings.v2.common import ConversionOptions, stable_id
 from mappings.v2.parse import ParsedMessage, parse_header
@@ -84,6 +90,7 @@ def sender_policy(settings: Settings, msg: ParsedMessage) -> MessagePolicy:
     return MessagePolicy(
         strict_types=profile.strict_types,
         reject_provisional=profile.missing_master_id == "reject",
+        reject_unmapped=profile.unmapped_codes == "reject",
     )
 
 
@@ -105,22 +112,31 @@ class HL7Ingest:
         )
         self.dedup = Deduplicator(gw.backends.state, instance=instance_id(s))
         self.converter = ConversionWorkers(
-            self.options, pseudonym_key=gw.pseudonym_key, workers=s.hl7_convert_workers
+            self.options,
+            pseudonym_key=gw.pseudonym_key,
+            workers=s.hl7_convert_workers,
+            index=s.search_index,
         )
         self._tz = ZoneInfo(s.default_tz)
         self._finishing: set[asyncio.Future[list[None]]] = set()
+        # Unmapped codes of concurrent messages go to the curation queue in one write, counted.
+        self._curation: GroupCommitter[tuple[str, str, str], None] = GroupCommitter(
+            self._queue_unmapped, name="hl7-unmapped", max_items=4096, max_delay=0.0
+        )
 
     async def start(self) -> None:
         """Start the conversion workers and the de-duplication state (its liveness lock and
         grouping). Raises BackendError when the state store is unreachable."""
         await self.converter.start()
         await self.dedup.start()
+        self._curation.start()
 
     async def stop(self) -> None:
         """Stop them (after the listeners have closed and the last acceptances are recorded)."""
         if self._finishing:
             await asyncio.wait(list(self._finishing), timeout=10)
         await self.dedup.stop()
+        await self._curation.stop()
         await self.converter.stop()
 
     def _now(self) -> datetime:
@@ -313,6 +329,28 @@ class HL7Ingest:
         root = latest.checkpoint.root if latest is not None else self.gw.ledger.root(size)
         return Receipt(anchor.leaf_index, size, root, anchor.cid, anchor.byte_range)
 
+    async def _queue_unmapped(self, items: list[tuple[str, str, str]]) -> list[None]:
+        """Count the (source, system, code) of a group of messages into the curation queue,
+        one update per distinct code."""
+        counts = Counter(items)
+        await self.gw.terminology.queue.record_counts(
+            [(source, system, code, n) for (source, system, code), n in sorted(counts.items())]
+        )
+        return [None] * len(items)
+
+    def _curate(self, result: Converted) -> asyncio.Future[list[None]] | None:
+        """Queue a message's unmapped codes for curation (with its sending facility as the
+        source); None when there are none or the gateway is stopping."""
+        if not result.unmapped:
+            return None
+        try:
+            fut = self._curation.enqueue([(result.source, s, c) for s, c in result.unmapped])
+        except GroupCommitStoppedError:
+            return None
+        # Retrieved even when the message fails to store (no "never retrieved" noise).
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return fut
+
     async def _release(self, facility: str, control_id: str) -> None:
         try:
             await self.dedup.abort(facility, control_id)
@@ -335,12 +373,17 @@ class HL7Ingest:
             if reason == "merge" or not result.provisional
             else []
         )
+        # Unmapped codes (unmapped_codes = "accept"; under "reject" the worker answered AE
+        # 103) are counted for curation beside the store: a code seen is a code to map, and
+        # the tag on the stored records is what `gateway dictionary remap` looks for.
+        curated = self._curate(result)
         try:
             stored = await self.gw.records.store_message(
                 result.entries,
                 patient=result.patient,
                 container_id=result.container_id,
                 links=links,
+                index=result.index or None,
             )
         except (BackendError, LedgerError) as exc:
             log.error(
@@ -354,6 +397,15 @@ class HL7Ingest:
             "hl7 message stored",
             extra={**extra, "records": len(stored), "last_leaf": stored[-1].leaf_index},
         )
+        if curated is not None:
+            try:
+                await curated
+            except (BackendError, GroupCommitStoppedError) as exc:
+                # The records are stored and tagged (remap finds them); only the count is lost.
+                log.error(
+                    "hl7 unmapped codes not counted for curation",
+                    extra={**extra, "error": type(exc).__name__},
+                )
         first = stored[0]  # every record of the message is in the one container leaf
         receipt = Receipt(
             first.leaf_index, first.tree_size, first.root, first.cid, first.byte_range

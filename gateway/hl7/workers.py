@@ -15,7 +15,14 @@ worker is given at start) or an error description come out.
 
 Each message goes with its sender's policy (:class:`MessagePolicy`, from the sender profile):
 whether a value that does not fit its type is rejected rather than kept as text with a warning,
-and whether a patient without the alliance's master identifier is rejected (AE, 101 at PID-3).
+and whether a patient without the alliance's master identifier is rejected (AE, 101 at PID-3),
+and whether a local clinical code the unified dictionary cannot map is rejected (AE, 103 at
+its segment and field) or stored as sent, its resources tagged unmapped and the code reported
+for the curation queue (``Converted.unmapped``).
+
+With the search index on, the worker also extracts each resource's index rows
+(:class:`gateway.search.extract.IndexRows`) beside its JSON, so the gateway's own process,
+which is the bottleneck, only adds record versions and writes them (no JSON parsed again).
 
 A worker that dies takes its batch with it: the batch's messages are answered AE 207 (nothing
 was stored; the senders retry) and the pool is replaced. A worker whose gateway process died
@@ -36,17 +43,20 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
+from functools import lru_cache
 from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
 from gateway.crypto import record_id
 from gateway.identity import fhir_identifiers, institution_pseudonym, patient_identity
 from gateway.pipeline import PreparedResource
+from gateway.search.extract import IndexRows, index_rows
 from ledger.errors import GroupCommitStoppedError
 from ledger.groupcommit import GroupCommitter
-from mappings.dictionary_apply import labels
+from mappings.dictionary_apply import UNMAPPED_TAG, labels
 from mappings.errors import ConversionWarning, MappingError
 from mappings.terminology import Terminology
 from mappings.v2.common import ConversionOptions, ConversionResult, stable_id
@@ -60,10 +70,13 @@ HL7_MEDIA_TYPE = "x-application/hl7-v2+er7"
 
 
 class MessagePolicy(NamedTuple):
-    """A sender's policy for one message (see ``gateway.config.SenderProfile``)."""
+    """A sender's policy for one message (see ``gateway.config.SenderProfile``):
+    ``reject_unmapped`` answers a local clinical code the dictionary cannot map with AE 103
+    (``unmapped_codes = "reject"``) instead of storing it as sent, tagged and queued."""
 
     strict_types: bool = False
     reject_provisional: bool = False
+    reject_unmapped: bool = False
 
 
 DEFAULT_POLICY = MessagePolicy()
@@ -75,7 +88,12 @@ class Converted:
     the patient's pseudonym and the id of the container (collection Bundle) they go in; the
     conversion's warnings (values kept as text); whether the pseudonym is provisional (no
     master identifier); and ``aliases``, the pseudonyms the patient is also known by (its
-    other identifiers, and for a merge (A40) the prior patient's), for ``link`` leaves."""
+    other identifiers, and for a merge (A40) the prior patient's), for ``link`` leaves.
+
+    ``index``: each entry's search index rows (:class:`IndexRows`, in the order of
+    ``entries``; empty when the workers do not index). ``unmapped``: the (system, code) of
+    each local clinical code the dictionary did not map (the entries carrying one are tagged
+    unmapped), for the curation queue under ``source``, the sending facility."""
 
     entries: tuple[PreparedResource, ...]
     patient: str
@@ -83,6 +101,9 @@ class Converted:
     warnings: tuple[ConversionWarning, ...] = ()
     provisional: bool = False
     aliases: tuple[str, ...] = ()
+    index: tuple[IndexRows, ...] = ()
+    unmapped: tuple[tuple[str, str], ...] = ()
+    source: str = ""
 
     def resources(self) -> list[dict[str, Any]]:
         """The entries' resources as dicts (without ``meta``)."""
@@ -114,11 +135,14 @@ Outcome = Converted | Failed | Crashed
 
 _OPTIONS: ConversionOptions | None = None
 _KEY = b""
+_INDEX = False
 
 
-def _init_worker(options: ConversionOptions, pseudonym_key: bytes, parent: int) -> None:
-    global _OPTIONS, _KEY
-    _OPTIONS, _KEY = options, pseudonym_key
+def _init_worker(
+    options: ConversionOptions, pseudonym_key: bytes, parent: int, index: bool
+) -> None:
+    global _OPTIONS, _KEY, _INDEX
+    _OPTIONS, _KEY, _INDEX = options, pseudonym_key, index
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
@@ -141,15 +165,42 @@ WATCH_PARENT_S = 0.5
 CONVERT_BATCH_MAX = 32
 
 
+_UNMAPPED_META = b'"tag":' + orjson.dumps([UNMAPPED_TAG])
+
+
+@lru_cache(maxsize=8)
+def _zone(name: str) -> tzinfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return UTC
+
+
+def _carries(value: Any, codes: frozenset[tuple[str, str]]) -> bool:
+    """True when a coding (system, code) of ``codes`` occurs anywhere in ``value``."""
+    if isinstance(value, dict):
+        system, code = value.get("system"), value.get("code")
+        if isinstance(system, str) and isinstance(code, str) and (system, code) in codes:
+            return True
+        return any(_carries(v, codes) for v in value.values() if isinstance(v, dict | list))
+    if isinstance(value, list):
+        return any(_carries(v, codes) for v in value if isinstance(v, dict | list))
+    return False
+
+
 def prepare(
     raw: bytes,
     msg: ParsedMessage,
     result: ConversionResult,
     options: ConversionOptions,
     pseudonym_key: bytes,
+    *,
+    index: bool = False,
 ) -> Converted:
     """What a converted message is stored as: its resources, the original message as a Binary
-    and the Provenance linking them, under the patient's pseudonym. Pure."""
+    and the Provenance linking them, under the patient's pseudonym; the resources carrying a
+    code the dictionary did not map (``result.unmapped``) tagged UNMAPPED_TAG; with ``index``,
+    each resource's search index rows. Pure."""
     resources = result.resources
     facility = msg.sending_facility_id or "unknown"
     patient_res = next((r for r in resources if r.get("resourceType") == "Patient"), None)
@@ -213,18 +264,29 @@ def prepare(
     if any("meta" in r for r in unique.values()):
         raise ValueError("a converted resource carries meta")
     term = options.terminology
-    entries = []
+    unmapped = tuple(dict.fromkeys((u.system, u.code) for u in result.unmapped))
+    codes = frozenset(unmapped)
+    entries: list[PreparedResource] = []
+    rows: list[IndexRows] = []
+    tz = _zone(options.default_tz) if index else UTC
     for (rtype, rid), r in unique.items():
+        tagged = bool(codes) and _carries(r, codes)
+        rec = record_id(pseudonym_key, options.institution, rtype, rid)
         body = orjson.dumps(r)
-        entries.append(
-            PreparedResource(
-                rtype,
-                rid,
-                record_id(pseudonym_key, options.institution, rtype, rid),
-                body,
-                _security(r, body, term),
-            )
-        )
+        security = _security(r, body, term)
+        members = [b'"security":' + security] if security else []
+        if tagged:
+            members.append(_UNMAPPED_META)
+        entries.append(PreparedResource(rtype, rid, rec, body, b",".join(members)))
+        if index:
+            # Indexed as stored: with its labels and tag (without lastUpdated: the store sets it).
+            meta: dict[str, Any] = {}
+            if security:
+                meta["security"] = orjson.loads(security)
+            if tagged:
+                meta["tag"] = [UNMAPPED_TAG]
+            as_stored = {**r, "meta": meta} if meta else r
+            rows.append(index_rows(as_stored, key=pseudonym_key, tz=tz))
     return Converted(
         tuple(entries),
         patient,
@@ -232,6 +294,9 @@ def prepare(
         warnings=tuple(result.warnings),
         provisional=provisional,
         aliases=tuple(dict.fromkeys(aliases)),
+        index=tuple(rows),
+        unmapped=unmapped,
+        source=facility,
     )
 
 
@@ -262,13 +327,20 @@ def convert_one(
     options: ConversionOptions,
     pseudonym_key: bytes,
     policy: MessagePolicy = DEFAULT_POLICY,
+    *,
+    index: bool = False,
 ) -> Outcome:
-    """Parse, convert and prepare one message for storage under the sender's ``policy``.
-    Pure; never raises."""
+    """Parse, convert and prepare one message for storage under the sender's ``policy``
+    (with ``index``, its search index rows too). Pure; never raises."""
     try:
         msg = parse(raw)
-        result = convert(msg, options=options, strict_types=policy.strict_types)
-        converted = prepare(raw, msg, result, options, pseudonym_key)
+        result = convert(
+            msg,
+            options=options,
+            strict_types=policy.strict_types,
+            strict_codes=policy.reject_unmapped,
+        )
+        converted = prepare(raw, msg, result, options, pseudonym_key, index=index)
         if policy.reject_provisional and converted.provisional:
             # Table 0357 code 101 (required field missing): the sender's profile makes the
             # master identifier a required repetition of PID-3. Not 204 (unknown key
@@ -300,17 +372,26 @@ def convert_one(
 def convert_batch(items: Sequence[tuple[bytes, MessagePolicy]]) -> list[Outcome]:
     """Worker entry point: convert each (message, policy) with the options given at start-up."""
     assert _OPTIONS is not None, "conversion worker not initialised"
-    return [convert_one(raw, _OPTIONS, _KEY, policy) for raw, policy in items]
+    return [convert_one(raw, _OPTIONS, _KEY, policy, index=_INDEX) for raw, policy in items]
 
 
 class ConversionWorkers:
     """Converts messages in ``workers`` processes (0: in this process), grouping concurrent
-    messages into one task. :meth:`start` inside the running loop, :meth:`stop` after."""
+    messages into one task; with ``index``, the workers also compute each resource's search
+    index rows. :meth:`start` inside the running loop, :meth:`stop` after."""
 
-    def __init__(self, options: ConversionOptions, *, pseudonym_key: bytes, workers: int) -> None:
+    def __init__(
+        self,
+        options: ConversionOptions,
+        *,
+        pseudonym_key: bytes,
+        workers: int,
+        index: bool = False,
+    ) -> None:
         self.options = options
         self._key = pseudonym_key
         self.workers = workers
+        self.index = index
         self._pool: ProcessPoolExecutor | None = None
         self._group: GroupCommitter[tuple[bytes, MessagePolicy], Outcome] = GroupCommitter(
             self._run_batch,
@@ -327,7 +408,7 @@ class ConversionWorkers:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.options, self._key, os.getpid()),
+            initargs=(self.options, self._key, os.getpid(), self.index),
         )
 
     async def start(self) -> None:
@@ -380,7 +461,10 @@ class ConversionWorkers:
         stays one batch downstream (one blob-store write, one ledger batch), which costs far
         less per message than the same messages in several smaller batches."""
         if self._pool is None:
-            return [convert_one(raw, self.options, self._key, policy) for raw, policy in raws]
+            return [
+                convert_one(raw, self.options, self._key, policy, index=self.index)
+                for raw, policy in raws
+            ]
         pool = self._pool
         loop = asyncio.get_running_loop()
         size = -(-len(raws) // self.workers)

@@ -14,9 +14,10 @@ Raises nothing for odd resources: what does not parse is not indexed.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.consent import RecordMeta
 from gateway.crypto import pseudonym
@@ -43,9 +44,9 @@ class IndexEntry:
     patient: str
     date_lo: int | None = None
     date_hi: int | None = None
-    tokens: list[tuple[str, str, str]] = field(default_factory=list)  # (param, system, code)
-    refs: list[tuple[str, str]] = field(default_factory=list)  # (param, "Type/id")
-    labels: list[str] = field(default_factory=list)  # "system|code" of meta.security
+    tokens: Sequence[tuple[str, str, str]] = field(default_factory=list)  # (param, system, code)
+    refs: Sequence[tuple[str, str]] = field(default_factory=list)  # (param, "Type/id")
+    labels: Sequence[str] = field(default_factory=list)  # "system|code" of meta.security
 
 
 def reference_of(value: Any) -> str | None:
@@ -129,6 +130,115 @@ def clinical_date(resource: dict[str, Any], tz: tzinfo = UTC) -> tuple[int | Non
     return None, None
 
 
+class IndexRows(NamedTuple):
+    """What the index keeps of one resource that does not depend on when and where it is
+    stored (type, id, clinical date, tokens, references, security labels): the compact,
+    picklable form the HL7 conversion workers compute beside the resource, so that the
+    gateway's own process only adds the record id, version, lastUpdated and patient
+    (:func:`entry_of_rows`)."""
+
+    resource_type: str
+    resource_id: str
+    date_lo: int | None
+    date_hi: int | None
+    tokens: tuple[tuple[str, str, str], ...]
+    refs: tuple[tuple[str, str], ...]
+    labels: tuple[str, ...]
+
+
+def index_rows(resource: dict[str, Any], *, key: bytes, tz: tzinfo = UTC) -> IndexRows:
+    """The stored-independent part of a resource's index entry (see :class:`IndexRows`):
+    ``key`` is the pseudonym key identifiers are hashed with; security labels are read from
+    whatever ``meta.security`` the resource carries. Raises nothing."""
+    rtype = str(resource.get("resourceType"))
+    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    assert isinstance(meta, dict)
+    defs = PARAMS.get(rtype, {})
+    date_lo = date_hi = None
+    if "date" in defs:
+        date_lo, date_hi = clinical_date(resource, tz)
+    tokens: list[tuple[str, str, str]] = []
+    if "code" in defs:
+        for system, code in _codings(resource.get(_CODE_PATHS.get(rtype, "code"))):
+            tokens.append(("code", system, code))
+    if "category" in defs:
+        for system, code in _codings(resource.get("category")):
+            tokens.append(("category", system, code))
+    status = resource.get("status")
+    if "status" in defs and isinstance(status, str):
+        tokens.append(("status", "", status))
+    idents = resource.get("identifier")
+    for ident in idents if isinstance(idents, list) else [idents]:
+        if not isinstance(ident, dict) or not isinstance(ident.get("value"), str):
+            continue
+        system = str(ident.get("system") or "")
+        value = ident["value"]
+        tokens.append(("identifier", system, pseudonym(key, system, value)))
+        tokens.append(("identifier", ANY_SYSTEM, pseudonym(key, "", value)))
+    refs: list[tuple[str, str]] = []
+    subject = reference_of(resource.get("subject")) or reference_of(resource.get("patient"))
+    if subject is not None:
+        refs.append(("subject", subject))
+    encounter = reference_of(resource.get("encounter")) or reference_of(resource.get("context"))
+    if encounter is not None:
+        refs.append(("encounter", encounter))
+    for param, element in (("based-on", "basedOn"), ("result", "result")):
+        values = resource.get(element)
+        for value in values if isinstance(values, list) else []:
+            target = reference_of(value)
+            if target is not None:
+                refs.append((param, target))
+    labels: list[str] = []
+    for label in meta.get("security") or []:
+        if isinstance(label, dict) and isinstance(label.get("code"), str):
+            labels.append(f"{label.get('system') or ''}|{label['code']}")
+    return IndexRows(
+        rtype,
+        str(resource.get("id")),
+        date_lo,
+        date_hi,
+        tuple(dict.fromkeys(tokens)),
+        tuple(dict.fromkeys(refs)),
+        tuple(dict.fromkeys(labels)),
+    )
+
+
+def last_updated_of(value: Any) -> int:
+    """``meta.lastUpdated`` in microseconds since the epoch (0 when absent or malformed).
+    Raises nothing."""
+    try:
+        return date_range(value, UTC)[0] if isinstance(value, str) else 0
+    except InvalidInputError:
+        return 0
+
+
+def entry_of_rows(
+    rows: IndexRows,
+    *,
+    custodian: str,
+    record: str,
+    version: int,
+    last_updated: int,
+    patient: str,
+) -> IndexEntry:
+    """The index entry of a stored version from its :class:`IndexRows` and what storing it
+    decided. Raises nothing."""
+    return IndexEntry(
+        custodian=custodian,
+        record=record,
+        resource_type=rows.resource_type,
+        resource_id=rows.resource_id,
+        version=version,
+        last_updated=last_updated,
+        patient=patient,
+        date_lo=rows.date_lo,
+        date_hi=rows.date_hi,
+        tokens=rows.tokens,
+        refs=rows.refs,
+        labels=rows.labels,
+    )
+
+
 def extract(
     resource: dict[str, Any],
     *,
@@ -141,58 +251,18 @@ def extract(
 ) -> IndexEntry:
     """The index entry of one stored resource version. ``key`` is the pseudonym key
     identifiers are hashed with. Raises nothing."""
-    rtype = str(resource.get("resourceType"))
     meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
     assert isinstance(meta, dict)
-    updated = meta.get("lastUpdated")
-    try:
-        last = date_range(updated, UTC)[0] if isinstance(updated, str) else 0
-    except InvalidInputError:
-        last = 0
-    entry = IndexEntry(
+    rows = index_rows(resource, key=key, tz=tz)
+    entry = entry_of_rows(
+        rows,
         custodian=custodian,
         record=record,
-        resource_type=rtype,
-        resource_id=str(resource.get("id")),
         version=version,
-        last_updated=last,
+        last_updated=last_updated_of(meta.get("lastUpdated")),
         patient=patient,
     )
-    defs = PARAMS.get(rtype, {})
-    if "date" in defs:
-        entry.date_lo, entry.date_hi = clinical_date(resource, tz)
-    if "code" in defs:
-        for system, code in _codings(resource.get(_CODE_PATHS.get(rtype, "code"))):
-            entry.tokens.append(("code", system, code))
-    if "category" in defs:
-        for system, code in _codings(resource.get("category")):
-            entry.tokens.append(("category", system, code))
-    status = resource.get("status")
-    if "status" in defs and isinstance(status, str):
-        entry.tokens.append(("status", "", status))
-    idents = resource.get("identifier")
-    for ident in idents if isinstance(idents, list) else [idents]:
-        if not isinstance(ident, dict) or not isinstance(ident.get("value"), str):
-            continue
-        system = str(ident.get("system") or "")
-        value = ident["value"]
-        entry.tokens.append(("identifier", system, pseudonym(key, system, value)))
-        entry.tokens.append(("identifier", ANY_SYSTEM, pseudonym(key, "", value)))
-    subject = reference_of(resource.get("subject")) or reference_of(resource.get("patient"))
-    if subject is not None:
-        entry.refs.append(("subject", subject))
-    encounter = reference_of(resource.get("encounter")) or reference_of(resource.get("context"))
-    if encounter is not None:
-        entry.refs.append(("encounter", encounter))
-    for param, element in (("based-on", "basedOn"), ("result", "result"), ("target", "target")):
-        values = resource.get(element)
-        for value in values if isinstance(values, list) else []:
-            target = reference_of(value)
-            if target is not None:
-                entry.refs.append((param, target))
-    for label in meta.get("security") or []:
-        if isinstance(label, dict) and isinstance(label.get("code"), str):
-            entry.labels.append(f"{label.get('system') or ''}|{label['code']}")
+    entry.tokens, entry.refs, entry.labels = list(rows.tokens), list(rows.refs), list(rows.labels)
     return entry
 
 

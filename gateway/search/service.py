@@ -43,7 +43,15 @@ from gateway.errors import (
 from gateway.pipeline import StoredRecord
 from gateway.records import RecordService, logged
 from gateway.search.cursor import cursor_key, decode_cursor, encode_cursor
-from gateway.search.extract import ANY_SYSTEM, IndexEntry, extract, reference_of
+from gateway.search.extract import (
+    ANY_SYSTEM,
+    IndexEntry,
+    IndexRows,
+    entry_of_rows,
+    extract,
+    last_updated_of,
+    reference_of,
+)
 from gateway.search.index import (
     Clause,
     Dates,
@@ -149,7 +157,7 @@ class SearchService:
         ledger replayed). Raises BackendError, IntegrityError."""
         await self.index.open()
         if not self._started:
-            self.records.add_indexer(self.index_records)
+            self.records.add_indexer(self.index_records, rows=self.index_rows)
             self.records.meta_source = self.index.meta_of
             self._started = True
         await self.catch_up()
@@ -238,6 +246,28 @@ class SearchService:
                 continue
             patient = anchor.patient if anchor is not None else self.records.no_patient
             entries.append(self.entry_of(stored, resource, patient))
+        await self.index.add(entries)
+
+    async def index_rows(self, items: Sequence[tuple[StoredRecord, str, IndexRows]]) -> None:
+        """Rows indexer (see :data:`gateway.records.RowsIndexer`): index stored versions whose
+        rows were extracted where they were prepared (the HL7 conversion workers); only the
+        record id, version, lastUpdated and patient are added here. Raises BackendError."""
+        updated: dict[str, int] = {}  # the versions of one store share one lastUpdated
+        entries = []
+        for stored, patient, rows in items:
+            last = updated.get(stored.last_updated)
+            if last is None:
+                last = updated[stored.last_updated] = last_updated_of(stored.last_updated)
+            entries.append(
+                entry_of_rows(
+                    rows,
+                    custodian=self.institution,
+                    record=stored.record,
+                    version=stored.version,
+                    last_updated=last,
+                    patient=patient,
+                )
+            )
         await self.index.add(entries)
 
     def _tombstone(self, record: str, version: int) -> IndexEntry:

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from mappings.errors import ConversionWarning, MappingError, MessageContentError
 from mappings.terminology import Terminology
@@ -25,6 +25,7 @@ __all__ = [
     "ConversionOptions",
     "ConversionResult",
     "JsonDict",
+    "UnmappedCode",
     "stable_id",
 ]
 
@@ -123,6 +124,17 @@ class ConversionOptions:
 MEMO_SIZE = 4096
 
 
+class UnmappedCode(NamedTuple):
+    """A local clinical code the unified dictionary has no mapping for, and where it was sent
+    (segment name, occurrence, field): what the sender's ``unmapped_codes`` policy acts on."""
+
+    system: str
+    code: str
+    segment: str
+    segment_index: int
+    field: int
+
+
 @dataclass
 class ConversionResult:
     """Resources produced from one message, plus what the pipeline needs to pseudonymise."""
@@ -135,6 +147,8 @@ class ConversionResult:
     warnings: list[ConversionWarning] = field(default_factory=list)
     #: (system, value) identifiers of a patient this message merges into the patient (A40).
     prior_identifiers: list[tuple[str, str]] = field(default_factory=list)
+    #: Local clinical codes the dictionary did not map, kept as sent (not ``strict_codes``).
+    unmapped: list[UnmappedCode] = field(default_factory=list)
 
 
 @lru_cache(maxsize=16)
@@ -184,12 +198,18 @@ class Context:
     """State of one conversion: message, options, produced resources and references."""
 
     def __init__(
-        self, msg: ParsedMessage, options: ConversionOptions, strict_types: bool | None = None
+        self,
+        msg: ParsedMessage,
+        options: ConversionOptions,
+        strict_types: bool | None = None,
+        strict_codes: bool | None = None,
     ) -> None:
         self.msg = msg
         self.options = options
         self.strict_types = options.strict_types if strict_types is None else strict_types
+        self.strict_codes = options.strict_codes if strict_codes is None else strict_codes
         self.warnings: list[ConversionWarning] = []
+        self.unmapped: list[UnmappedCode] = []
         self.prior_identifiers: list[tuple[str, str]] = []
         self.tz = options.default_tz
         self.term = options.terminology
@@ -267,7 +287,8 @@ class Context:
         self, seg: Segment, n: int, rep: Rep | None = None, *, clinical: bool = False
     ) -> JsonDict | None:
         """CWE/CE field -> CodeableConcept with the original coding first, then the
-        dictionary's standard codings; ``clinical`` codes obey the ``strict_codes`` policy.
+        dictionary's standard codings; ``clinical`` codes obey the ``strict_codes`` policy
+        (otherwise an unmapped one is noted in ``unmapped``, kept as sent).
 
         Raises MessageContentError (103) under ``strict_codes`` for an unmapped local code.
         """
@@ -281,15 +302,22 @@ class Context:
         if found is None:
             found = self.memoised(key, self._concept_parts(rep))
         codings, mapped, text = found
-        if codings and clinical and not mapped and self.options.strict_codes:
+        if codings and clinical and not mapped:
             standard = set(dt.CODING_SYSTEMS.values())
             if not any(c["system"] in standard for c in codings):
-                raise MessageContentError(
-                    "local code has no mapping in the unified dictionary",
-                    hl7_code="103",
-                    segment=seg.name,
-                    segment_index=seg.index,
-                    field=n,
+                first = codings[0]
+                if self.strict_codes:
+                    # Codes are public facts (never patient data): the ERR names it.
+                    raise MessageContentError(
+                        f"local code {first['code']!r} of system {first['system']} has no "
+                        "mapping in the unified dictionary",
+                        hl7_code="103",
+                        segment=seg.name,
+                        segment_index=seg.index,
+                        field=n,
+                    )
+                self.unmapped.append(
+                    UnmappedCode(str(first["system"]), str(first["code"]), seg.name, seg.index, n)
                 )
         out: JsonDict = {}
         if codings:
@@ -617,6 +645,7 @@ class Context:
             message_type=self.msg.message_type,
             warnings=self.warnings,
             prior_identifiers=self.prior_identifiers,
+            unmapped=self.unmapped,
         )
 
 

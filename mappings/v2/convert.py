@@ -116,18 +116,24 @@ def check_header(msg: ParsedMessage) -> Converter:
 
 
 def convert(
-    msg: ParsedMessage, *, options: ConversionOptions, strict_types: bool | None = None
+    msg: ParsedMessage,
+    *,
+    options: ConversionOptions,
+    strict_types: bool | None = None,
+    strict_codes: bool | None = None,
 ) -> ConversionResult:
     """Convert a parsed message to FHIR R4 resources (pure; no I/O, no clock).
 
     ``strict_types`` (default: ``options.strict_types``) rejects a value that does not fit
     its type instead of keeping it as text with a warning (``ConversionResult.warnings``).
+    ``strict_codes`` (default: ``options.strict_codes``) rejects (103) a local clinical code
+    the dictionary cannot map instead of keeping it as sent (``ConversionResult.unmapped``).
     Raises MappingError subclasses (see the module docstring); every error carries the
     message control id.
     """
     converter = check_header(msg)
     try:
-        ctx = Context(msg, options, strict_types)
+        ctx = Context(msg, options, strict_types, strict_codes)
         converter(ctx)
         return ctx.result()
     except MappingError as exc:

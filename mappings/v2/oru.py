@@ -297,7 +297,7 @@ def _convert_order(ctx: Context, obr: Segment, orc: Segment | None, group: list[
         )
     status = report_status(obr.text(25))
     if status is None:
-        if ctx.options.strict_codes:
+        if ctx.strict_codes:
             raise MessageContentError(
                 "result status not in HL7 table 0123",
                 hl7_code="103",
@@ -437,7 +437,7 @@ def _observation(
     """OBX -> Observation; ``vtype`` and ``sub_id`` are OBX-2 (upper case) and OBX-4."""
     status = dt.observation_status(obx.text(11))
     if status is None:
-        if ctx.options.strict_codes:
+        if ctx.strict_codes:
             raise MessageContentError(
                 "result status not in HL7 table 0085",
                 hl7_code="103",

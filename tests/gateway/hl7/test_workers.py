@@ -223,3 +223,74 @@ def test_a_worker_exits_when_its_gateway_process_is_killed(tmp_path: Path) -> No
         gw.wait(timeout=10)
         if gw.stdout is not None:
             gw.stdout.close()
+
+
+@pytest.mark.parametrize(
+    # Every single-message fixture (a batch file is split into its messages before this).
+    "name",
+    sorted(p.name for p in HL7.glob("*.hl7") if not p.name.startswith("batch_")),
+)
+def test_index_rows_are_those_of_the_stored_resource(name: str) -> None:
+    """The index rows a worker computes beside each resource equal what ``extract`` gives
+    for the resource as the pipeline stores it (its ``meta`` members and lastUpdated set):
+    the gateway indexes HL7 messages from the rows, ``gateway reindex`` from the stored
+    resources, and both must agree."""
+    from zoneinfo import ZoneInfo
+
+    from gateway.pipeline import with_meta
+    from gateway.search.extract import entry_of_rows, extract, last_updated_of
+
+    outcome = convert_one((HL7 / name).read_bytes(), OPTIONS, KEY, index=True)
+    if not isinstance(outcome, Converted):
+        raise AssertionError(f"{name} is not converted: {outcome}")
+    assert len(outcome.index) == len(outcome.entries)
+    updated = "2026-12-01T08:00:00.123Z"
+    meta = b'"meta":{"lastUpdated":"%s"}' % updated.encode()
+    for entry, rows in zip(outcome.entries, outcome.index, strict=True):
+        stored_meta = meta if not entry.meta else b"%s,%s}" % (meta[:-1], entry.meta)
+        resource = orjson.loads(with_meta(entry.body, stored_meta))
+        expected = extract(
+            resource,
+            custodian="c",
+            record=entry.record,
+            version=3,
+            patient="p",
+            key=KEY,
+            tz=ZoneInfo(OPTIONS.default_tz),
+        )
+        got = entry_of_rows(
+            rows,
+            custodian="c",
+            record=entry.record,
+            version=3,
+            patient="p",
+            last_updated=last_updated_of(updated),
+        )
+        # The rows keep tuples (what the workers send), extract() lists: same values.
+        got.tokens, got.refs, got.labels = list(got.tokens), list(got.refs), list(got.labels)
+        assert got == expected, entry.type
+
+
+def test_unmapped_codes_tag_their_resources_only() -> None:
+    """The fixture's two local codes no map has (HBSAG, COMMENT of HOSPA's table L) are
+    reported and only the Observations carrying them are tagged."""
+    outcome = convert_one(ORU, OPTIONS, KEY)
+    assert isinstance(outcome, Converted)
+    system = "urn:alliance:facility:HOSPA:cs:L"
+    assert outcome.unmapped == ((system, "HBSAG"), (system, "COMMENT"))
+    assert outcome.source == "HOSPA"
+    tagged = [e for e in outcome.entries if e.meta]
+    assert {e.type for e in tagged} == {"Observation"} and len(tagged) == 2
+    for e in tagged:
+        assert orjson.loads(e.body)["code"]["coding"][0]["system"] == system
+        assert b'"dictionary-unmapped"' in e.meta
+    assert outcome.index == ()  # rows only when asked for
+    rejected = convert_one(ORU, OPTIONS, KEY, MessagePolicy(reject_unmapped=True))
+    assert isinstance(rejected, Failed)
+    assert (rejected.hl7_code, rejected.segment, rejected.segment_index, rejected.field) == (
+        "103",
+        "OBX",
+        4,
+        3,
+    )
+    assert "'HBSAG'" in rejected.text and system in rejected.text
