@@ -50,7 +50,7 @@ from gateway.access import (
 )
 from gateway.auth.caller import Caller
 from gateway.consent import RecordMeta
-from gateway.errors import GoneError, NotFoundError
+from gateway.errors import GoneError, KeyDestroyedError, NotFoundError
 from gateway.observability import Metrics
 from gateway.pipeline import PreparedResource, ReadRecord, RecordInput, RecordPipeline, StoredRecord
 from gateway.views import RecordAnchor, RecordIndex, anchors_of_leaf
@@ -422,7 +422,7 @@ class RecordService:
             ref = f"{resource_type}/{resource_id}/_history/{anchor.version}"
             await self._log(caller, interaction, anchor.patient, exc, (ref,))
             raise self._missing(resource_type, resource_id, version) from exc
-        except GoneError:
+        except (GoneError, KeyDestroyedError):  # permitted, nothing left to read
             anchor = self._anchor_of(resource_type, resource_id, version)
             assert anchor is not None
             ref = f"{resource_type}/{resource_id}/_history/{anchor.version}"
