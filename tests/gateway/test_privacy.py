@@ -49,4 +49,5 @@ async def test_ledger_bytes_hold_no_patient_data(
     async for entry in gw.backends.log.read(1):
         leaves += [json.loads(x) for x in decode_batch(entry.data, seq=entry.seq).leaves]
     records = [x for x in leaves if x["kind"] == "record"]
-    assert len(records) == 5 and all(len(x["patient"]) == 64 for x in records)
+    # five records and the Provenance of the request
+    assert len(records) == 6 and all(len(x["patient"]) == 64 for x in records)

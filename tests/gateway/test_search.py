@@ -355,9 +355,15 @@ async def test_paging_while_writes_continue(client: httpx.AsyncClient) -> None:
 async def test_everything_and_find(client: httpx.AsyncClient) -> None:
     await _store(client, DATA)
     b = await _get(client, "Patient/p1/$everything")
-    assert set(_ids(b)) == {"p1", "e1", "sr1", "o1", "o2", "o3", "d1"}
+    # (and the Provenance of each write of the patient's records)
+    clinical = {
+        e["resource"]["id"] for e in b["entry"] if e["resource"]["resourceType"] != "Provenance"
+    }
+    assert clinical == {"p1", "e1", "sr1", "o1", "o2", "o3", "d1"}
     paged = await _all_pages(client, "Patient/p2/$everything?_count=1")
-    assert sorted(paged) == ["o4", "o5", "p2"]
+    # its three records and the three Provenances of their writes, each once
+    assert len(paged) == len(set(paged)) == 6
+    assert sorted(set(paged) & {"o4", "o5", "p2"}) == ["o4", "o5", "p2"]
     resp = await client.get("/fhir/Patient/nobody/$everything")
     assert resp.status_code == 404
     resp = await client.get("/fhir/Patient/p1/$everything?code=x")
@@ -385,7 +391,7 @@ async def test_newer_version_replaces_older_and_reindex(client: httpx.AsyncClien
     service: SearchService = client.app.state.search  # type: ignore[attr-defined]
     before = {url: sorted(_ids(await _get(client, url))) for url, _ in CASES[:20]}
     count = await service.reindex()
-    assert count == len(DATA) + 1
+    assert count == 2 * (len(DATA) + 1)  # each write and its Provenance
     after = {url: sorted(_ids(await _get(client, url))) for url, _ in CASES[:20]}
     assert after == before
     assert _ids(await _get(client, "Observation?status=cancelled")) == ["o2"]
@@ -422,7 +428,8 @@ def test_lost_index_caught_up_at_start_and_reindex_command(
         cli_app, ["reindex", "--data-dir", str(tmp_path / "gw"), "--profile", "embedded"]
     )
     assert result.exit_code == 0, result.output
-    assert f"reindexed {len(DATA)} record versions" in result.output
+    # each write and its Provenance
+    assert f"reindexed {2 * len(DATA)} record versions" in result.output
     assert asyncio.run(stored_then(urls)) == [sorted(e) for _, e in CASES[:12]]
 
 
