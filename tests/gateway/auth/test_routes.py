@@ -499,11 +499,15 @@ async def test_transaction_is_authorised_entry_by_entry(world: World) -> None:
 
 async def test_purpose_header_selects_one_of_the_tokens(world: World) -> None:
     w = world
-    two = {"Authorization": "Bearer " + w.token(purpose="TREAT HPAYMT")}
+    two = {"Authorization": "Bearer " + w.token(purpose="HPAYMT TREAT")}
     url = f"/fhir/Observation/{w.observation}"
     assert (await w.http.get(url, headers=two)).status_code == 403
-    ok = await w.http.get(url, headers={**two, "X-Purpose-Of-Use": "HPAYMT"})
+    # the second of the token's purposes (the institution's default consent permits its own
+    # records for treatment only: HPAYMT is refused by consent, not by authentication)
+    ok = await w.http.get(url, headers={**two, "X-Purpose-Of-Use": "TREAT"})
     assert ok.status_code == 200
+    payment = await w.http.get(url, headers={**two, "X-Purpose-Of-Use": "HPAYMT"})
+    assert payment.status_code == 404
     bad = await w.http.get(url, headers={**two, "X-Purpose-Of-Use": "PUBHLTH"})
     assert bad.status_code == 403 and "PUBHLTH" in bad.text
 
