@@ -391,6 +391,7 @@ def _serve(settings: Settings, port: int, log: Path, base: str) -> subprocess.Po
         "kubo_url",
         "nats_urls",
         "redis_url",
+        "postgres_url",
         "nats_stream",
         "redis_prefix",
     ):
