@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import shutil
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import rfc8785
 import uvicorn
 
 from gateway.app import create_app
@@ -31,6 +33,7 @@ from gateway.mllp.client import MLLPClient
 from gateway.runtime import build_backends, load_secrets, load_signer, load_trust
 from ledger.checkpoint import SignedCheckpoint
 from ledger.errors import LedgerError
+from ledger.leaves import decode_leaf
 from ledger.verify import verify_checkpoint, verify_inclusion
 from mappings.v2.convert import convert
 from mappings.v2.parse import parse
@@ -139,6 +142,7 @@ async def run_demo(*, data_dir: Path | None, keep: bool) -> int:
                     f"proof ok  read back {'identical' if same else 'DIFFERENT'}"
                 )
             ok = await _search_step(client, result) and ok
+            ok = await _consent_step(client, result, bundle, app.state.gateway) and ok
             ok = await _hl7_step(client, mllp_port, app.state.hl7.options) and ok
             cp = (await client.get("/ledger/checkpoint")).json()
             print(
@@ -236,6 +240,116 @@ async def _search_step(client: httpx.AsyncClient, result: dict[str, Any]) -> boo
         f"searched Observation?patient=Patient/{patient[:8]}...&_sort=-date&_count=2: total "
         f"{total}, {len(found)} found over {pages} pages: "
         f"{'each stored result exactly once' if ok else 'NOT what was stored'}"
+    )
+    return ok
+
+
+async def _consent_step(
+    client: httpx.AsyncClient, result: dict[str, Any], bundle: dict[str, Any], gw: Any
+) -> bool:
+    """Consent at work: a community clinic's client (another institution) is denied the
+    patient's result, exactly as if it did not exist; the patient grants the clinic access for
+    treatment; the clinic reads it; the patient's access history shows both decisions, each
+    AuditEvent's salted hash matching its ``access`` leaf on the ledger."""
+    from gateway.auth.dev import dev_token
+    from gateway.consent import ACT_REASON, CONSENT_SCOPE, PARTICIPATION_TYPE, RESOURCE_TYPES
+
+    settings: Settings = gw.settings
+    patient = next(
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
+    master = next(i for i in patient["identifier"] if i["system"] == settings.master_id_system)
+    obs = next(
+        e["response"]["location"].split("/_history")[0]
+        for e in result["entry"]
+        if e["response"]["location"].startswith("Observation/")
+    )
+    clinic = {
+        "Authorization": "Bearer "
+        + dev_token(
+            settings,
+            client_id="clinic-his",
+            institution="demo-clinic",
+            scope="system/*.rs",
+            purpose="TREAT",
+        )
+    }
+    own = {
+        "Authorization": "Bearer "
+        + dev_token(
+            settings,
+            client_id="demo-portal",
+            scope="patient/*.rs patient/Consent.cru",
+            patient=master["value"],
+        )
+    }
+    denied = await client.get(f"/fhir/{obs}", headers=clinic)
+    missing = await client.get(f"/fhir/{obs}-not-stored", headers=clinic)
+    same = denied.status_code == missing.status_code == 404
+    print(
+        f"clinic demo-clinic reads {obs}: HTTP {denied.status_code} "
+        f"({'answered exactly as a missing record' if same else 'NOT hidden'})"
+    )
+    grant = {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {"coding": [{"system": CONSENT_SCOPE, "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"identifier": {"system": master["system"], "value": master["value"]}},
+        "provision": {
+            "type": "permit",
+            "actor": [
+                {
+                    "role": {"coding": [{"system": PARTICIPATION_TYPE, "code": "IRCP"}]},
+                    "reference": {"reference": "Organization/demo-clinic"},
+                }
+            ],
+            "purpose": [{"system": ACT_REASON, "code": "TREAT"}],
+            "class": [{"system": RESOURCE_TYPES, "code": "Observation"}],
+        },
+    }
+    granted = await client.post(
+        "/fhir/Consent",
+        content=json.dumps(grant).encode(),
+        headers={**own, "content-type": "application/fhir+json"},
+    )
+    print(
+        f"the patient grants demo-clinic its Observations for treatment: HTTP "
+        f"{granted.status_code}, anchored at leaf {granted.headers.get('x-ledger-leaf-index')}"
+    )
+    permitted = await client.get(f"/fhir/{obs}", headers=clinic)
+    print(f"clinic demo-clinic reads {obs} again: HTTP {permitted.status_code}")
+    history = await client.get(
+        "/fhir/AuditEvent",
+        params={"patient": f"{master['system']}|{master['value']}"},
+        headers=own,
+    )
+    decisions: list[str] = []
+    proven = 0
+    for entry in history.json().get("entry", []) if history.status_code == 200 else []:
+        event = entry["resource"]
+        if event["agent"][0]["who"].get("identifier", {}).get("value") != "clinic-his":
+            continue
+        salt = next(
+            base64.b64decode(x["valueBase64Binary"])
+            for x in entry["extension"]
+            if "valueBase64Binary" in x
+        )
+        index = int(receipt_of(entry)["leafIndex"])
+        leaf = decode_leaf((await gw.ledger.leaves(index, index + 1))[0])
+        digest = hashlib.sha256(salt + rfc8785.dumps(event)).hexdigest()
+        proven += leaf["sha256"] == digest
+        decisions.append(str(leaf["decision"]))
+    ok = (
+        same
+        and granted.status_code == 201
+        and permitted.status_code == 200
+        and sorted(decisions) == ["deny", "permit"]
+        and proven == 2
+    )
+    print(
+        f"the patient's access history: demo-clinic {' then '.join(reversed(decisions))}, "
+        f"{proven} of {len(decisions)} AuditEvents match their ledger leaf"
     )
     return ok
 

@@ -21,5 +21,10 @@ def test_demo_passes_every_check() -> None:
     assert "posted a transaction Bundle of 5 resources: HTTP 200" in out
     assert out.count("proof ok  read back identical") == 5
     assert "over MLLP: CA (stored and anchored)" in out
+    # consent at work: another institution denied like a missing record, then permitted once
+    # the patient granted it, and the patient's access history proves both
+    assert "HTTP 404 (answered exactly as a missing record)" in out
+    assert "for treatment: HTTP 201" in out and "again: HTTP 200" in out
+    assert "demo-clinic deny then permit, 2 of 2 AuditEvents match their ledger leaf" in out
     assert out.count("identical") == 15 and "DIFFERENT" not in out
     assert "ciphertexts re-hashed: OK" in out and out.rstrip().endswith("demo: all checks passed")
