@@ -69,7 +69,9 @@ async def _create(
 
 
 def _leaves(client: httpx.AsyncClient) -> int:
-    return int(client.app.state.gateway.ledger.size)  # type: ignore[attr-defined]
+    """The ``record`` leaves of clinical records on the ledger (the access log's ``access``
+    leaves and containers are not: an authenticated read or match is logged)."""
+    return int(client.app.state.gateway.index.leaf_kinds["record"])  # type: ignore[attr-defined]
 
 
 # ---- pure parts ------------------------------------------------------------------------------

@@ -122,6 +122,15 @@ async def test_backend_services_flow_with_authlib(started: FastAPI) -> None:
             scope="system/*.r",
             purpose_of_use="HPAYMT",
         )
+        # authenticated and authorised for payment; the institution's default consent lets
+        # its own clients read for treatment only, so the read answers as for a missing record
+        assert (await oauth.get(f"/fhir/{obs}")).status_code == 404
+        await c.fetch_token(
+            "http://gw" + TOKEN_PATH,
+            grant_type="client_credentials",
+            scope="system/*.r",
+            purpose_of_use="TREAT",
+        )
         r = await oauth.get(f"/fhir/{obs}")
         assert r.status_code == 200 and r.json()["resourceType"] == "Observation"
     # a constrained scope is granted where registered, never widened
