@@ -606,11 +606,14 @@ async def test_a_second_gateway_applies_the_restriction_and_drops_its_caches(
         # Each custodian shreds its own records: the hospital's job, years later, its own.
         hospital.gw.erasure.clock = lambda: LATER
         (result,) = await hospital.gw.erasure.run()
-        assert sorted(result.shredded) == [
+        shredded = sorted(result.shredded)
+        assert [s for s in shredded if not s.startswith("Provenance/")] == [
             "Observation/h-obs",
             "Observation/h-obs-2",
             "Patient/h-9",
         ]
+        # and the Provenance of each of the two writes, filed under the patient
+        assert sum(s.startswith("Provenance/") for s in shredded) == 2
         assert (await clinic.client.get("/fhir/Observation/obs-new")).status_code == 200
         await asyncio.sleep(0)
     for s in (clinic_settings, hospital_settings):
