@@ -182,7 +182,7 @@ def index_rows(resource: dict[str, Any], *, key: bytes, tz: tzinfo = UTC) -> Ind
     encounter = reference_of(resource.get("encounter")) or reference_of(resource.get("context"))
     if encounter is not None:
         refs.append(("encounter", encounter))
-    for param, element in (("based-on", "basedOn"), ("result", "result")):
+    for param, element in (("based-on", "basedOn"), ("result", "result"), ("target", "target")):
         values = resource.get(element)
         for value in values if isinstance(values, list) else []:
             target = reference_of(value)
