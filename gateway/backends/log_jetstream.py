@@ -34,6 +34,10 @@ from gateway.errors import BackendError, LogConflictError, LogUnavailableError
 
 NAME = "jetstream"
 WRONG_LAST_SEQUENCE = 10071
+#: What the server answers a retried message while its first attempt (same ``Nats-Msg-Id``) is
+#: still being replicated, as after a leader change: retried like an unavailable stream (the
+#: answer is then the first attempt's sequence, or a store).
+DUPLICATE_IN_PROCESS = "duplicate message id is in process"
 DUPLICATE_WINDOW_S = 120.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 _HEADROOM = 512  # headers (message id, expected sequence) travel in the same frame
@@ -182,7 +186,8 @@ class JetStreamLog:
                 if exc.err_code == WRONG_LAST_SEQUENCE:
                     actual = _actual_seq(exc.description)
                     raise LogConflictError(expected_last_seq, actual, backend=NAME) from exc
-                if exc.code not in (503,):
+                in_process = DUPLICATE_IN_PROCESS in str(exc.description or "")
+                if exc.code not in (503,) and not in_process:
                     raise BackendError(f"publish refused: {exc.description}", backend=NAME) from exc
                 if time.monotonic() > deadline:
                     raise LogUnavailableError(
