@@ -135,6 +135,19 @@ def settings_token(
     return str(token)
 
 
+def token_service(app: FastAPI) -> TokenService:
+    """A token service of a started app (its key, issuer and client registry), for tests that
+    mint tokens :func:`settings_token` does not (officers, portals)."""
+    s = app.state.gateway.settings
+    return TokenService(
+        key=token_key(s),
+        issuer=issuer_of(s),
+        institution=s.institution,
+        registry=app.state.auth.registry,
+        state=MemoryStateStore(),
+    )
+
+
 def access_token(app: FastAPI, **kwargs: Any) -> str:
     """:func:`settings_token` for a started app."""
     return settings_token(app.state.gateway.settings, **kwargs)

@@ -24,13 +24,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from gateway.auth.guard import issuer_of, token_key
 from gateway.auth.registry import ClientRecord
 from gateway.auth.scopes import parse_scopes
-from gateway.auth.tokens import TokenService
-from gateway.backends.state_memory import MemoryStateStore
 from gateway.verify_cmd import run_verify
-from tests.gateway.conftest import FHIR, auth_headers
+from tests.gateway.conftest import FHIR, auth_headers, token_service
 from tests.gateway.test_access_log import _verify_entry
 from tests.gateway.test_consents import consent, grant
 from tests.gateway.test_records import _clients, _shared
@@ -96,13 +93,7 @@ async def _patient_token(http: httpx.AsyncClient) -> dict[str, str]:
             portal=True,
         )
     )
-    service = TokenService(
-        key=token_key(s),
-        issuer=issuer_of(s),
-        institution=s.institution,
-        registry=app.state.auth.registry,
-        state=MemoryStateStore(),
-    )
+    service = token_service(app)
     portal, _exp = service.mint(
         client_id="portal",
         institution=s.institution,

@@ -27,12 +27,9 @@ from pydantic import SecretStr
 from gateway import consent as consent_core
 from gateway.app import create_app
 from gateway.auth.dev import dev_token
-from gateway.auth.guard import issuer_of, token_key
 from gateway.auth.policy import PRIVACY_OFFICER_ROLE
 from gateway.auth.scopes import parse_scopes
-from gateway.auth.tokens import TokenService
 from gateway.backends.protocols import Backends
-from gateway.backends.state_memory import MemoryStateStore
 from gateway.consent import (
     ACT_REASON,
     CONSENT_SCOPE,
@@ -47,7 +44,7 @@ from gateway.verify_cmd import run_verify
 from gateway.views import PatientLinks
 from ledger.leaves import ConsentLeaf, decode_leaf, encode_leaf
 from tests.fakes import FailingBlobs
-from tests.gateway.conftest import FHIR, settings_for
+from tests.gateway.conftest import FHIR, settings_for, token_service
 from tests.gateway.test_records import _clients, _shared
 
 MASTER = "urn:oid:2.16.156.10011.1.19"
@@ -106,13 +103,7 @@ def patient_headers(app: FastAPI, hcn: str, scope: str = "patient/Consent.crus")
 
 def officer_headers(app: FastAPI, *, role: str = PRIVACY_OFFICER_ROLE) -> dict[str, str]:
     s = app.state.gateway.settings
-    service = TokenService(
-        key=token_key(s),
-        issuer=issuer_of(s),
-        institution=s.institution,
-        registry=app.state.auth.registry,
-        state=MemoryStateStore(),
-    )
+    service = token_service(app)
     token, _exp = service.mint(
         client_id="privacy-desk",
         institution=s.institution,
