@@ -42,7 +42,8 @@ from bench.bench_ingest import (  # noqa: E402
     pct,
     start_gateway,
 )
-from bench.report import write_section  # noqa: E402
+from bench.bench_mllp import postgres_pids  # noqa: E402
+from bench.report import CpuMeter, machine_busy, write_section  # noqa: E402
 from gateway.demo import free_port  # noqa: E402
 from tests.services.harness import services_from_env_or_start  # noqa: E402
 
@@ -116,7 +117,24 @@ async def one_round(
     try:
         base = f"http://127.0.0.1:{port}"
         ids = await seed(base, headers, 10)
+        meter = CpuMeter(
+            {
+                "gateway process": [proc.pid],
+                "Kubo": [p for p in [services.pid("kubo")] if p is not None],
+                "NATS (3 nodes)": [
+                    p for p in (services.pid(f"nats-n{i}") for i in (1, 2, 3)) if p is not None
+                ],
+                "Redis": [p for p in [services.pid("redis")] if p is not None],
+                "PostgreSQL (search index)": postgres_pids(services),
+                "load generator (this script)": [os.getpid()],
+            }
+        )
+        meter.start()
+        busy = machine_busy()
         result = await load_reads(base, headers, ids, seconds, clients)
+        result["machine_busy"] = busy()
+        served = result["rate"] * seconds
+        result.update({f"cpu:{k}": v * 1e6 / max(served, 1) for k, v in meter.stop().items()})
         if logged:
             async with httpx.AsyncClient(base_url=base, timeout=30) as c:
                 text = (await c.get("/metrics")).text

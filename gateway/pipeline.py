@@ -73,6 +73,15 @@ class StoredRecord(NamedTuple):
     created: bool
 
 
+class FetchedRecord(NamedTuple):
+    """One anchored version as fetched, not yet decrypted: its ciphertext (checked against
+    the anchor), its wrapped data key and the key-encryption key that unwraps it."""
+
+    blob: bytes
+    wrapped_key: WrappedKey
+    kek: bytes
+
+
 @dataclass(frozen=True, slots=True)
 class ReadRecord:
     """A decrypted record with its anchor."""
@@ -469,16 +478,28 @@ class RecordPipeline:
 
     async def read_anchor(self, anchor: RecordAnchor) -> dict[str, Any]:
         """Fetch, check and decrypt one anchored record version. Raises as :meth:`read`."""
-        try:
-            block = await self._b.blobs.get(anchor.cid)
-        except BlobNotFoundError as exc:
+        return self.open_fetched(anchor, await self.fetch_anchor(anchor))
+
+    async def fetch_anchor(self, anchor: RecordAnchor) -> FetchedRecord:
+        """Fetch one anchored version's ciphertext (checked against its anchor), its wrapped
+        data key and the key-encryption key, without decrypting anything: a read may start
+        it before the access decision. The ciphertext and the key are fetched at once.
+
+        Raises IntegrityError (the ciphertext is missing or is not the anchored one: checked
+        first), KeyDestroyedError (its data key was destroyed), BackendError."""
+        got_block, got_key = await asyncio.gather(
+            self._b.blobs.get(anchor.cid), self._key_of(anchor), return_exceptions=True
+        )
+        if isinstance(got_block, BlobNotFoundError):
             raise IntegrityError(
                 f"record {anchor.record} version {anchor.version}: ciphertext {anchor.cid} "
                 f"anchored at leaf {anchor.leaf_index} is missing from the blob store",
                 record=anchor.record,
                 cid=anchor.cid,
-            ) from exc
-        blob = cut(block, anchor.byte_range)
+            ) from got_block
+        if isinstance(got_block, BaseException):
+            raise got_block
+        blob = cut(got_block, anchor.byte_range)
         if blob is None or sha256_hex(blob) != anchor.sha256:
             raise IntegrityError(
                 f"record {anchor.record} version {anchor.version}: ciphertext "
@@ -486,15 +507,28 @@ class RecordPipeline:
                 record=anchor.record,
                 cid=anchor.cid,
             )
-        sealed_rec, sealed_type = anchor.sealed_as
+        if isinstance(got_key, BaseException):
+            raise got_key
+        wk, kek = got_key
+        return FetchedRecord(blob, wk, kek)
+
+    async def _key_of(self, anchor: RecordAnchor) -> tuple[WrappedKey, bytes]:
+        """An anchored version's wrapped data key and its key-encryption key. Raises
+        KeyDestroyedError, BackendError."""
         try:
             wk = await self._b.keys.get_wrapped_key(anchor.sha256)
         except KeyNotFoundError as exc:
             # Written before its leaf, a record's wrapped key is missing only once destroyed.
             raise KeyDestroyedError(f"data key of {anchor.record}") from exc
-        kek = await self._b.keys.kek_by_id(wk.kek_id)
+        return wk, await self._b.keys.kek_by_id(wk.kek_id)
+
+    def open_fetched(self, anchor: RecordAnchor, fetched: FetchedRecord) -> dict[str, Any]:
+        """Decrypt a fetched version (:meth:`fetch_anchor`) and check it is the anchored
+        record; ``meta.versionId`` is set. Raises IntegrityError."""
+        sealed_rec, sealed_type = anchor.sealed_as
+        wk = fetched.wrapped_key
         aad = associated_data(sealed_rec, anchor.patient, sealed_type, wk.kek_id)
-        plain = open_sealed(blob, wk.wrapped, kek=kek, aad=aad, record=sealed_rec)
+        plain = open_sealed(fetched.blob, wk.wrapped, kek=fetched.kek, aad=aad, record=sealed_rec)
         resource: dict[str, Any] = orjson.loads(plain)
         if anchor.container is not None:
             resource = self._entry_of(resource, anchor)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 
 from gateway.access import (
-    PERMIT,
     AccessDecision,
     AccessDeniedError,
     AccessEvent,
@@ -50,9 +50,16 @@ from gateway.access import (
 )
 from gateway.auth.caller import Caller
 from gateway.consent import RecordMeta
-from gateway.errors import GoneError, KeyDestroyedError, NotFoundError
+from gateway.errors import GoneError, NotFoundError
 from gateway.observability import Metrics
-from gateway.pipeline import PreparedResource, ReadRecord, RecordInput, RecordPipeline, StoredRecord
+from gateway.pipeline import (
+    FetchedRecord,
+    PreparedResource,
+    ReadRecord,
+    RecordInput,
+    RecordPipeline,
+    StoredRecord,
+)
 from gateway.views import RecordAnchor, RecordIndex, anchors_of_leaf
 from gateway.witness_service import WitnessService
 from ledger.errors import GroupCommitStoppedError
@@ -74,6 +81,31 @@ LinkReason = Literal["master-identifier", "merge", "patient-link"]
 
 #: Stored versions of HL7 messages the derived views take at most in one write.
 INDEX_BATCH_MAX = 2048
+
+#: Versions whose consent metadata a record service keeps in memory (about 1 KiB each).
+META_CACHE = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A read decided: ``type/id`` as asked, the version's anchor, the decision, the resource
+    when the decision had to decrypt it, and the fetch of its ciphertext and keys started
+    beside the decision (None for a deleted or shredded version)."""
+
+    what: str
+    anchor: RecordAnchor
+    decision: AccessDecision
+    resource: dict[str, Any] | None
+    fetching: asyncio.Future[FetchedRecord] | None
+
+
+def _discard(fut: asyncio.Future[Any]) -> None:
+    """Cancel a fetch nobody will use, and retrieve its outcome so an error it ended with is
+    not reported as never retrieved. Raises nothing."""
+    if not fut.done():
+        fut.cancel()
+    fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+
 
 #: Called with every stored record version and its resource (as stored, ``meta.versionId``
 #: set) once it is durable and before the store returns, so what a caller was acknowledged is
@@ -180,6 +212,7 @@ class RecordService:
         self.access_log: AccessLog = access_log if access_log is not None else NoAccessLog()
         self.labeller = labeller
         self.meta_source: MetaSource | None = None
+        self._metas: OrderedDict[tuple[str, str, int], tuple[str, RecordMeta]] = OrderedDict()
         self.index = index
         self.ledger = ledger
         self.witness = witness
@@ -413,7 +446,7 @@ class RecordService:
         """
         interaction: Interaction = "read" if version is None else "vread"
         try:
-            found, decision = await self.read_checked(
+            checked = await self._decide_read(
                 resource_type, resource_id, caller=caller, version=version, interaction=interaction
             )
         except AccessDeniedError as exc:
@@ -422,15 +455,21 @@ class RecordService:
             ref = f"{resource_type}/{resource_id}/_history/{anchor.version}"
             await self._log(caller, interaction, anchor.patient, exc, (ref,))
             raise self._missing(resource_type, resource_id, version) from exc
-        except (GoneError, KeyDestroyedError):  # permitted, nothing left to read
-            anchor = self._anchor_of(resource_type, resource_id, version)
-            assert anchor is not None
-            ref = f"{resource_type}/{resource_id}/_history/{anchor.version}"
-            await self._log(caller, interaction, anchor.patient, PERMIT, (ref,))
-            raise
-        ref = f"{resource_type}/{resource_id}/_history/{found.anchor.version}"
-        await self._log(caller, interaction, found.anchor.patient, decision, (ref,))
-        return found
+        anchor = checked.anchor
+        ref = f"{resource_type}/{resource_id}/_history/{anchor.version}"
+        # Permitted: the decision is logged while the fetched version is decrypted; nothing
+        # is returned before the log is durable, and a failure of the log wins (a deletion,
+        # a shredded record, a destroyed key are logged as permitted reads, then raised).
+        logged, opened = await asyncio.gather(
+            self._log(caller, interaction, anchor.patient, checked.decision, (ref,)),
+            self._open(checked),
+            return_exceptions=True,
+        )
+        if isinstance(logged, BaseException):
+            raise logged
+        if isinstance(opened, BaseException):
+            raise opened
+        return opened
 
     def _anchor_of(
         self, resource_type: str, resource_id: str, version: int | None
@@ -458,39 +497,101 @@ class RecordService:
         record and the seam's decision (the search service logs one event per patient of a
         search instead). Raises NotFoundError, AccessDeniedError, GoneError, ForbiddenError,
         IntegrityError, KeyDestroyedError, BackendError."""
+        checked = await self._decide_read(
+            resource_type, resource_id, caller=caller, version=version, interaction=interaction
+        )
+        return await self._open(checked), checked.decision
+
+    async def _decide_read(
+        self,
+        resource_type: str,
+        resource_id: str,
+        *,
+        caller: object | None,
+        version: int | None,
+        interaction: Interaction,
+    ) -> _Checked:
+        """Find the version and decide its read; its ciphertext and keys are fetched meanwhile
+        (nothing is decrypted before the decision, unless the metadata must come from the
+        resource: :meth:`_decide`). Raises NotFoundError, AccessDeniedError, ForbiddenError,
+        BackendError, IntegrityError, KeyDestroyedError."""
         anchor = self._anchor_of(resource_type, resource_id, version)
         if anchor is None:
             raise self._missing(resource_type, resource_id, version)
-        decision, resource = await self._decide(caller, interaction, anchor)
-        if anchor.deleted:
-            raise GoneError(f"{resource_type}/{resource_id} version {anchor.version} is deleted")
-        if self.shredded(anchor):
-            raise GoneError(
-                f"{resource_type}/{resource_id} version {anchor.version} was erased "
-                "(crypto-shredded)"
-            )
-        if resource is None:
-            resource = await self.pipeline.read_anchor(anchor)
-        return ReadRecord(resource, anchor), decision
+        fetching: asyncio.Future[FetchedRecord] | None = None
+        if not anchor.deleted and not self.shredded(anchor):
+            fetching = asyncio.ensure_future(self.pipeline.fetch_anchor(anchor))
+        try:
+            decision, resource = await self._decide(caller, interaction, anchor, fetching)
+        except BaseException:
+            if fetching is not None:
+                _discard(fetching)
+            raise
+        return _Checked(f"{resource_type}/{resource_id}", anchor, decision, resource, fetching)
+
+    async def _open(self, checked: _Checked) -> ReadRecord:
+        """The decrypted version of a permitted read. Raises GoneError (deleted, or
+        crypto-shredded), IntegrityError, KeyDestroyedError, BackendError."""
+        anchor = checked.anchor
+        fetching = checked.fetching
+        try:
+            if anchor.deleted:
+                raise GoneError(f"{checked.what} version {anchor.version} is deleted")
+            if self.shredded(anchor):
+                raise GoneError(
+                    f"{checked.what} version {anchor.version} was erased (crypto-shredded)"
+                )
+            resource = checked.resource
+            if resource is None:
+                if fetching is None:
+                    fetching = asyncio.ensure_future(self.pipeline.fetch_anchor(anchor))
+                resource = self.pipeline.open_fetched(anchor, await fetching)
+            return ReadRecord(resource, anchor)
+        finally:
+            if fetching is not None and not fetching.done():
+                _discard(fetching)
 
     async def record_meta(self, anchor: RecordAnchor) -> RecordMeta | None:
         """What consent looks at of an anchored version, from the meta source (the search
         index) without decrypting; a deletion is its type and custodian alone. None when the
-        source does not know the version (or there is none). Raises BackendError."""
+        source does not know the version (or there is none). A version's metadata never
+        changes, so what the source answered is kept (bounded, least recently used first;
+        dropped for a patient by :meth:`forget`). Raises BackendError."""
         if anchor.deleted:
             return RecordMeta(anchor.resource_type, anchor.source)
         if self.meta_source is None:
             return None
-        return await self.meta_source(anchor.source, anchor.record, anchor.version)
+        key = (anchor.source, anchor.record, anchor.version)
+        kept = self._metas.get(key)
+        if kept is not None:
+            self._metas.move_to_end(key)
+            return kept[1]
+        meta = await self.meta_source(anchor.source, anchor.record, anchor.version)
+        if meta is not None:
+            self._metas[key] = (anchor.patient, meta)
+            if len(self._metas) > META_CACHE:
+                self._metas.popitem(last=False)
+        return meta
+
+    def forget(self, patients: Iterable[str]) -> None:
+        """Drop what is held in memory of these pseudonyms' records (erasure's restriction).
+        Raises nothing."""
+        gone = set(patients)
+        for key in [k for k, (patient, _meta) in self._metas.items() if patient in gone]:
+            del self._metas[key]
 
     async def _decide(
-        self, caller: object | None, interaction: Interaction, anchor: RecordAnchor
+        self,
+        caller: object | None,
+        interaction: Interaction,
+        anchor: RecordAnchor,
+        fetching: Awaitable[FetchedRecord] | None = None,
     ) -> tuple[AccessDecision, dict[str, Any] | None]:
         """Check a read of an anchored version with its metadata. When the meta source does
-        not know it, the resource is decrypted first and its metadata extracted from it
-        (returned with the decision, so it is not decrypted twice); nothing is returned to
-        the caller before the check. Raises AccessDeniedError, ForbiddenError, BackendError,
-        IntegrityError, KeyDestroyedError."""
+        not know it, the resource is decrypted first (from ``fetching`` when the read already
+        fetches it) and its metadata extracted from it (returned with the decision, so it is
+        not decrypted twice); nothing is returned to the caller before the check. Raises
+        AccessDeniedError, ForbiddenError, BackendError, IntegrityError, KeyDestroyedError."""
         resource: dict[str, Any] | None = None
         meta: RecordMeta | None = None
         if isinstance(caller, Caller) and caller.kind == "system":
@@ -503,7 +604,10 @@ class RecordService:
                 # Imported here: gateway.search imports this module.
                 from gateway.search.extract import meta_of_resource
 
-                resource = await self.pipeline.read_anchor(anchor)
+                if fetching is None:
+                    resource = await self.pipeline.read_anchor(anchor)
+                else:
+                    resource = self.pipeline.open_fetched(anchor, await fetching)
                 meta = meta_of_resource(resource, anchor.source)
         decision = await self.policy.check(
             caller,

@@ -303,13 +303,15 @@ class Gateway:
             ),
             interval=settings.erasure_interval_s,
         )
-        self.erasure_view.on_restrict(self._forget_consents)
+        self.erasure_view.on_restrict(self._forget_patient)
         self.started = False
 
-    def _forget_consents(self, pseudonyms: frozenset[str]) -> None:
-        """A restriction was applied: drop the consents held in memory for the patient."""
+    def _forget_patient(self, pseudonyms: frozenset[str]) -> None:
+        """A restriction was applied: drop the consents and the record metadata held in
+        memory for the patient."""
         for pseudonym in pseudonyms:
             self.consents.forget(pseudonym)
+        self.records.forget(pseudonyms)
 
     async def start(self) -> None:
         """Connect the backends, replay the ledger, start the writers.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from gateway.access import PatientFilter, SearchFilter
 from gateway.consent import And, DateIn, Filter, In, Or, RecordMeta
 from gateway.errors import BackendError
 from gateway.search.extract import CONSENT_CODE_PARAMS, IndexEntry
+
+log = logging.getLogger("gateway.search.index")
 
 # ---- queries --------------------------------------------------------------------------------
 
@@ -593,7 +596,7 @@ class SqliteIndex:
                 raise
         except sqlite3.Error as exc:
             raise BackendError(f"{self.path}: {exc}", backend="search-index") from exc
-        if self._since_optimize >= max(1000, self._next // 10):
+        if statistics_due(self._since_optimize, self._next):
             self._since_optimize = 0
             await self.optimize()
 
@@ -667,6 +670,17 @@ _JSON_LABELS = (
 )
 
 
+def statistics_due(written: int, rows: int) -> bool:
+    """Whether a store's planner statistics are due for a refresh: ``written`` versions since
+    the last one, ``rows`` in all (so at each doubling, from 1,000 on). Both stores follow this
+    rule. A young index grows fast, and a plan chosen on the statistics of a near-empty table
+    (PostgreSQL: the current-row lookup of a write scanning every current row instead of one
+    index probe per record) cost nine times the CPU of the write itself before autovacuum's
+    first ``ANALYZE`` (docs/benchmarks.md); refreshing more often than at each doubling cost
+    more than it saved there."""
+    return written >= max(1000, rows // 2)
+
+
 def _pg(sql: str) -> str:
     return sql.replace("?", "%s")
 
@@ -684,6 +698,9 @@ class PostgresIndex:
         self._all: list[Any] = []
         self._write_lock = asyncio.Lock()
         self._pending: list[tuple[list[IndexEntry], asyncio.Future[None]]] = []
+        self._rows = 0
+        self._since_stats = 0
+        self._stats: asyncio.Task[None] | None = None
 
     def _error(self, exc: Exception) -> BackendError:
         return BackendError(f"PostgreSQL: {type(exc).__name__}: {exc}", backend="search-index")
@@ -705,12 +722,34 @@ class PostgresIndex:
                 conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
                 self._all.append(conn)
                 self._pool.put_nowait(conn)
+            self._rows = await self.snapshot()
         except psycopg.Error as exc:
             await self.close()
             raise self._error(exc) from exc
+        self._refresh_statistics()
+
+    def _refresh_statistics(self) -> None:
+        """Refresh the planner's statistics in the background (on a reader connection;
+        ``ANALYZE`` does not block writes), unless a refresh is running. Raises nothing."""
+        if self._stats is not None and not self._stats.done():
+            return
+        self._since_stats = 0
+
+        async def run() -> None:
+            try:
+                await self.optimize()
+            except BackendError:
+                log.warning("search index statistics not refreshed", exc_info=True)
+
+        self._stats = asyncio.create_task(run(), name="search-index-statistics")
 
     async def close(self) -> None:
         """Close every connection. Raises nothing."""
+        if self._stats is not None:
+            self._stats.cancel()
+            with contextlib.suppress(BaseException):
+                await self._stats
+            self._stats = None
         for conn in self._all:
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -797,6 +836,10 @@ class PostgresIndex:
             with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")
             raise
+        self._rows += len(plan.versions)
+        self._since_stats += len(plan.versions)
+        if statistics_due(self._since_stats, self._rows):
+            self._refresh_statistics()
 
     async def _query(
         self, sql: str, args: Sequence[Any], *, rows: bool = True

@@ -284,3 +284,42 @@ async def test_without_the_search_index_metadata_comes_from_the_decrypted_record
             consents.put(p1, grant("c-3", HOSPITAL, labels=[(ACT_CODE, "HIV")]))
             assert (await client.get("/fhir/Condition/c-hiv", headers=h)).status_code == 200
             assert [e.decision.permitted for e in log.events[-4:]] == [True, False, False, True]
+
+
+async def test_a_read_decrypts_only_once_permitted_and_asks_the_index_once_per_version(
+    client: httpx.AsyncClient,
+) -> None:
+    """A read fetches the ciphertext beside its decision, but decrypts it only once the read
+    is permitted; a version's consent metadata comes from the index once, then from memory,
+    until an erasure's restriction drops it."""
+    consents, log, p1 = await setup(client)
+    records = client.app.state.gateway.records  # type: ignore[attr-defined]
+    source = records.meta_source
+    assert source is not None
+    opened: list[str] = []
+    asked: list[tuple[str, str, int]] = []
+    open_fetched = records.pipeline.open_fetched
+
+    def spy_open(anchor: Any, fetched: Any) -> dict[str, Any]:
+        opened.append(anchor.record)
+        result: dict[str, Any] = open_fetched(anchor, fetched)
+        return result
+
+    async def spy_meta(custodian: str, record: str, version: int) -> Any:
+        asked.append((custodian, record, version))
+        return await source(custodian, record, version)
+
+    records.pipeline.open_fetched = spy_open
+    records.meta_source = spy_meta
+    h = hospital(client)
+    assert (await client.get("/fhir/Observation/o1", headers=h)).status_code == 404
+    assert opened == [] and len(asked) == 1
+    consents.put(p1, grant("c-1", HOSPITAL))
+    for _ in range(2):
+        ok = await client.get("/fhir/Observation/o1", headers=h)
+        assert ok.status_code == 200 and ok.json()["id"] == "o1"
+    assert len(opened) == 2 and len(asked) == 1
+    assert [e.decision.permitted for e in log.events[-3:]] == [False, True, True]
+    records.forget([p1])
+    assert (await client.get("/fhir/Observation/o1", headers=h)).status_code == 200
+    assert len(asked) == 2

@@ -6,6 +6,7 @@ on PostgreSQL (the real service), and that ``meta_of`` reports what the filter i
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,7 @@ from gateway.search.index import (
     consent_sql,
     filter_sql,
     micros,
+    statistics_due,
 )
 from tests.services.harness import Services
 
@@ -318,3 +320,59 @@ async def _check_meta_of(index: SqliteIndex | PostgresIndex) -> None:
     assert await index.meta_of("clinic", "r2", 2) is None  # the deletion
     assert await index.meta_of("clinic", "r1", 2) is None
     assert await index.meta_of("hospital", "r1", 1) is None
+
+
+def test_statistics_are_due_at_each_doubling_from_a_thousand_versions() -> None:
+    assert not statistics_due(999, 0)
+    assert statistics_due(1000, 0)
+    assert statistics_due(1000, 1999)
+    assert not statistics_due(1000, 2002)
+    assert statistics_due(5000, 10_000) and not statistics_due(4999, 10_000)
+
+
+@pytest.mark.services
+async def test_postgres_refreshes_its_statistics_as_the_index_grows(services: Services) -> None:
+    """A young index's planner statistics are refreshed at open and once it has doubled
+    (without it, the current-row lookup of every write scanned every current row until
+    autovacuum's first ANALYZE, about a minute in: docs/benchmarks.md)."""
+    import psycopg
+
+    schema = f"s_{uuid.uuid4().hex[:12]}"
+    url = services.postgres_url
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+
+    def analyzed() -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT analyze_count FROM pg_stat_user_tables "
+                "WHERE schemaname = %s AND relname = 'versions'",
+                (schema,),
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def settled(at_least: int) -> int:
+        for _ in range(100):  # the statistics are refreshed in the background
+            if (count := analyzed()) >= at_least:
+                return count
+            await asyncio.sleep(0.1)
+        return analyzed()
+
+    sep = "&" if "?" in url else "?"
+    index = PostgresIndex(f"{url}{sep}options=-csearch_path%3D{schema}")
+    await index.open()
+    try:
+        at_open = await settled(1)
+        assert at_open >= 1
+        entries = [
+            IndexEntry("clinic", f"r{n}", "Observation", f"o{n}", 1, 0, "p1") for n in range(999)
+        ]
+        await index.add(entries)
+        await asyncio.sleep(0.5)
+        assert analyzed() == at_open  # 999 versions: not due yet
+        await index.add([IndexEntry("clinic", "r-last", "Observation", "o-last", 1, 0, "p1")])
+        assert await settled(at_open + 1) == at_open + 1
+    finally:
+        await index.close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
