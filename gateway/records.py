@@ -299,17 +299,19 @@ class RecordService:
         if self._indexers:
             await self._index(list(zip(stored, (i.resource for i in inputs), strict=True)))
         if logged(caller):
-            events = [
-                AccessEvent(
-                    caller,
-                    interaction,
-                    item.patient,
-                    decision,
-                    (f"{s.resource_type}/{s.resource_id}/_history/{s.version}",),
-                )
-                for (interaction, decision), item, s in zip(decisions, inputs, stored, strict=True)
-            ]
-            await self.access_log.record(events)
+            # One event per patient, interaction and decision, naming every record written
+            # (as a search logs one per patient): a Bundle of one patient's results is one
+            # AuditEvent and one ``access`` leaf, not one per resource.
+            grouped: dict[tuple[Interaction, str, AccessDecision], list[str]] = {}
+            for (interaction, decision), item, s in zip(decisions, inputs, stored, strict=True):
+                ref = f"{s.resource_type}/{s.resource_id}/_history/{s.version}"
+                grouped.setdefault((interaction, item.patient, decision), []).append(ref)
+            await self.access_log.record(
+                [
+                    AccessEvent(caller, interaction, patient, decision, tuple(refs))
+                    for (interaction, patient, decision), refs in grouped.items()
+                ]
+            )
         return await self._stored(stored)
 
     async def store_message(

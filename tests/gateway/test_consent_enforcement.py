@@ -323,3 +323,38 @@ async def test_a_read_decrypts_only_once_permitted_and_asks_the_index_once_per_v
     records.forget([p1])
     assert (await client.get("/fhir/Observation/o1", headers=h)).status_code == 200
     assert len(asked) == 2
+
+
+async def test_a_bundle_written_for_one_patient_is_one_logged_event_naming_each_record(
+    client: httpx.AsyncClient,
+) -> None:
+    """A write is logged like a search, one event per patient (and interaction and decision)
+    naming every record written, not one per resource."""
+    _consents, log, p1 = await setup(client)
+    p2 = client.app.state.gateway.records.patient_of("Patient", "p2")  # type: ignore[attr-defined]
+    entries = [
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "id": f"w{n}",
+                "status": "final",
+                "code": {"coding": [{"system": LOINC, "code": "718-7"}]},
+                "subject": {"reference": f"Patient/{patient}"},
+            },
+            "request": {"method": "PUT", "url": f"Observation/w{n}"},
+        }
+        for n, patient in enumerate(["p1", "p1", "p1", "p2"])
+    ]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    r = await client.post(
+        "/fhir", content=json.dumps(bundle), headers={"content-type": "application/fhir+json"}
+    )
+    assert r.status_code == 200, r.text
+    written = [e for e in log.events if e.interaction == "create"]
+    assert sorted((e.patient, e.records) for e in written) == sorted(
+        [
+            (p1, tuple(f"Observation/w{n}/_history/1" for n in range(3))),
+            (p2, ("Observation/w3/_history/1",)),
+        ]
+    )
+    assert all(e.decision.permitted for e in written)
