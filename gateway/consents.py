@@ -705,8 +705,11 @@ class ConsentService:
                     f"the ledger view is at log message {self.ledger.applied_seq}, the log at "
                     f"{target}: not caught up in {self.fresh_timeout} s"
                 )
-            if not await self.ledger.catch_up():
-                await asyncio.sleep(0.01)
+            # Often the target is this gateway's own append in flight: waiting for the
+            # ledger's turn is then enough (nothing read, no pause).
+            applied = await self.ledger.catch_up(until=target)
+            if not applied and self.ledger.applied_seq < target:
+                await asyncio.sleep(0.01)  # not readable yet: a replica behind the leader
 
     def forget(self, patient: str) -> None:
         """Drop what this gateway holds in memory of a patient's consents (opened Consents,

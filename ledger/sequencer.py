@@ -222,12 +222,16 @@ class Ledger:
 
     # ---- reading the log ------------------------------------------------------------------
 
-    async def catch_up(self) -> int:
+    async def catch_up(self, until: int | None = None) -> int:
         """Apply every log message after the last applied one; return how many were applied.
+        With ``until``, nothing is read when the view already reached log message ``until``
+        by the time it is its turn (e.g. this writer's own append in flight got there).
 
         Raises LedgerError when a batch does not verify, BackendError when the log fails.
         """
         async with self._io_lock:
+            if until is not None and self.applied_seq >= until:
+                return 0
             return await self._catch_up_locked()
 
     async def _catch_up_locked(self) -> int:

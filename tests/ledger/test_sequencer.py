@@ -273,3 +273,38 @@ async def test_drafts_are_completed_against_the_log_and_again_after_a_lost_race(
     assert seen == [1, 2, 3, 4] and a.size == 4
     await a.stop()
     await b.stop()
+
+
+class _CountingReads(MemoryLog):
+    """The in-memory log, counting reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def read(self, start_seq: int = 1) -> Any:
+        self.reads += 1
+        async for entry in super().read(start_seq):
+            yield entry
+
+
+async def test_catch_up_until_a_position_already_reached_reads_nothing() -> None:
+    """A caller that needs the view up to a log position (consent freshness) which this
+    writer's own append reached while the caller waited for the ledger's turn reads nothing
+    more; without ``until``, or when behind, the log is read."""
+    log = _CountingReads()
+    ledger = make(log)
+    await ledger.start(follow_interval=None)
+    await ledger.append([b"own"])
+    reads = log.reads
+    assert await ledger.catch_up(until=ledger.applied_seq) == 0
+    assert log.reads == reads
+    other = make(log, "clinic-b")
+    await other.start(follow_interval=None)
+    await other.append([b"theirs"])
+    reads = log.reads
+    assert await ledger.catch_up(until=ledger.applied_seq + 1) == 1
+    assert log.reads == reads + 1 and ledger.size == 2
+    assert await ledger.catch_up() == 0 and log.reads == reads + 2
+    await other.stop()
+    await ledger.stop()
