@@ -202,6 +202,16 @@ async def main() -> None:
             f"{med(True, 'p50_ms'):.1f} ms | {off:,.0f} reads/s, p50 {med(False, 'p50_ms'):.1f} ms "
             f"| {on / off:.2f}x | {pair:.2f}x | {met} "
             f"| {'met' if on >= GOAL else f'NOT met ({on / GOAL:.0%} of it)'} |",
+            "",
+            "CPU per read, medians of the rounds (both cores shared by everything below):",
+            "",
+            "| process | access log on | off |",
+            "| --- | ---: | ---: |",
+            *(
+                f"| {name[4:]} | {med(True, name):,.0f} µs | {med(False, name):,.0f} µs |"
+                for name in rounds[True][0]
+                if name.startswith("cpu:")
+            ),
         ]
     )
     write_section(
