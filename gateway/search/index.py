@@ -652,21 +652,23 @@ class SqliteIndex:
 
 # The rows of a batch go as one JSON array of arrays per table (serialised by orjson, parsed
 # by the server): adapting them as PostgreSQL arrays cost the gateway process, which is the HL7
-# path's bottleneck, about a tenth of its CPU (psycopg's array dumper is Python).
+# path's bottleneck, about a tenth of its CPU (psycopg's array dumper is Python). As ``jsonb``:
+# parsed once, where each ``->>`` on ``json`` parses the element again (about a fifth of the
+# server's CPU per indexed message, docs/benchmarks.md).
 _JSON_VERSIONS = (
     "INSERT INTO versions SELECT (r->>0)::bigint, r->>1, r->>2, r->>3, r->>4, (r->>5)::int, "
     "(r->>6)::bigint, r->>7, (r->>8)::bigint, (r->>9)::bigint, (r->>10)::bigint "
-    "FROM json_array_elements(%s::json) r"
+    "FROM jsonb_array_elements(%s::jsonb) r"
 )
 _JSON_TOKENS = (
     "INSERT INTO tokens SELECT (r->>0)::bigint, r->>1, r->>2, r->>3 "
-    "FROM json_array_elements(%s::json) r"
+    "FROM jsonb_array_elements(%s::jsonb) r"
 )
 _JSON_REFS = (
-    "INSERT INTO refs SELECT (r->>0)::bigint, r->>1, r->>2 FROM json_array_elements(%s::json) r"
+    "INSERT INTO refs SELECT (r->>0)::bigint, r->>1, r->>2 FROM jsonb_array_elements(%s::jsonb) r"
 )
 _JSON_LABELS = (
-    "INSERT INTO labels SELECT (r->>0)::bigint, r->>1 FROM json_array_elements(%s::json) r"
+    "INSERT INTO labels SELECT (r->>0)::bigint, r->>1 FROM jsonb_array_elements(%s::jsonb) r"
 )
 
 
