@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
-import rfc8785
 
 from gateway.access import AccessEvent, Interaction
 from gateway.backends.protocols import Backends, WrappedKey
@@ -48,6 +47,7 @@ from gateway.observability import Metrics
 from gateway.packing import build_packs
 from gateway.pipeline import RecordPipeline
 from gateway.views import ACCESS_LOG_TYPE, RecordAnchor, anchor_of_leaf
+from ledger.canonical import canonical_json
 from ledger.durable import PRIVATE, fsync_directory, make_directory
 from ledger.groupcommit import GroupCommitter
 from ledger.leaves import MAX_CONTAINED, RecordLeaf, RecordMember, decode_leaf, encode_leaf
@@ -108,16 +108,9 @@ def audit_owner(institution: str) -> str:
 
 
 def canonical(resource: dict[str, Any]) -> bytes:
-    """The RFC 8785 bytes of a JSON object without floats (an AuditEvent has none).
-
-    Sorted compact JSON (orjson) is the RFC 8785 form when the output is ASCII without a
-    backslash (no escapes, no non-ASCII key ordering question); anything else is encoded by
-    the reference implementation, so the bytes never depend on which path ran. Raises
-    TypeError for a value JSON cannot hold."""
-    data = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
-    if data.isascii() and b"\\" not in data:
-        return data
-    return rfc8785.dumps(resource)
+    """The RFC 8785 bytes of an AuditEvent (:func:`ledger.canonical.canonical_json`; an
+    AuditEvent has no floats). Raises TypeError for a value JSON cannot hold."""
+    return canonical_json(resource)
 
 
 def access_hash(salt: bytes, event: dict[str, Any]) -> str:

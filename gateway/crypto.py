@@ -20,15 +20,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import re
 from dataclasses import dataclass
 
-import orjson
-import rfc8785
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.errors import IntegrityError
+from ledger.canonical import canonical_json
 
 NONCE_BYTES = 12
 _CIPHERTEXT_MAGIC = b"AGW1"
@@ -51,9 +49,8 @@ def associated_data(rec_id: str, patient: str, resource_type: str, kek_id: str) 
     (RFC 8785 JSON). Not the version: a version is taken when the ledger appends the record's
     leaf, after sealing (the leaf's SHA-256 of the ciphertext binds the two).
 
-    The values are hex ids, key ids and resource types: printable ASCII without quotes or
-    backslashes, for which sorted compact JSON is the RFC 8785 form; anything else takes the
-    reference encoder, so the bytes never depend on which path ran.
+    The values are hex ids, key ids and resource types, so the fast path of
+    :func:`ledger.canonical.canonical_json` applies.
     """
     obj: dict[str, str | int] = {
         "kek": kek_id,
@@ -61,12 +58,7 @@ def associated_data(rec_id: str, patient: str, resource_type: str, kek_id: str) 
         "record": rec_id,
         "type": resource_type,
     }
-    if all(_PLAIN.fullmatch(v) for v in (kek_id, patient, rec_id, resource_type)):
-        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-    return rfc8785.dumps(obj)
-
-
-_PLAIN = re.compile(r"[ !#-\[\]-~]*")
+    return canonical_json(obj)
 
 
 @dataclass(frozen=True, slots=True)

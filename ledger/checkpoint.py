@@ -39,8 +39,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import rfc8785
-
+from ledger.canonical import canonical_json
 from ledger.errors import CheckpointError, CheckpointSignatureError
 
 ED25519 = "ed25519"
@@ -201,7 +200,7 @@ class SignedCheckpoint:
 
     def to_bytes(self) -> bytes:
         """RFC 8785 canonical JSON bytes. Raises nothing."""
-        return rfc8785.dumps(self.to_json())
+        return canonical_json(self.to_json())
 
     @classmethod
     def from_json(cls, obj: object) -> SignedCheckpoint:
