@@ -107,16 +107,11 @@ def audit_owner(institution: str) -> str:
     return f"audit:{institution}"
 
 
-def canonical(resource: dict[str, Any]) -> bytes:
-    """The RFC 8785 bytes of an AuditEvent (:func:`ledger.canonical.canonical_json`; an
-    AuditEvent has no floats). Raises TypeError for a value JSON cannot hold."""
-    return canonical_json(resource)
-
-
 def access_hash(salt: bytes, event: dict[str, Any]) -> str:
     """The ``access`` leaf's ``sha256``: hex SHA-256 of ``salt`` followed by the RFC 8785
-    bytes of the AuditEvent. Raises TypeError as :func:`canonical`."""
-    return hashlib.sha256(salt + canonical(event)).hexdigest()
+    bytes of the AuditEvent (:func:`ledger.canonical.canonical_json`; an AuditEvent has no
+    floats). Raises TypeError for a value JSON cannot hold."""
+    return hashlib.sha256(salt + canonical_json(event)).hexdigest()
 
 
 #: Purposes of use that break the glass (gateway/auth/purposes.py EMERGENCY).

@@ -709,7 +709,7 @@ class ConsentService:
             # ledger's turn is then enough (nothing read, no pause).
             applied = await self.ledger.catch_up(until=target)
             if not applied and self.ledger.applied_seq < target:
-                await asyncio.sleep(0.01)  # not readable yet: a replica behind the leader
+                await asyncio.sleep(0.01)  # not readable yet
 
     def forget(self, patient: str) -> None:
         """Drop what this gateway holds in memory of a patient's consents (opened Consents,

@@ -545,9 +545,8 @@ class RecordService:
                 )
             resource = checked.resource
             if resource is None:
-                if fetching is None:
-                    fetching = asyncio.ensure_future(self.pipeline.fetch_anchor(anchor))
-                resource = self.pipeline.open_fetched(anchor, await fetching)
+                fetched = await (fetching or self.pipeline.fetch_anchor(anchor))
+                resource = self.pipeline.open_fetched(anchor, fetched)
             return ReadRecord(resource, anchor)
         finally:
             if fetching is not None and not fetching.done():

@@ -25,7 +25,7 @@ import rfc8785
 from fastapi import FastAPI
 
 from gateway.access import AccessDecision, AccessEvent
-from gateway.access_log import SALT_URL, audit_event, canonical
+from gateway.access_log import SALT_URL, audit_event
 from gateway.app import create_app
 from gateway.auth.caller import Caller
 from gateway.auth.errors import AuthenticationError
@@ -38,6 +38,7 @@ from gateway.backends.state_memory import MemoryStateStore
 from gateway.config import Settings
 from gateway.fhir import RECEIPT_URL
 from gateway.runtime import Gateway
+from ledger.canonical import canonical_json
 from ledger.checkpoint import SignedCheckpoint
 from ledger.leaves import decode_leaf
 from ledger.merkle import leaf_hash
@@ -474,7 +475,7 @@ def test_canonical_bytes_are_rfc8785() -> None:
             institution="hosp-a",
             event_id="e1",
         )
-        assert canonical(event) == rfc8785.dumps(event)
+        assert canonical_json(event) == rfc8785.dumps(event)
     ascii_only = audit_event(
         AccessEvent(
             Caller(client_id="c", institution="i", kind="system"),
@@ -485,7 +486,7 @@ def test_canonical_bytes_are_rfc8785() -> None:
         institution="hosp-a",
         event_id="e2",
     )
-    assert canonical(ascii_only) == rfc8785.dumps(ascii_only)
+    assert canonical_json(ascii_only) == rfc8785.dumps(ascii_only)
 
 
 async def test_break_glass_tokens_are_short_lived(app: FastAPI) -> None:
